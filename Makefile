@@ -1,0 +1,34 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Models load from local folders only; nothing may reach a model hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test ui mlflow-ui clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/flywheel demo
+
+test: install
+	$(PY) -m pytest -q
+
+ui: install
+	$(VENV)/bin/flywheel ui
+
+mlflow-ui: install
+	$(VENV)/bin/flywheel mlflow-ui
+
+clean:
+	rm -rf .flywheel

@@ -1,0 +1,163 @@
+"""Three tiers from one labelled pool: eval_set (20 queries), fewshot_set (200), finetune_set (2,000)."""
+
+
+import dagster as dg
+import pandas as pd
+
+from flywheel.defs.partitions import weekly_partitions
+from flywheel.defs.resources import FlywheelPaths
+from flywheel.lib import store
+from flywheel.lib.beir import load_beir
+from flywheel.lib.datasets import (
+    build_eval_set,
+    build_fewshot_set,
+    build_finetune_set,
+    overlapping_queries,
+)
+from flywheel.lib.judging import normalize_query
+
+
+def labels_to_date(paths: FlywheelPaths, week: str) -> tuple[pd.DataFrame, list[str]]:
+    """Every labelled week up to and including this one."""
+    weeks = store.weeks_written(paths.assets_dir, "relevance_labels", up_to=week)
+    if week not in weeks:
+        raise FileNotFoundError(f"relevance_labels for {week} is missing: materialize it first")
+    frames = [store.read_table(store.asset_path(paths.assets_dir, "relevance_labels", w)) for w in weeks]
+    return pd.concat(frames, ignore_index=True), weeks
+
+
+def eval_sets_to_date(paths: FlywheelPaths, week: str) -> tuple[pd.DataFrame, list[str]]:
+    weeks = store.weeks_written(paths.assets_dir, "eval_set", up_to=week)
+    if not weeks:
+        return pd.DataFrame(columns=["query", "query_key", "chunk_id", "relevant"]), []
+    frames = [store.read_table(store.asset_path(paths.assets_dir, "eval_set", w)) for w in weeks]
+    return pd.concat(frames, ignore_index=True), weeks
+
+
+def held_out_queries(paths: FlywheelPaths, week: str) -> tuple[set[str], set[str]]:
+    """Queries that must never be trained on: every eval set to date, and the dataset's test split."""
+    evals, _ = eval_sets_to_date(paths, week)
+    ds = load_beir(paths.dataset_dir)
+    test = {normalize_query(t) for t in ds.split_queries("test").values()} if ds.has_test_split else set()
+    return set(evals["query_key"]), test
+
+
+@dg.asset(partitions_def=weekly_partitions, deps=["relevance_labels"], group_name="datasets", kinds={"parquet"})
+def eval_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.MaterializeResult:
+    """20 of this week's queries with their judged results; they never enter training."""
+    week = context.partition_key
+    labels, _ = labels_to_date(paths, week)
+    seen_before = set(labels.loc[labels["week"] < week, "query_key"])
+    s = paths.settings()
+    out = build_eval_set(labels[labels["week"] == week], n_queries=s.eval_queries, seed=s.seed, seen_before=seen_before)
+    path = store.write_table(store.asset_path(paths.assets_dir, "eval_set", week), out)
+    per_query = out.groupby("query").agg(judged=("chunk_id", "size"), relevant=("relevant", "sum")).reset_index()
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(path)),
+        "queries": int(out["query_key"].nunique()),
+        "dagster/row_count": len(out),
+        "queries_seen_in_earlier_weeks": len(seen_before),
+        "relevant_pairs": int(out["relevant"].sum()),
+        "queries_table": dg.MetadataValue.md(per_query.head(20).to_markdown(index=False)),
+    })
+
+
+@dg.asset_check(asset=eval_set, blocking=True, partitions_def=weekly_partitions)
+def eval_set_size(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
+    out = store.read_table(store.asset_path(paths.assets_dir, "eval_set", context.partition_key))
+    n = int(out["query_key"].nunique())
+    return dg.AssetCheckResult(
+        passed=n >= paths.min_eval_queries,
+        metadata={"queries": n, "minimum": paths.min_eval_queries},
+        description=f"{n} eval queries (minimum {paths.min_eval_queries})",
+    )
+
+
+@dg.asset(partitions_def=weekly_partitions, deps=["relevance_labels", "eval_set"], group_name="datasets", kinds={"parquet"})
+def fewshot_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.MaterializeResult:
+    """200 labelled examples, balanced across grades, for the judge's prompt in later weeks."""
+    week = context.partition_key
+    labels, weeks = labels_to_date(paths, week)
+    eval_q, test_q = held_out_queries(paths, week)
+    s = paths.settings()
+    out = build_fewshot_set(
+        labels, n_examples=s.fewshot_examples, seed=s.seed, exclude_queries=eval_q | test_q,
+    )
+    path = store.write_table(store.asset_path(paths.assets_dir, "fewshot_set", week), out)
+    grades = out["grade"].value_counts().sort_index()
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(path)),
+        "dagster/row_count": len(out),
+        "weeks_used": ", ".join(weeks),
+        "grades": dg.MetadataValue.md("| grade | examples |\n|---|---|\n" + "\n".join(f"| {g} | {n} |" for g, n in grades.items())),
+    })
+
+
+@dg.asset_check(asset=fewshot_set, blocking=True, partitions_def=weekly_partitions)
+def fewshot_set_size(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
+    out = store.read_table(store.asset_path(paths.assets_dir, "fewshot_set", context.partition_key))
+    return dg.AssetCheckResult(
+        passed=len(out) >= paths.min_fewshot_examples,
+        metadata={"examples": len(out), "minimum": paths.min_fewshot_examples},
+    )
+
+
+@dg.asset(partitions_def=weekly_partitions, deps=["relevance_labels", "eval_set"], group_name="datasets", kinds={"parquet"})
+def finetune_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.MaterializeResult:
+    """(query, relevant chunk, hard negative) triplets from all labelled weeks to date."""
+    week = context.partition_key
+    labels, weeks = labels_to_date(paths, week)
+    eval_q, test_q = held_out_queries(paths, week)
+    s = paths.settings()
+    out, stats = build_finetune_set(
+        labels, n_examples=s.finetune_examples, seed=s.seed, exclude_queries=eval_q | test_q,
+    )
+    path = store.write_table(store.asset_path(paths.assets_dir, "finetune_set", week), out)
+    sample = out[["query", "positive_id", "negative_id", "negative_rank"]].head(10)
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(path)),
+        "dagster/row_count": stats.rows,
+        "queries": stats.queries,
+        "positives_available": stats.positives,
+        "hard_negatives_available": stats.hard_negatives_available,
+        "held_out_queries_excluded": stats.excluded_queries,
+        "weeks_used": ", ".join(weeks),
+        "content_sha256": stats.content_sha256,
+        "sample": dg.MetadataValue.md(sample.to_markdown(index=False)),
+    })
+
+
+@dg.asset_check(asset=finetune_set, blocking=True, partitions_def=weekly_partitions)
+def finetune_set_size(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
+    out = store.read_table(store.asset_path(paths.assets_dir, "finetune_set", context.partition_key))
+    return dg.AssetCheckResult(
+        passed=len(out) >= paths.min_finetune_examples,
+        metadata={"examples": len(out), "minimum": paths.min_finetune_examples},
+        description=f"{len(out)} training examples (minimum {paths.min_finetune_examples})",
+    )
+
+
+@dg.asset_check(asset=finetune_set, blocking=True, partitions_def=weekly_partitions)
+def finetune_disjoint_from_eval(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
+    """No eval-set query (any week to date) and no test-split query may be trained on."""
+    week = context.partition_key
+    out = store.read_table(store.asset_path(paths.assets_dir, "finetune_set", week))
+    evals, eval_weeks = eval_sets_to_date(paths, week)
+    _, test_q = held_out_queries(paths, week)
+    leaked_eval = overlapping_queries(out["query"], evals["query"])
+    leaked_test = set(out["query_key"]) & test_q
+    return dg.AssetCheckResult(
+        passed=not leaked_eval and not leaked_test,
+        metadata={
+            "eval_weeks_compared": len(eval_weeks),
+            "eval_queries_in_training": len(leaked_eval),
+            "test_queries_in_training": len(leaked_test),
+            "examples": dg.MetadataValue.json(sorted(leaked_eval | leaked_test)[:10]),
+        },
+    )
+
+
+defs = dg.Definitions(
+    assets=[eval_set, fewshot_set, finetune_set],
+    asset_checks=[eval_set_size, fewshot_set_size, finetune_set_size, finetune_disjoint_from_eval],
+)

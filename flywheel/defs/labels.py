@@ -1,0 +1,148 @@
+"""relevance_labels: a judge grades every (query, retrieved chunk) pair of the week, fused with the
+week's explicit feedback; a blocking check stops labels from a judge that disagrees with the
+reference (human labels, else explicit feedback) before they can train a model."""
+
+
+import math
+
+import dagster as dg
+import pandas as pd
+
+from flywheel.defs.partitions import weekly_partitions
+from flywheel.defs.resources import FlywheelPaths, JudgeResource
+from flywheel.lib import store
+from flywheel.lib.beir import load_beir
+from flywheel.lib.judging import HumanLabels, Judge, SimulatedJudge
+from flywheel.lib.labels import agreement_with_reference, label_week
+from flywheel.lib.logs import load_raw_logs
+
+
+def build_judge(cfg: JudgeResource, paths: FlywheelPaths) -> Judge:
+    if cfg.kind == "simulated":
+        return SimulatedJudge(
+            load_beir(paths.dataset_dir),
+            miss_rate=cfg.miss_rate,
+            lenient_rate=cfg.lenient_rate,
+            lenient_top_ranks=cfg.lenient_top_ranks,
+            seed=paths.seed,
+        )
+    if cfg.kind == "openai":
+        from flywheel.lib.openai_judge import OpenAIJudge, OpenAIJudgeConfig
+
+        return OpenAIJudge(
+            OpenAIJudgeConfig(
+                model=cfg.model,
+                base_url=cfg.base_url,
+                api_key=cfg.api_key,
+                temperature=cfg.temperature,
+                concurrency=cfg.concurrency,
+                timeout_s=cfg.timeout_s,
+                max_retries=cfg.max_retries,
+                budget_usd=cfg.budget_usd,
+                fewshot_k=cfg.fewshot_k,
+                cache_path=str(paths.settings().cache_dir / "judge_cache.sqlite"),
+            )
+        )
+    raise ValueError(f"judge kind must be 'simulated' or 'openai', got {cfg.kind!r}")
+
+
+def latest_fewshot_before(paths: FlywheelPaths, week: str) -> tuple[pd.DataFrame | None, str | None]:
+    """The newest few-shot set from an earlier week: the loop an asset graph cannot draw."""
+    earlier = [w for w in store.weeks_written(paths.assets_dir, "fewshot_set") if w < week]
+    if not earlier:
+        return None, None
+    return store.read_table(store.asset_path(paths.assets_dir, "fewshot_set", earlier[-1])), earlier[-1]
+
+
+@dg.asset(
+    partitions_def=weekly_partitions,
+    deps=["raw_logs"],
+    group_name="labels",
+    kinds={"python", "parquet"},
+)
+def relevance_labels(
+    context: dg.AssetExecutionContext, paths: FlywheelPaths, judge: JudgeResource
+) -> dg.MaterializeResult:
+    """Every (query, retrieved chunk) pair of the week with a graded label (0-3) and its source."""
+    week = context.partition_key
+    raw = load_raw_logs(store.asset_path(paths.assets_dir, "raw_logs", week))
+    the_judge = build_judge(judge, paths)
+    fewshot, fewshot_week = latest_fewshot_before(paths, week)
+    labels, stats = label_week(
+        raw, week, the_judge,
+        human=HumanLabels(load_beir(paths.dataset_dir)),
+        fewshot=fewshot,
+        progress=context.log.info,
+    )
+    path = store.write_table(store.asset_path(paths.assets_dir, "relevance_labels", week), labels)
+    grade_table = "| grade | pairs |\n|---|---|\n" + "\n".join(f"| {g} | {n} |" for g, n in stats.grade_counts.items())
+    usage = the_judge.usage
+    sources_table = "| label source | pairs |\n|---|---|\n" + "\n".join(
+        f"| {s} | {n} |" for s, n in stats.label_sources.items()
+    )
+    kappa, compared, reference = agreement_with_reference(labels)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(path)),
+            "dagster/row_count": stats.pairs,
+            "unique_pairs_judged": stats.unique_pairs,
+            "labelled": stats.labelled,
+            "unlabelled": stats.unlabelled,
+            "relevant": stats.relevant,
+            "grades": dg.MetadataValue.md(grade_table),
+            "judge": the_judge.name,
+            "kappa_vs_human": dg.MetadataValue.float(stats.kappa_vs_human),
+            "kappa_pairs_compared": stats.human_compared,
+            "judge_kappa": dg.MetadataValue.float(float(kappa)),
+            "judge_kappa_reference": reference,
+            "judge_kappa_pairs": compared,
+            "judge_kappa_vs_feedback": dg.MetadataValue.float(float(stats.kappa_vs_feedback)),
+            "feedback_pairs_compared": stats.feedback_compared,
+            "fused_grade_changes": stats.fused_changed,
+            "label_sources": dg.MetadataValue.md(sources_table),
+            "fewshot_version": fewshot_week or "none (first week)",
+            "judge_calls": usage.calls,
+            "judge_cached": usage.cached,
+            "judge_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "judge_cost_usd": dg.MetadataValue.float(float(usage.cost_usd)),
+            "judge_prompt_tokens": usage.prompt_tokens,
+            "judge_completion_tokens": usage.completion_tokens,
+            "judge_failures": usage.failures,
+            "judge_budget_exhausted": int(usage.extra.get("budget_exhausted", 0)),
+        }
+    )
+
+
+@dg.asset_check(asset=relevance_labels, blocking=True, partitions_def=weekly_partitions)
+def judge_agrees_with_reference(
+    context: dg.AssetCheckExecutionContext, paths: FlywheelPaths, judge: JudgeResource
+) -> dg.AssetCheckResult:
+    """Labels from a judge that disagrees with the reference labels must not train a model.
+
+    The reference is the week's human labels where there are any, else its explicit feedback
+    (saves, cited answers with thumbs, debiased clicks, skips; see flywheel.lib.fusion).
+    """
+    labels = store.read_table(store.asset_path(paths.assets_dir, "relevance_labels", context.partition_key))
+    kappa, compared, reference = agreement_with_reference(labels)
+    if not compared:
+        return dg.AssetCheckResult(
+            passed=True,
+            metadata={"reference": reference, "pairs": 0},
+            description="no human labels or explicit feedback this week: nothing to compare",
+        )
+    metadata = {"kappa": dg.MetadataValue.float(float(kappa)), "min_kappa": judge.min_kappa,
+                "pairs": compared, "reference": reference}
+    if math.isnan(kappa):
+        return dg.AssetCheckResult(
+            passed=True,
+            metadata=metadata,
+            description=f"the {reference} reference holds a single class over {compared} pairs: kappa undefined",
+        )
+    return dg.AssetCheckResult(
+        passed=bool(kappa >= judge.min_kappa),
+        metadata=metadata,
+        description=f"Cohen's kappa vs {reference} labels {kappa:.3f} (threshold {judge.min_kappa}, {compared} pairs)",
+    )
+
+
+defs = dg.Definitions(assets=[relevance_labels], asset_checks=[judge_agrees_with_reference])

@@ -1,0 +1,149 @@
+"""Three tiers from one labelled pool ("wax on, wax off"): the same judged pairs serve
+20 queries to evaluate, 200 examples to teach the judge, and 2,000 examples to fine-tune.
+
+The split is by query and deterministic. A week's eval set takes queries that first appeared
+that week (never seen in an earlier week, so no earlier model was trained on them), chosen by
+a stable hash of the normalised query text. From then on they are held out: every later
+few-shot and fine-tuning set excludes all eval-set queries to date, also when users ask them
+again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pandas as pd
+
+from flywheel.lib.judging import normalize_query, stable_uniform
+
+EVAL_COLUMNS = ["week", "query", "query_key", "chunk_id", "rank", "grade", "relevant"]
+FEWSHOT_COLUMNS = ["week", "query", "query_key", "chunk_id", "chunk_text", "grade", "reason"]
+FINETUNE_COLUMNS = [
+    "query", "query_key", "positive_id", "positive", "negative_id", "negative", "negative_rank", "week",
+]
+
+
+def content_hash(df: pd.DataFrame) -> str:
+    """Order-independent sha256 of a dataset's rows: the version recorded with every model."""
+    rows = sorted(df.astype(str).apply(lambda r: "\x1f".join(r.values), axis=1).tolist())
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(row.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _latest_request_per_query(labels: pd.DataFrame) -> pd.DataFrame:
+    """A query asked twice keeps only its latest request's results (what users saw last)."""
+    last = labels.groupby("query_key")["request_id"].max()
+    return labels[labels["request_id"].isin(set(last.values))]
+
+
+def build_eval_set(
+    week_labels: pd.DataFrame, *, n_queries: int, seed: int, seen_before: set[str]
+) -> pd.DataFrame:
+    """``n_queries`` queries new this week, with their judged results.
+
+    Only queries with at least one chunk judged relevant can score anything, so only those qualify.
+    """
+    labels = week_labels[week_labels["grade"].notna()]
+    labels = labels[~labels["query_key"].isin(seen_before)]
+    labels = _latest_request_per_query(labels)
+    has_relevant = labels.groupby("query_key")["relevant"].any()
+    candidates = sorted(has_relevant[has_relevant].index, key=lambda k: stable_uniform("eval", seed, k))
+    chosen = set(candidates[:n_queries])
+    out = labels[labels["query_key"].isin(chosen)].sort_values(["query_key", "rank"])
+    return out[EVAL_COLUMNS].reset_index(drop=True)
+
+
+def build_fewshot_set(
+    labels: pd.DataFrame, *, n_examples: int, seed: int, exclude_queries: set[str]
+) -> pd.DataFrame:
+    """``n_examples`` labelled pairs of non-held-out queries, balanced across grades."""
+    pool = labels[labels["grade"].notna()]
+    pool = pool[~pool["query_key"].isin(exclude_queries)]
+    pool = pool.drop_duplicates(["query_key", "chunk_id"], keep="last")
+    grades = sorted(pool["grade"].dropna().astype(int).unique())
+    if not grades:
+        return pd.DataFrame(columns=FEWSHOT_COLUMNS)
+    pool = pool.assign(_order=[stable_uniform("fewshot", seed, k, c) for k, c in zip(pool["query_key"], pool["chunk_id"])])
+    by_grade = {g: pool[pool["grade"] == g].sort_values("_order") for g in grades}
+    # round-robin over grades so rare grades are as present as the data allows
+    picked, cursor = [], {g: 0 for g in grades}
+    while len(picked) < n_examples and any(cursor[g] < len(by_grade[g]) for g in grades):
+        for g in grades:
+            if cursor[g] < len(by_grade[g]) and len(picked) < n_examples:
+                picked.append(by_grade[g].iloc[cursor[g]])
+                cursor[g] += 1
+    out = pd.DataFrame(picked)
+    return out[FEWSHOT_COLUMNS].reset_index(drop=True)
+
+
+@dataclass
+class FinetuneStats:
+    rows: int
+    queries: int
+    positives: int
+    hard_negatives_available: int
+    excluded_queries: int
+    content_sha256: str
+
+
+def build_finetune_set(
+    labels: pd.DataFrame,
+    *,
+    n_examples: int,
+    seed: int,
+    exclude_queries: set[str],
+) -> tuple[pd.DataFrame, FinetuneStats]:
+    """(query, positive, hard negative) triplets from every non-held-out query of the weeks given.
+
+    Positives are chunks judged relevant (grade >= 2); hard negatives were retrieved for the same
+    query but judged irrelevant (grade 0), hardest (best ranked) first. "Related" chunks
+    (grade 1) are neither: calling them negatives would teach the model to push away near-misses.
+    Rows are filled round-robin across (query, positive) pairs so every query gets its hardest
+    negative before any gets a second one.
+    """
+    pool = labels[labels["grade"].notna()].copy()
+    excluded = pool["query_key"].isin(exclude_queries)
+    excluded_n = pool.loc[excluded, "query_key"].nunique()
+    pool = pool[~excluded]
+    pool = pool.sort_values("week").drop_duplicates(["query_key", "chunk_id"], keep="last")
+
+    positives = pool[pool["grade"] >= 2]
+    negatives = pool[pool["grade"] == 0].sort_values(["query_key", "rank"])
+    negs_by_query = {k: g for k, g in negatives.groupby("query_key")}
+    pairs = []
+    for pos in positives.sort_values(["query_key", "chunk_id"]).itertuples(index=False):
+        negs = negs_by_query.get(pos.query_key)
+        if negs is not None and len(negs):
+            pairs.append((pos, negs))
+    pairs.sort(key=lambda p: stable_uniform("finetune", seed, p[0].query_key, p[0].chunk_id))
+
+    rows, depth = [], 0
+    while len(rows) < n_examples and pairs and depth < max(len(n) for _, n in pairs):
+        for pos, negs in pairs:
+            if depth < len(negs) and len(rows) < n_examples:
+                neg = negs.iloc[depth]
+                rows.append({
+                    "query": pos.query, "query_key": pos.query_key,
+                    "positive_id": pos.chunk_id, "positive": pos.chunk_text,
+                    "negative_id": neg["chunk_id"], "negative": neg["chunk_text"],
+                    "negative_rank": int(neg["rank"]), "week": pos.week,
+                })
+        depth += 1
+    out = pd.DataFrame(rows, columns=FINETUNE_COLUMNS)
+    stats = FinetuneStats(
+        rows=len(out),
+        queries=out["query_key"].nunique() if len(out) else 0,
+        positives=len(positives),
+        hard_negatives_available=len(negatives),
+        excluded_queries=excluded_n,
+        content_sha256=content_hash(out),
+    )
+    return out, stats
+
+
+def overlapping_queries(a: pd.Series, b: pd.Series) -> set[str]:
+    return set(map(normalize_query, a)) & set(map(normalize_query, b))

@@ -1,0 +1,148 @@
+"""Retrieval metrics, per query, so that every comparison can be paired and bootstrapped.
+
+Rankings come from the same LanceDB search the app serves from; relevance is binary (a human
+qrel, or a judged grade >= 2). NDCG@10 follows BEIR (gain 1 per relevant chunk, log2
+discount), so the base model's figure can be checked against the published one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from flywheel.lib import index
+
+RECALL_KS = (1, 5, 10, 20)
+SEARCH_DEPTH = 100  # how deep we look for the first relevant chunk
+
+
+def query_metrics(ranked: Sequence[str], relevant: set[str], *, recall_ks=RECALL_KS) -> dict:
+    rel_flags = [doc in relevant for doc in ranked]
+    dcg = sum(1.0 / math.log2(i + 2) for i, r in enumerate(rel_flags[:10]) if r)
+    idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(relevant), 10)))
+    first = next((i + 1 for i, r in enumerate(rel_flags) if r), None)
+    out = {
+        "ndcg@10": dcg / idcg if idcg else 0.0,
+        "mrr@10": 1.0 / first if first and first <= 10 else 0.0,
+        "first_relevant_rank": float(first) if first else float("nan"),
+    }
+    for k in recall_ks:
+        out[f"recall@{k}"] = sum(rel_flags[:k]) / len(relevant) if relevant else 0.0
+    return out
+
+
+def evaluate_rankings(
+    rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, set[str]], *, recall_ks=RECALL_KS
+) -> pd.DataFrame:
+    rows = []
+    for qid, relevant in qrels.items():
+        if not relevant:
+            continue
+        rows.append({"query_id": qid, **query_metrics(rankings.get(qid, []), relevant, recall_ks=recall_ks)})
+    return pd.DataFrame(rows)
+
+
+def retrieve(
+    model, queries: Mapping[str, str], lancedb_uri, table: str, *, k: int = SEARCH_DEPTH, batch_size: int = 64
+) -> dict[str, list[str]]:
+    qids = list(queries)
+    vecs = index.encode(model, [queries[q] for q in qids], batch_size=batch_size)
+    hits = index.search(lancedb_uri, table, vecs, k)
+    return {qid: [doc for doc, _ in h] for qid, h in zip(qids, hits)}
+
+
+def summarize(per_query: pd.DataFrame) -> dict:
+    metrics = [c for c in per_query.columns if c not in ("query_id", "first_relevant_rank")]
+    out = {m: float(per_query[m].mean()) if len(per_query) else float("nan") for m in metrics}
+    out["queries"] = int(len(per_query))
+    return out
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, n_resamples: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> dict:
+    """Mean of (b - a) over queries with a percentile confidence interval."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) == 0:
+        return {"delta": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    diff = b - a
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(diff), size=(n_resamples, len(diff)))
+    means = diff[samples].mean(axis=1)
+    return {
+        "delta": float(diff.mean()),
+        "ci_low": float(np.quantile(means, alpha / 2)),
+        "ci_high": float(np.quantile(means, 1 - alpha / 2)),
+        "n": int(len(diff)),
+    }
+
+
+def rank_movement(before: pd.DataFrame, after: pd.DataFrame, depth: int = SEARCH_DEPTH) -> dict:
+    """How far the first relevant chunk moved ("from position 20 to position 5")."""
+    merged = before[["query_id", "first_relevant_rank"]].merge(
+        after[["query_id", "first_relevant_rank"]], on="query_id", suffixes=("_before", "_after")
+    )
+    miss = depth + 1  # not in the top ``depth``: counted as just below it
+    b = merged["first_relevant_rank_before"].fillna(miss)
+    a = merged["first_relevant_rank_after"].fillna(miss)
+    return {
+        "queries": int(len(merged)),
+        "improved": int((a < b).sum()),
+        "worsened": int((a > b).sum()),
+        "unchanged": int((a == b).sum()),
+        "median_rank_before": float(b.median()) if len(b) else float("nan"),
+        "median_rank_after": float(a.median()) if len(a) else float("nan"),
+        "mean_rank_before": float(b.mean()) if len(b) else float("nan"),
+        "mean_rank_after": float(a.mean()) if len(a) else float("nan"),
+        "in_top5_before": int((b <= 5).sum()),
+        "in_top5_after": int((a <= 5).sum()),
+        "moved_into_top5_from_below_10": int(((b > 10) & (a <= 5)).sum()),
+    }
+
+
+def comparison_table(results: Mapping[str, Mapping[str, float]], metrics: Sequence[str]) -> str:
+    """Markdown table: one row per metric, one column per model, relative change vs the first."""
+    names = list(results)
+    header = "| metric | " + " | ".join(names) + (" | change |" if len(names) > 1 else " |")
+    sep = "|---" * (len(names) + 1 + (len(names) > 1)) + "|"
+    lines = [header, sep]
+    for m in metrics:
+        vals = [results[n].get(m, float("nan")) for n in names]
+        row = f"| {m} | " + " | ".join(f"{v:.4f}" for v in vals)
+        if len(names) > 1:
+            base, last = vals[0], vals[-1]
+            rel = (last - base) / base * 100 if base else float("nan")
+            row += f" | {last - base:+.4f} ({rel:+.1f}%)"
+        lines.append(row + " |")
+    return "\n".join(lines)
+
+
+def eval_sets_to_qrels(eval_sets: pd.DataFrame) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """Queries and judged-relevant chunks from eval sets (keyed by normalised query text)."""
+    queries, qrels = {}, {}
+    for key, group in eval_sets.groupby("query_key"):
+        queries[key] = group["query"].iloc[0]
+        qrels[key] = set(group.loc[group["relevant"], "chunk_id"])
+    return queries, qrels
+
+
+def evaluate_model_on(
+    model,
+    model_id: str,
+    corpus,
+    lancedb_uri,
+    suites: Mapping[str, tuple[Mapping[str, str], Mapping[str, set[str]]]],
+    *,
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Per-query metrics of one model on several (queries, qrels) suites, one corpus embedding."""
+    table = index.ensure_corpus_table(lancedb_uri, model, model_id, corpus, batch_size=batch_size, progress=progress)
+    out = {}
+    for name, (queries, qrels) in suites.items():
+        rankings = retrieve(model, queries, lancedb_uri, table, batch_size=batch_size)
+        out[name] = evaluate_rankings(rankings, qrels)
+    return out

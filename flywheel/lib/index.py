@@ -1,0 +1,198 @@
+"""Embedding models and their corpus tables in LanceDB.
+
+Each model version gets its own table of corpus embeddings, named by a fingerprint of the
+model's weights, the corpus and the sequence length, so embedding the corpus (minutes on CPU)
+happens once per model and every later search, benchmark or rerun reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from flywheel.lib.beir import Corpus
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_embedder(path: str | Path, *, device: str = "auto", max_seq_length: int | None = None):
+    """A SentenceTransformer from a local folder; never reaches for a model hub."""
+    from sentence_transformers import SentenceTransformer
+
+    path = Path(path)
+    if not (path / "modules.json").exists() and not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path}: not a sentence-transformers model folder (no modules.json or config.json)"
+        )
+    model = SentenceTransformer(str(path), device=resolve_device(device), local_files_only=True)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Short content hash of a model folder's weights and configs: a stable model version id."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix in {".safetensors", ".bin", ".json", ".txt"} and "checkpoint" not in str(p)
+    )
+    if not files:
+        raise FileNotFoundError(f"{path}: no model files to fingerprint")
+    for p in files:
+        h.update(str(p.relative_to(path)).encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+@dataclass
+class RateLogger:
+    """Logs 'done/total, rate, time left' at most every ``every_s`` seconds."""
+
+    label: str
+    total: int
+    progress: Progress | None = None
+    every_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.progress or (not force and now - self.last < self.every_s):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        self.progress(
+            f"{self.label}: {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%), "
+            f"{rate:.1f}/s, ~{left:.0f}s left"
+        )
+
+
+def encode(
+    model,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    label: str = "encode",
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Normalised float32 embeddings, with progress reports for long corpora."""
+    out = []
+    meter = RateLogger(label, len(texts), progress)
+    chunk = max(batch_size * 8, 1)
+    for start in range(0, len(texts), chunk):
+        part = list(texts[start:start + chunk])
+        out.append(
+            model.encode(part, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        )
+        meter.update(start + len(part), force=start + chunk >= len(texts))
+    if not out:
+        return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+    return np.vstack(out).astype(np.float32)
+
+
+def corpus_table_name(model_id: str, corpus: Corpus, max_seq_length: int) -> str:
+    return f"corpus_{model_id}_{corpus.sha256[:10]}_{max_seq_length}"
+
+
+def _connect(uri: str | Path):
+    import lancedb
+
+    Path(uri).mkdir(parents=True, exist_ok=True)
+    return lancedb.connect(str(uri))
+
+
+def table_names(uri: str | Path) -> list[str]:
+    return list(_connect(uri).list_tables().tables)
+
+
+def ensure_corpus_table(
+    uri: str | Path,
+    model,
+    model_id: str,
+    corpus: Corpus,
+    *,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    table_name: str | None = None,
+) -> str:
+    """Embed the corpus with ``model`` into LanceDB unless a complete table already exists."""
+    db = _connect(uri)
+    name = table_name or corpus_table_name(model_id, corpus, model.max_seq_length)
+    if name in db.list_tables().tables and db.open_table(name).count_rows() == len(corpus):
+        return name
+    started = time.monotonic()
+    vectors = encode(model, corpus.texts, batch_size=batch_size, label=f"embed corpus ({model_id})", progress=progress)
+    dim = vectors.shape[1]
+    data = pa.table({
+        "id": pa.array(corpus.ids, pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), dim),
+    })
+    db.create_table(name, data=data, mode="overwrite")
+    if progress:
+        progress(f"embedded {len(corpus)} chunks into LanceDB table {name} in {time.monotonic() - started:.0f}s")
+    return name
+
+
+def write_named_table(uri: str | Path, name: str, source: str) -> None:
+    """Copy a corpus table under another name (e.g. ``serving`` for the champion)."""
+    db = _connect(uri)
+    db.create_table(name, data=db.open_table(source).to_arrow(), mode="overwrite")
+
+
+def search(
+    uri: str | Path, table: str, query_vectors: np.ndarray, k: int
+) -> list[list[tuple[str, float]]]:
+    """Top-k (chunk id, cosine score) per query, exact search (fast enough below ~1M chunks)."""
+    if len(query_vectors) == 0:
+        return []
+    tbl = _connect(uri).open_table(table)
+    results: list[list[tuple[str, float]]] = [[] for _ in range(len(query_vectors))]
+    for start in range(0, len(query_vectors), 256):
+        block = query_vectors[start:start + 256]
+        res = (
+            tbl.search(block if len(block) > 1 else block[0])
+            .distance_type("dot")
+            .limit(k)
+            .select(["id", "_distance"])
+            .to_arrow()
+        )
+        qidx = res.column("query_index").to_pylist() if "query_index" in res.column_names else [0] * res.num_rows
+        for qi, doc_id, dist in zip(qidx, res.column("id").to_pylist(), res.column("_distance").to_pylist()):
+            results[start + qi].append((doc_id, 1.0 - float(dist)))
+    for hits in results:
+        hits.sort(key=lambda x: -x[1])
+    return results
+
+
+def set_torch_threads() -> None:
+    """Use every core we were given (torch defaults can undershoot in containers)."""
+    import torch
+
+    n = int(os.environ.get("FLYWHEEL_TORCH_THREADS", "0")) or os.cpu_count() or 1
+    torch.set_num_threads(n)

