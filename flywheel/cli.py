@@ -3,6 +3,7 @@
     flywheel demo            simulate 8 weeks of traffic, run the flywheel for the latest week
     flywheel simulate        only write the demo logs
     flywheel run --week W    run the whole flywheel (or --job weekly_labels) for one week
+    flywheel backfill        8 weeks in order, each served by the champion of its time; trend report
     flywheel ui              the Dagster UI on the same instance the commands use
     flywheel mlflow-ui       the MLflow UI on the same tracking store
 """
@@ -50,6 +51,8 @@ def _sim_config(settings: Settings, args: argparse.Namespace):
         weeks=args.weeks,
         seed=args.seed if args.seed is not None else settings.seed,
         max_queries=args.max_queries,
+        encode_max_seq_length=settings.encode_max_seq_length,
+        poison_weeks=tuple(w - 1 for w in args.poison_week),
     )
 
 
@@ -101,7 +104,7 @@ def _print_materializations(result) -> None:
                 + (f" - {ev.description}" if ev.description else ""))
 
 
-def run_week(week: str, job_name: str = "flywheel_weekly", *, resources: dict | None = None) -> bool:
+def run_week(week: str, job_name: str = "flywheel_weekly", *, resources: dict | None = None):
     import dagster as dg
 
     from flywheel.definitions import defs
@@ -119,12 +122,12 @@ def run_week(week: str, job_name: str = "flywheel_weekly", *, resources: dict | 
     )
     _print_materializations(result)
     say(f"{job_name} for {week}: {'succeeded' if result.success else 'FAILED'} in {time.monotonic() - started:.0f}s")
-    return result.success
+    return result
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     prepare_dagster_home(get_settings())
-    return 0 if run_week(args.week, args.job) else 1
+    return 0 if run_week(args.week, args.job).success else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -133,9 +136,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     weeks = cmd_simulate(args, settings)
     for week in weeks[:-1]:
-        if not run_week(week, "weekly_labels"):
+        if not run_week(week, "weekly_labels").success:
             return 1
-    ok = run_week(weeks[-1], "flywheel_weekly")
+    ok = run_week(weeks[-1], "flywheel_weekly").success
     report = settings.reports_dir / f"benchmark-{weeks[-1]}.md"
     say(f"demo finished in {time.monotonic() - started:.0f}s")
     if report.exists():
@@ -143,6 +146,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(report.read_text().split("\n\n")[1])
     say(f"Dagster UI: flywheel ui   |   MLflow UI: flywheel mlflow-ui   (data under {settings.home})")
     return 0 if ok else 1
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from flywheel.backfill import LIGHT, run_backfill
+
+    if not args.full:
+        for key, value in LIGHT.items():
+            os.environ.setdefault(key, value)
+    settings = get_settings()  # after the light settings are in the environment
+    prepare_dagster_home(settings)
+    figures = run_backfill(settings, _sim_config(settings, args), light=not args.full, run_week=run_week, say=say)
+    say(f"trend report: {figures['trend_report']}")
+    print(json.dumps(figures))
+    return 0
 
 
 # -- UIs ------------------------------------------------------------------------------------------
@@ -167,13 +184,16 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flywheel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("demo", "simulate"):
+    for name in ("demo", "simulate", "backfill"):
         sp = sub.add_parser(name)
         sp.add_argument("--weeks", type=int, default=8)
         sp.add_argument("--start", help="first week (a Monday), default FLYWHEEL_START_DATE")
         sp.add_argument("--seed", type=int, default=None)
         sp.add_argument("--max-queries", type=int, default=None, help="use only this many train queries")
         sp.add_argument("--overwrite", action="store_true", help="replace logs simulated with other settings")
+        sp.add_argument("--poison-week", type=int, action="append", default=[], metavar="N",
+                        help="re-log the history in week N (1-based) with chunk texts shuffled: a bad week for the gate to stop")
+    sub.choices["backfill"].add_argument("--full", action="store_true", help="full training settings (slow)")
     rp = sub.add_parser("run")
     rp.add_argument("--week", required=True, help="the week's Monday, e.g. 2026-11-16")
     rp.add_argument("--job", default="flywheel_weekly", choices=["flywheel_weekly", "weekly_labels"])
@@ -185,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":
         cmd_simulate(args)
         return 0
-    return {"demo": cmd_demo, "run": cmd_run, "ui": cmd_ui, "mlflow-ui": cmd_mlflow_ui}[args.command](args)
+    commands = {"demo": cmd_demo, "run": cmd_run, "backfill": cmd_backfill, "ui": cmd_ui, "mlflow-ui": cmd_mlflow_ui}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

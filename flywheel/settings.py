@@ -48,10 +48,26 @@ class Settings:
     # training and encoding (a lighter configuration is one environment away)
     train_epochs: float = 1.0
     train_batch_size: int = 32
-    train_learning_rate: float = 5e-5
+    train_learning_rate: float = 1e-4
     train_max_seq_length: int = 128
     train_max_steps: int = -1
     encode_max_seq_length: int = 256
+    # estimated training time is capped at this (steps are cut to fit, and the cut is recorded)
+    train_time_budget_s: float = 600.0
+    # forgetting guard: NDCG@10 drop allowed on the general-domain slice before merging with the
+    # base, and the fine-tuned model's weight in the merge (1.0 = fine-tuned only)
+    forgetting_margin: float = 0.02
+    merge_alpha: float = 0.7
+    # hard negatives mined with the serving model (in addition to the judged ones)
+    mine_negatives: bool = True
+    mine_range_max: int = 30
+    mine_relative_margin: float = 0.05
+    # cross-encoder reranker
+    reranker_learning_rate: float = 1e-4
+    reranker_max_length: int = 128
+    reranker_epochs: float = 1.0
+    reranker_max_steps: int = -1
+    rerank_depth: int = 40
 
     # -- derived locations (all under home) -------------------------------------------------
     @property
@@ -109,10 +125,21 @@ class Settings:
             finetune_examples=int(_env("FLYWHEEL_FINETUNE_EXAMPLES", "2000")),
             train_epochs=float(_env("FLYWHEEL_TRAIN_EPOCHS", "1")),
             train_batch_size=int(_env("FLYWHEEL_TRAIN_BATCH_SIZE", "32")),
-            train_learning_rate=float(_env("FLYWHEEL_TRAIN_LR", "5e-5")),
+            train_learning_rate=float(_env("FLYWHEEL_TRAIN_LR", "1e-4")),
             train_max_seq_length=int(_env("FLYWHEEL_TRAIN_MAX_SEQ_LENGTH", "128")),
             train_max_steps=int(_env("FLYWHEEL_TRAIN_MAX_STEPS", "-1")),
             encode_max_seq_length=int(_env("FLYWHEEL_ENCODE_MAX_SEQ_LENGTH", "256")),
+            train_time_budget_s=float(_env("FLYWHEEL_TRAIN_TIME_BUDGET_S", "600")),
+            forgetting_margin=float(_env("FLYWHEEL_FORGETTING_MARGIN", "0.02")),
+            merge_alpha=float(_env("FLYWHEEL_MERGE_ALPHA", "0.7")),
+            mine_negatives=_env("FLYWHEEL_MINE_NEGATIVES", "1") not in ("0", "false", "no"),
+            mine_range_max=int(_env("FLYWHEEL_MINE_RANGE_MAX", "30")),
+            mine_relative_margin=float(_env("FLYWHEEL_MINE_RELATIVE_MARGIN", "0.05")),
+            reranker_learning_rate=float(_env("FLYWHEEL_RERANKER_LR", "1e-4")),
+            reranker_max_length=int(_env("FLYWHEEL_RERANKER_MAX_LENGTH", "128")),
+            reranker_epochs=float(_env("FLYWHEEL_RERANKER_EPOCHS", "1")),
+            reranker_max_steps=int(_env("FLYWHEEL_RERANKER_MAX_STEPS", "-1")),
+            rerank_depth=int(_env("FLYWHEEL_RERANK_DEPTH", "40")),
         )
 
 

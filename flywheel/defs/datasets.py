@@ -12,6 +12,7 @@ from flywheel.lib.datasets import (
     build_eval_set,
     build_fewshot_set,
     build_finetune_set,
+    near_duplicate_queries,
     overlapping_queries,
 )
 from flywheel.lib.judging import normalize_query
@@ -32,6 +33,14 @@ def eval_sets_to_date(paths: FlywheelPaths, week: str) -> tuple[pd.DataFrame, li
         return pd.DataFrame(columns=["query", "query_key", "chunk_id", "relevant"]), []
     frames = [store.read_table(store.asset_path(paths.assets_dir, "eval_set", w)) for w in weeks]
     return pd.concat(frames, ignore_index=True), weeks
+
+
+def held_out_texts(paths: FlywheelPaths, week: str) -> list[str]:
+    """The texts of every held-out query (eval sets to date, test split), for near-duplicate checks."""
+    evals, _ = eval_sets_to_date(paths, week)
+    ds = load_beir(paths.dataset_dir)
+    test = list(ds.split_queries("test").values()) if ds.has_test_split else []
+    return sorted(set(evals["query"])) + test
 
 
 def held_out_queries(paths: FlywheelPaths, week: str) -> tuple[set[str], set[str]]:
@@ -111,6 +120,7 @@ def finetune_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.
     s = paths.settings()
     out, stats = build_finetune_set(
         labels, n_examples=s.finetune_examples, seed=s.seed, exclude_queries=eval_q | test_q,
+        near_duplicate_of=held_out_texts(paths, week), near_duplicate_jaccard=paths.near_duplicate_jaccard,
     )
     path = store.write_table(store.asset_path(paths.assets_dir, "finetune_set", week), out)
     sample = out[["query", "positive_id", "negative_id", "negative_rank"]].head(10)
@@ -121,6 +131,7 @@ def finetune_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.
         "positives_available": stats.positives,
         "hard_negatives_available": stats.hard_negatives_available,
         "held_out_queries_excluded": stats.excluded_queries,
+        "near_duplicates_of_held_out_excluded": stats.near_duplicates_excluded,
         "weeks_used": ", ".join(weeks),
         "content_sha256": stats.content_sha256,
         "sample": dg.MetadataValue.md(sample.to_markdown(index=False)),
@@ -139,20 +150,26 @@ def finetune_set_size(context: dg.AssetCheckExecutionContext, paths: FlywheelPat
 
 @dg.asset_check(asset=finetune_set, blocking=True, partitions_def=weekly_partitions)
 def finetune_disjoint_from_eval(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
-    """No eval-set query (any week to date) and no test-split query may be trained on."""
+    """No eval-set query (any week to date) and no test-split query may be trained on, nor a
+    near-duplicate of one (token-set Jaccard >= ``near_duplicate_jaccard``)."""
     week = context.partition_key
     out = store.read_table(store.asset_path(paths.assets_dir, "finetune_set", week))
     evals, eval_weeks = eval_sets_to_date(paths, week)
     _, test_q = held_out_queries(paths, week)
     leaked_eval = overlapping_queries(out["query"], evals["query"])
     leaked_test = set(out["query_key"]) & test_q
+    near = near_duplicate_queries(
+        out["query"].unique(), held_out_texts(paths, week), threshold=paths.near_duplicate_jaccard
+    )
     return dg.AssetCheckResult(
-        passed=not leaked_eval and not leaked_test,
+        passed=not leaked_eval and not leaked_test and not near,
         metadata={
             "eval_weeks_compared": len(eval_weeks),
             "eval_queries_in_training": len(leaked_eval),
             "test_queries_in_training": len(leaked_test),
-            "examples": dg.MetadataValue.json(sorted(leaked_eval | leaked_test)[:10]),
+            "near_duplicates_in_training": len(near),
+            "near_duplicate_jaccard": paths.near_duplicate_jaccard,
+            "examples": dg.MetadataValue.json(sorted(leaked_eval | leaked_test | near)[:10]),
         },
     )
 

@@ -1,20 +1,30 @@
-"""benchmark_report: did this week's model beat the base? Measured, in numbers."""
+"""benchmark_report: base, champion, challenger and challenger + reranker, measured; and the
+decision (promoted or not, and why) on its first line.
 
+The per-query results it computes are written next to the report so that the blocking check
+``challenger_beats_champion`` (flywheel/defs/promotion.py) decides from exactly these numbers.
+"""
+
+
+import json
 
 import dagster as dg
 
 from flywheel.defs.datasets import eval_sets_to_date
+from flywheel.defs import promotion
 from flywheel.defs.partitions import weekly_partitions
+from flywheel.defs.promotion import EVAL_SUITE, TEST_SUITE, decision_path, per_query_path
 from flywheel.defs.resources import FlywheelPaths, MlflowResource, TrainingResource, VectorStoreResource
 from flywheel.defs.training import run_info, tracker
 from flywheel.lib import evaluation, store
-from flywheel.lib.benchmark import ModelSpec, paired_delta, render_report, run_benchmark, test_split_suite
+from flywheel.lib.benchmark import ModelSpec, RerankSpec, p50, render_report, run_benchmark, test_split_suite
 from flywheel.lib.beir import load_beir
+from flywheel.lib.promotion import gate_decision, serving_model
 
 
 @dg.asset(
     partitions_def=weekly_partitions,
-    deps=["trained_model", "eval_set"],
+    deps=["trained_model", "trained_reranker", "eval_set"],
     group_name="report",
     kinds={"mlflow", "markdown"},
 )
@@ -25,51 +35,92 @@ def benchmark_report(
     mlflow: MlflowResource,
     vector_store: VectorStoreResource,
 ) -> dg.MaterializeResult:
-    """Base vs trained on every eval set to date and on the held-out test split (human labels)."""
+    """Base, champion, challenger and challenger+reranker on every eval set to date and on the
+    held-out test split (human labels); the promotion decision first."""
     week = context.partition_key
-    info = run_info(paths, week)
+    info = run_info(paths, week, "embedder")
+    rinfo = run_info(paths, week, "reranker")
+    t = tracker(mlflow)
+    champion_path, champion_label = serving_model(t, mlflow.embedder_name, training.base_model)
     ds = load_beir(paths.dataset_dir)
     evals, eval_weeks = eval_sets_to_date(paths, week)
-    suites = {f"eval sets to date ({len(eval_weeks)} weeks, judged labels)": evaluation.eval_sets_to_qrels(evals)}
+    # eval sets are judged on what the serving model retrieved: condensed lists (unjudged skipped)
+    suites = {EVAL_SUITE: (*evaluation.eval_sets_to_qrels(evals), evaluation.eval_sets_judged(evals))}
     if ds.has_test_split:
-        suites["test split (human labels)"] = test_split_suite(ds)
+        suites[TEST_SUITE] = test_split_suite(ds)
     bench = run_benchmark(
-        [ModelSpec("base", training.base_model), ModelSpec("trained", info["model_dir"], info["model_id"])],
+        [
+            ModelSpec("base", training.base_model),
+            ModelSpec("champion", champion_path),
+            ModelSpec("challenger", info["model_dir"], info["model_id"]),
+        ],
         ds, suites, vector_store.uri,
+        rerankers=[RerankSpec("challenger+reranker", rinfo["model_dir"], on="challenger",
+                              depth=rinfo.get("rerank_depth", training.rerank_depth),
+                              max_length=rinfo.get("max_length", training.reranker_max_length))],
         max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size,
         device=training.device, progress=context.log.info,
     )
-    headline = list(suites)[-1]
-    base, trained = (bench.summary(headline, m)["ndcg@10"] for m in ("base", "trained"))
-    ci = paired_delta(bench, headline, "base", "trained")
-    verdict = "better" if ci["ci_low"] > 0 else ("worse" if ci["ci_high"] < 0 else "not distinguishable")
+    long = bench.long_form()
+    store.write_table(per_query_path(paths, week), long)
+    gate = gate_decision(long, EVAL_SUITE, margin=paths.regression_margin, champion_label=champion_label)
+    challenger = f"challenger v{info['version']}"
     decision = (
-        f"Week {week}: the trained model is {verdict} than the base on the {headline}: "
-        f"NDCG@10 {base:.4f} -> {trained:.4f} ({(trained - base) / base * 100:+.1f}%), "
-        f"95% CI of the change [{ci['ci_low']:+.4f}, {ci['ci_high']:+.4f}]."
+        f"Week {week}: PROMOTE {challenger} to champion (replacing {champion_label}). {gate.reason}."
+        if gate.promote else
+        f"Week {week}: NOT PROMOTED: {challenger} stays a challenger, {champion_label} keeps serving. {gate.reason}."
     )
-    report = render_report(bench, "base", "trained", title=f"flywheel benchmark, week {week}", decision=decision)
+    decision_record = {"week": week, "champion_label": champion_label, "champion_path": champion_path,
+                       "challenger_version": info["version"], **gate.as_dict()}
+    store.atomic_write_bytes(decision_path(paths, week), json.dumps(decision_record, indent=2).encode())
+
+    models = ["base"] + (["champion"] if champion_label != "base" else []) + ["challenger", "challenger+reranker"]
+    details = [
+        f"Eval sets: {len(eval_weeks)} weeks, judged labels, condensed lists (chunks nobody judged are "
+        f"skipped, not counted as misses: the judged pool is what the serving model retrieved). Champion: {champion_label}. "
+        f"Gate margin: {paths.regression_margin} NDCG@10. Reranker: {mlflow.reranker_name} v{rinfo['version']} "
+        f"on the challenger's top {rinfo.get('rerank_depth', training.rerank_depth)} "
+        f"(median {p50(bench.rerank_ms):.0f} ms per query).",
+    ]
+    pairs = [("champion", "challenger"), ("base", "challenger"), ("challenger", "challenger+reranker")]
+    report = render_report(bench, models, title=f"flywheel benchmark, week {week}", decision=decision,
+                           details=details, pairs=pairs)
     report_path = paths.settings().reports_dir / f"benchmark-{week}.md"
     store.atomic_write_bytes(report_path, report.encode("utf-8"))
 
-    t = tracker(mlflow)
     metrics = {}
-    for suite_name, key in zip(suites, ("eval", "test")):
-        for model in ("base", "trained"):
+    for suite_name, key in ((EVAL_SUITE, "eval"), (TEST_SUITE, "test")):
+        if suite_name not in bench.summaries:
+            continue
+        for model in ("base", "champion", "challenger", "challenger+reranker"):
+            label = {"challenger": "trained", "challenger+reranker": "reranked"}.get(model, model)
             for m, v in bench.summary(suite_name, model).items():
                 if m != "queries":
-                    metrics[f"{key}_{model}_{m}"] = v
-    t.log_metrics(info["mlflow_run_id"], metrics)
-    t.log_text(info["mlflow_run_id"], report, "benchmark_report.md")
+                    metrics[f"{key}_{label}_{m}"] = v
+    metrics["rerank_ms_p50"] = p50(bench.rerank_ms)
+    metrics["gate_promote"] = float(gate.promote)
+    metrics["gate_ci_low_vs_champion"] = gate.vs_champion.get("ci_low", float("nan"))
+    for run_id in (info["mlflow_run_id"], rinfo["mlflow_run_id"]):
+        t.log_metrics(run_id, metrics)
+        t.log_text(run_id, report, "benchmark_report.md")
+
+    headline = TEST_SUITE if TEST_SUITE in bench.summaries else EVAL_SUITE
+    s = {m: bench.summary(headline, m)["ndcg@10"] for m in ("base", "challenger", "challenger+reranker")}
     return dg.MaterializeResult(metadata={
         "decision": decision,
+        "promote": gate.promote,
+        "champion_before": champion_label,
         "report": dg.MetadataValue.md(report),
         "report_path": dg.MetadataValue.path(str(report_path)),
+        "per_query_path": dg.MetadataValue.path(str(per_query_path(paths, week))),
         "mlflow_run_id": info["mlflow_run_id"],
-        "ndcg@10_base": dg.MetadataValue.float(base),
-        "ndcg@10_trained": dg.MetadataValue.float(trained),
-        "relative_change_pct": dg.MetadataValue.float((trained - base) / base * 100),
+        "ndcg@10_base": dg.MetadataValue.float(s["base"]),
+        "ndcg@10_trained": dg.MetadataValue.float(s["challenger"]),
+        "ndcg@10_reranked": dg.MetadataValue.float(s["challenger+reranker"]),
+        "relative_change_pct": dg.MetadataValue.float((s["challenger"] - s["base"]) / s["base"] * 100 if s["base"] else float("nan")),
+        "rerank_ms_p50": dg.MetadataValue.float(p50(bench.rerank_ms)),
     })
 
 
-defs = dg.Definitions(assets=[benchmark_report])
+# the gate and the promotion live in flywheel/defs/promotion.py and load with the report
+defs = dg.Definitions.merge(dg.Definitions(assets=[benchmark_report]), promotion.defs)

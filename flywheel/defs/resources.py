@@ -32,8 +32,11 @@ class FlywheelPaths(dg.ConfigurableResource):
     min_eval_queries: int = int(os.environ.get("FLYWHEEL_MIN_EVAL_QUERIES", _SETTINGS.eval_queries))
     min_fewshot_examples: int = int(os.environ.get("FLYWHEEL_MIN_FEWSHOT_EXAMPLES", 50))
     min_finetune_examples: int = int(os.environ.get("FLYWHEEL_MIN_FINETUNE_EXAMPLES", 200))
-    # the trained model may not score below the base by more than this NDCG@10 margin
-    regression_margin: float = 0.0
+    # promotion gate: the challenger is promoted only when the 95% CI of its NDCG@10 change vs the
+    # champion (and vs the base) on all eval sets to date has its low end above -regression_margin
+    regression_margin: float = float(os.environ.get("FLYWHEEL_REGRESSION_MARGIN", "0.01"))
+    # training queries this close to a held-out (eval / test) query are dropped (token-set Jaccard)
+    near_duplicate_jaccard: float = float(os.environ.get("FLYWHEEL_NEAR_DUPLICATE_JACCARD", "0.8"))
 
     def settings(self) -> Settings:
         s = _SETTINGS.with_(
@@ -99,6 +102,20 @@ class TrainingResource(dg.ConfigurableResource):
     encode_max_seq_length: int = _SETTINGS.encode_max_seq_length
     encode_batch_size: int = 64
     device: str = "auto"
+    time_budget_s: float = _SETTINGS.train_time_budget_s
+    forgetting_margin: float = _SETTINGS.forgetting_margin
+    merge_alpha: float = _SETTINGS.merge_alpha
+    validation_fraction: float = 0.1
+    # hard negatives mined with the serving (champion) model, besides the judged ones
+    mine_negatives: bool = _SETTINGS.mine_negatives
+    mine_range_max: int = _SETTINGS.mine_range_max
+    mine_relative_margin: float = _SETTINGS.mine_relative_margin
+    # cross-encoder reranker (trained_reranker)
+    reranker_learning_rate: float = _SETTINGS.reranker_learning_rate
+    reranker_max_length: int = _SETTINGS.reranker_max_length
+    reranker_epochs: float = _SETTINGS.reranker_epochs
+    reranker_max_steps: int = _SETTINGS.reranker_max_steps
+    rerank_depth: int = _SETTINGS.rerank_depth
     # pairs every query with another query's positive: a model trained on noise, for showing
     # (and testing) that the gate stops it
     shuffle_labels: bool = False
@@ -142,6 +159,9 @@ def resources_for(settings: Settings, **overrides) -> dict[str, dg.ConfigurableR
             fewshot_examples=settings.fewshot_examples,
             finetune_examples=settings.finetune_examples,
             min_eval_queries=settings.eval_queries,
+            # a home configured for fewer examples than the default minimums is held to its own sizes
+            min_fewshot_examples=min(FlywheelPaths.model_fields["min_fewshot_examples"].default, settings.fewshot_examples),
+            min_finetune_examples=min(FlywheelPaths.model_fields["min_finetune_examples"].default, settings.finetune_examples),
         ),
         "judge": JudgeResource(),
         "training": TrainingResource(
@@ -152,6 +172,17 @@ def resources_for(settings: Settings, **overrides) -> dict[str, dg.ConfigurableR
             max_seq_length=settings.train_max_seq_length,
             max_steps=settings.train_max_steps,
             encode_max_seq_length=settings.encode_max_seq_length,
+            time_budget_s=settings.train_time_budget_s,
+            forgetting_margin=settings.forgetting_margin,
+            merge_alpha=settings.merge_alpha,
+            mine_negatives=settings.mine_negatives,
+            mine_range_max=settings.mine_range_max,
+            mine_relative_margin=settings.mine_relative_margin,
+            reranker_learning_rate=settings.reranker_learning_rate,
+            reranker_max_length=settings.reranker_max_length,
+            reranker_epochs=settings.reranker_epochs,
+            reranker_max_steps=settings.reranker_max_steps,
+            rerank_depth=settings.rerank_depth,
         ),
         "mlflow": MlflowResource(
             tracking_uri=settings.mlflow_tracking_uri if settings.home == _SETTINGS.home

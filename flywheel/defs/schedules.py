@@ -13,7 +13,10 @@ weekly_labels_job = dg.define_asset_job(
 flywheel_job = dg.define_asset_job(
     "flywheel_weekly",
     selection=dg.AssetSelection.all(),
-    description="raw logs -> labels -> datasets -> trained model -> benchmark report, for one week.",
+    description=(
+        "raw logs -> labels -> datasets -> trained model + reranker -> benchmark report -> gate -> champion, "
+        "for one week."
+    ),
 )
 
 # Runs on Monday for the week that just ended (the schedule targets the last complete partition).

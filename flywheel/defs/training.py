@@ -1,4 +1,9 @@
-"""trained_model: fine-tune the bi-encoder, track it in MLflow, and gate it against the base."""
+"""trained_model and trained_reranker: fine-tune, track in MLflow, register as challengers.
+
+Nothing here promotes: the benchmark report measures the challengers against the champion, the
+blocking check ``challenger_beats_champion`` decides, and the ``champion`` asset moves the alias
+(flywheel/defs/promotion.py).
+"""
 
 
 import json
@@ -6,13 +11,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from flywheel.defs.datasets import eval_sets_to_date
+from flywheel.defs.datasets import labels_to_date
 from flywheel.defs.partitions import weekly_partitions
 from flywheel.defs.resources import FlywheelPaths, MlflowResource, TrainingResource, VectorStoreResource
-from flywheel.lib import evaluation, index, store
-from flywheel.lib.benchmark import ModelSpec, paired_delta, run_benchmark
+from flywheel.lib import index, store
 from flywheel.lib.beir import load_beir
 from flywheel.lib.datasets import content_hash
+from flywheel.lib.forgetting import GENERAL_PAIRS
+from flywheel.lib.mining import MiningConfig, build_training_rows
+from flywheel.lib.promotion import serving_model
+from flywheel.lib.reranker import RerankerConfig, train_reranker
 from flywheel.lib.tracking import Tracker
 from flywheel.lib.training import TrainConfig, train_bi_encoder
 
@@ -21,16 +29,34 @@ def tracker(mlflow: MlflowResource) -> Tracker:
     return Tracker(mlflow.tracking_uri, mlflow.artifact_root, mlflow.experiment)
 
 
-def model_dir(paths: FlywheelPaths, week: str) -> Path:
-    return paths.settings().models_dir / "embedder" / week
+def model_dir(paths: FlywheelPaths, week: str, run_id: str, kind: str = "embedder") -> Path:
+    """One folder per week *and* Dagster run: rematerializing a week never overwrites a version
+    that may be serving (the champion's registry tag points at its folder)."""
+    return paths.settings().models_dir / kind / f"{week}-{run_id[:8]}"
 
 
-def run_info(paths: FlywheelPaths, week: str) -> dict:
-    """What trained_model recorded for a week: MLflow run id, registered version, model path."""
-    path = model_dir(paths, week) / "flywheel_run.json"
+def rows_path(paths: FlywheelPaths, week: str) -> Path:
+    return paths.settings().models_dir / "training_rows" / f"{week}.parquet"
+
+
+def _info_path(paths: FlywheelPaths, week: str, kind: str) -> Path:
+    return paths.settings().models_dir / kind / f"{week}.json"
+
+
+def run_info(paths: FlywheelPaths, week: str, kind: str = "embedder") -> dict:
+    """What trained_model / trained_reranker last recorded for a week: MLflow run, version, model path."""
+    path = _info_path(paths, week, kind)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialize trained_model for {week} first")
+        raise FileNotFoundError(f"{path} is missing: materialize trained_{'model' if kind == 'embedder' else 'reranker'} for {week} first")
     return json.loads(path.read_text())
+
+
+def _write_info(paths: FlywheelPaths, week: str, kind: str, info: dict) -> None:
+    store.atomic_write_bytes(_info_path(paths, week, kind), json.dumps(info, indent=2).encode())
+
+
+def _tags(context, week: str, kind: str) -> dict[str, str]:
+    return {"dagster_run_id": context.run_id, "partition": week, "model_kind": kind}
 
 
 @dg.asset(
@@ -47,102 +73,177 @@ def trained_model(
     mlflow: MlflowResource,
     vector_store: VectorStoreResource,
 ) -> dg.MaterializeResult:
-    """The base bi-encoder fine-tuned on this week's finetune_set, saved as files and registered."""
+    """The base bi-encoder fine-tuned on all labelled data to date (judged + mined hard negatives),
+    registered as the ``challenger``; its corpus embeddings go into LanceDB."""
     week = context.partition_key
     data = store.read_table(store.asset_path(paths.assets_dir, "finetune_set", week))
+    ds = load_beir(paths.dataset_dir)
+    t = tracker(mlflow)
+
+    # Hard negatives: judged (in finetune_set) + mined with the model that serves now
+    miner_path, miner_label = serving_model(t, mlflow.embedder_name, training.base_model)
+    labels, _ = labels_to_date(paths, week)
+    rows, neg_stats = build_training_rows(
+        data, labels[["query_key", "chunk_id", "grade"]], miner_path if training.mine_negatives else None,
+        list(ds.corpus.ids), list(ds.corpus.texts),
+        MiningConfig(range_max=training.mine_range_max, relative_margin=training.mine_relative_margin),
+        max_seq_length=training.max_seq_length, device=training.device,
+        cache_folder=str(paths.settings().cache_dir / "mining"), progress=context.log.info,
+    )
+    store.write_table(rows_path(paths, week), rows)
     cfg = TrainConfig(
         base_model=training.base_model,
-        output_dir=model_dir(paths, week),
+        output_dir=model_dir(paths, week, context.run_id, "embedder"),
         epochs=training.epochs,
         batch_size=training.batch_size,
         learning_rate=training.learning_rate,
         max_seq_length=training.max_seq_length,
         max_steps=training.max_steps,
+        validation_fraction=training.validation_fraction,
+        time_budget_s=training.time_budget_s,
+        merge_alpha=training.merge_alpha,
+        forgetting_margin=training.forgetting_margin,
         seed=paths.seed,
         device=training.device,
         shuffle_labels=training.shuffle_labels,
     )
     dataset_sha = content_hash(data)
-    t = tracker(mlflow)
-    tags = {"dagster_run_id": context.run_id, "partition": week, "model_kind": "embedder"}
-    with t.run(f"embedder-{week}", tags) as run_id:
-        import mlflow as mlf
-
-        mlf.log_params({**cfg.params(), "finetune_sha256": dataset_sha, "finetune_rows": len(data)})
-        result = train_bi_encoder(data, cfg, progress=context.log.info)
+    rows_sha = content_hash(rows)
+    general_sha = _file_sha(GENERAL_PAIRS)
+    with t.run(f"embedder-{week}", _tags(context, week, "embedder")) as run_id:
+        t.log_params(run_id, {
+            **cfg.params(), "finetune_sha256": dataset_sha, "training_rows_sha256": rows_sha,
+            "general_slice_sha256": general_sha, "finetune_rows": len(data), "mined_with": miner_label,
+        })
+        t.log_metrics(run_id, {f"negatives_{k}": v for k, v in neg_stats.items()})
+        result = train_bi_encoder(rows, cfg, progress=context.log.info)
         for h in result.loss_history:
             t.log_metrics(run_id, {"train_loss": h["loss"]}, step=h["step"])
+        for h in result.eval_history:
+            t.log_metrics(run_id, {k: v for k, v in h.items() if k.startswith("eval_")}, step=h["step"])
         t.log_metrics(run_id, {f"validation_before_{k}": v for k, v in result.validation_before.items()})
         t.log_metrics(run_id, {f"validation_after_{k}": v for k, v in result.validation_after.items()})
-        t.log_metrics(run_id, {"train_seconds": result.train_seconds, "train_steps": result.steps})
+        t.log_metrics(run_id, {
+            "train_seconds": result.train_seconds, "train_steps": result.steps,
+            "estimated_train_seconds": result.estimated_seconds,
+            "general_ndcg_at_10_base": result.general_before, "general_ndcg_at_10_finetuned": result.general_finetuned,
+            "general_ndcg_at_10_after": result.general_after, "merged_with_base": float(result.merged),
+        })
         version = t.log_embedder(result.model_dir, mlflow.embedder_name, device=cfg.device)
 
-    # Embed the corpus with the new model now, once: the gate and the report reuse the table.
+    # Embed the corpus with the new model now, once: the report, the gate and serving reuse the table.
     model = index.load_embedder(result.model_dir, device=training.device, max_seq_length=training.encode_max_seq_length)
     model_id = index.model_fingerprint(result.model_dir)
     table = index.ensure_corpus_table(
-        vector_store.uri, model, model_id, load_beir(paths.dataset_dir).corpus,
+        vector_store.uri, model, model_id, ds.corpus,
         batch_size=training.encode_batch_size, progress=context.log.info,
     )
     info = {
         "week": week, "mlflow_run_id": run_id, "registered_model": mlflow.embedder_name,
         "version": version, "model_dir": str(result.model_dir), "model_id": model_id,
-        "lancedb_table": table, "finetune_sha256": dataset_sha,
+        "lancedb_table": table, "finetune_sha256": dataset_sha, "training_rows_sha256": rows_sha,
+        "mined_with": miner_label, "negatives": neg_stats,
     }
     (result.model_dir / "flywheel_run.json").write_text(json.dumps(info, indent=2))
+    _write_info(paths, week, "embedder", info)
     before, after = result.validation_before, result.validation_after
+    vkey = "validation_cosine_ndcg@10"
     return dg.MaterializeResult(metadata={
         "model_dir": dg.MetadataValue.path(str(result.model_dir)),
         "mlflow_run_id": run_id,
         "registered_model": f"{mlflow.embedder_name} v{version} (@challenger)",
+        "version": version,
         "model_id": model_id,
         "lancedb_table": table,
         "train_rows": result.train_rows,
         "validation_rows": result.validation_rows,
         "train_steps": result.steps,
+        "planned_steps": result.planned_steps,
+        "best_step": result.best_step if result.best_step is not None else -1,
         "train_seconds": dg.MetadataValue.float(round(result.train_seconds, 1)),
+        "estimated_train_seconds": dg.MetadataValue.float(round(result.estimated_seconds, 1)),
         "finetune_sha256": dataset_sha,
-        "validation_accuracy_before": dg.MetadataValue.float(float(before.get("validation_cosine_accuracy", float("nan")))),
-        "validation_accuracy_after": dg.MetadataValue.float(float(after.get("validation_cosine_accuracy", float("nan")))),
+        "training_rows_sha256": rows_sha,
+        "negatives_judged": neg_stats["judged_negatives"],
+        "negatives_mined": neg_stats["mined_negatives"],
+        "mined_dropped_as_judged_relevant": neg_stats["mined_dropped_judged_relevant"],
+        "mined_with": miner_label,
+        "validation_ndcg@10_before": dg.MetadataValue.float(float(before.get(vkey, float("nan")))),
+        "validation_ndcg@10_after": dg.MetadataValue.float(float(after.get(vkey, float("nan")))),
+        "general_ndcg@10_base": dg.MetadataValue.float(result.general_before),
+        "general_ndcg@10_finetuned": dg.MetadataValue.float(result.general_finetuned),
+        "general_ndcg@10_after": dg.MetadataValue.float(result.general_after),
+        "merged_with_base": result.merged,
     })
 
 
-@dg.asset_check(asset=trained_model, blocking=True, partitions_def=weekly_partitions)
-def not_worse_than_base_on_eval_sets(
-    context: dg.AssetCheckExecutionContext,
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).exists() else ""
+
+
+@dg.asset(
+    partitions_def=weekly_partitions,
+    deps=["trained_model"],
+    group_name="training",
+    kinds={"pytorch", "mlflow"},
+    pool="training",
+)
+def trained_reranker(
+    context: dg.AssetExecutionContext,
     paths: FlywheelPaths,
     training: TrainingResource,
-    vector_store: VectorStoreResource,
-) -> dg.AssetCheckResult:
-    """The line stops if the trained model scores below the base on the eval sets to date."""
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    """A cross-encoder fine-tuned on the same rows as the embedder (positives 1, hard negatives 0),
+    logged as MLflow artifacts and registered as a ``flywheel-reranker`` challenger."""
     week = context.partition_key
-    info = run_info(paths, week)
-    evals, weeks = eval_sets_to_date(paths, week)
-    if evals.empty:
-        return dg.AssetCheckResult(passed=False, description="no eval sets to date: nothing proves the model")
-    suite = {"eval sets": evaluation.eval_sets_to_qrels(evals)}
-    bench = run_benchmark(
-        [ModelSpec("base", training.base_model), ModelSpec("trained", info["model_dir"], info["model_id"])],
-        load_beir(paths.dataset_dir), suite, vector_store.uri,
-        max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size,
-        device=training.device, progress=context.log.info,
+    rows = store.read_table(rows_path(paths, week))
+    cfg = RerankerConfig(
+        base_model=training.base_model,
+        output_dir=model_dir(paths, week, context.run_id, "reranker"),
+        epochs=training.reranker_epochs,
+        batch_size=training.batch_size,
+        learning_rate=training.reranker_learning_rate,
+        max_length=training.reranker_max_length,
+        max_steps=training.reranker_max_steps,
+        rerank_depth=training.rerank_depth,
+        seed=paths.seed,
+        device=training.device,
+        shuffle_labels=training.shuffle_labels,
     )
-    base = bench.summary("eval sets", "base")["ndcg@10"]
-    trained = bench.summary("eval sets", "trained")["ndcg@10"]
-    ci = paired_delta(bench, "eval sets", "base", "trained")
-    passed = trained >= base - paths.regression_margin
-    return dg.AssetCheckResult(
-        passed=bool(passed),
-        metadata={
-            "ndcg@10_base": base, "ndcg@10_trained": trained,
-            "delta": ci["delta"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
-            "eval_queries": ci["n"], "eval_weeks": len(weeks), "margin": paths.regression_margin,
-        },
-        description=(
-            f"NDCG@10 on {ci['n']} eval queries: base {base:.4f}, trained {trained:.4f} "
-            f"({'passes' if passed else 'fails'}: margin {paths.regression_margin})"
-        ),
-    )
+    t = tracker(mlflow)
+    rows_sha = content_hash(rows)
+    with t.run(f"reranker-{week}", _tags(context, week, "reranker")) as run_id:
+        t.log_params(run_id, {**cfg.params(), "training_rows_sha256": rows_sha})
+        result = train_reranker(rows, cfg, progress=context.log.info)
+        for h in result.loss_history:
+            t.log_metrics(run_id, {"train_loss": h["loss"]}, step=h["step"])
+        t.log_metrics(run_id, {
+            "train_seconds": result.train_seconds, "train_steps": result.steps,
+            "train_pairs": result.train_pairs, "positives": result.positives, "negatives": result.negatives,
+        })
+        version = t.log_reranker(run_id, result.model_dir, mlflow.reranker_name)
+    info = {
+        "week": week, "mlflow_run_id": run_id, "registered_model": mlflow.reranker_name, "version": version,
+        "model_dir": str(result.model_dir), "training_rows_sha256": rows_sha, "max_length": cfg.max_length,
+        "rerank_depth": cfg.rerank_depth,
+    }
+    (result.model_dir / "flywheel_run.json").write_text(json.dumps(info, indent=2))
+    _write_info(paths, week, "reranker", info)
+    return dg.MaterializeResult(metadata={
+        "model_dir": dg.MetadataValue.path(str(result.model_dir)),
+        "mlflow_run_id": run_id,
+        "registered_model": f"{mlflow.reranker_name} v{version} (@challenger)",
+        "version": version,
+        "train_pairs": result.train_pairs,
+        "positives": result.positives,
+        "negatives": result.negatives,
+        "train_steps": result.steps,
+        "train_seconds": dg.MetadataValue.float(round(result.train_seconds, 1)),
+        "training_rows_sha256": rows_sha,
+    })
 
 
-defs = dg.Definitions(assets=[trained_model], asset_checks=[not_worse_than_base_on_eval_sets])
+defs = dg.Definitions(assets=[trained_model, trained_reranker])

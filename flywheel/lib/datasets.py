@@ -11,7 +11,9 @@ again.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
+from typing import Iterable
 
 import pandas as pd
 
@@ -88,6 +90,7 @@ class FinetuneStats:
     hard_negatives_available: int
     excluded_queries: int
     content_sha256: str
+    near_duplicates_excluded: int = 0
 
 
 def build_finetune_set(
@@ -96,6 +99,8 @@ def build_finetune_set(
     n_examples: int,
     seed: int,
     exclude_queries: set[str],
+    near_duplicate_of: Iterable[str] = (),
+    near_duplicate_jaccard: float = 0.8,
 ) -> tuple[pd.DataFrame, FinetuneStats]:
     """(query, positive, hard negative) triplets from every non-held-out query of the weeks given.
 
@@ -109,6 +114,11 @@ def build_finetune_set(
     excluded = pool["query_key"].isin(exclude_queries)
     excluded_n = pool.loc[excluded, "query_key"].nunique()
     pool = pool[~excluded]
+    # a training query that is a near-duplicate of a held-out one would leak it ("the same question,
+    # reworded"): drop it too
+    near = near_duplicate_queries(pool["query"].unique(), near_duplicate_of, threshold=near_duplicate_jaccard)
+    near_keys = {normalize_query(q) for q in near}
+    pool = pool[~pool["query_key"].isin(near_keys)]
     pool = pool.sort_values("week").drop_duplicates(["query_key", "chunk_id"], keep="last")
 
     positives = pool[pool["grade"] >= 2]
@@ -141,9 +151,39 @@ def build_finetune_set(
         hard_negatives_available=len(negatives),
         excluded_queries=excluded_n,
         content_sha256=content_hash(out),
+        near_duplicates_excluded=len(near_keys),
     )
     return out, stats
 
 
 def overlapping_queries(a: pd.Series, b: pd.Series) -> set[str]:
     return set(map(normalize_query, a)) & set(map(normalize_query, b))
+
+
+def query_tokens(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"\w+", text.lower()))
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if (a or b) else 1.0
+
+
+def near_duplicate_queries(candidates: Iterable[str], held_out: Iterable[str], *, threshold: float = 0.8) -> set[str]:
+    """Candidates whose token set has Jaccard >= ``threshold`` with some held-out query.
+
+    Exact duplicates (Jaccard 1) are included: this check subsumes the exact one.
+    """
+    held = [query_tokens(h) for h in held_out]
+    if not held:
+        return set()
+    by_token: dict[str, list[int]] = {}
+    for i, toks in enumerate(held):
+        for t in toks:
+            by_token.setdefault(t, []).append(i)
+    out = set()
+    for cand in candidates:
+        toks = query_tokens(cand)
+        seen = {i for t in toks for i in by_token.get(t, ())}
+        if any(jaccard(toks, held[i]) >= threshold for i in seen) or (not toks and any(not h for h in held)):
+            out.add(cand)
+    return out

@@ -35,13 +35,25 @@ def query_metrics(ranked: Sequence[str], relevant: set[str], *, recall_ks=RECALL
 
 
 def evaluate_rankings(
-    rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, set[str]], *, recall_ks=RECALL_KS
+    rankings: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, set[str]],
+    *,
+    recall_ks=RECALL_KS,
+    judged: Mapping[str, set[str]] | None = None,
 ) -> pd.DataFrame:
+    """Per-query metrics. With ``judged``, rankings are condensed first: chunks nobody judged for the
+    query are skipped instead of counted as irrelevant (Sakai, SIGIR 2007). Eval sets are judged
+    only on what the serving model retrieved, so without condensing, any model that surfaces
+    other chunks is penalised for the pool, not for its ranking."""
     rows = []
     for qid, relevant in qrels.items():
         if not relevant:
             continue
-        rows.append({"query_id": qid, **query_metrics(rankings.get(qid, []), relevant, recall_ks=recall_ks)})
+        ranked = rankings.get(qid, [])
+        if judged is not None:
+            pool = judged.get(qid, set())
+            ranked = [d for d in ranked if d in pool]
+        rows.append({"query_id": qid, **query_metrics(ranked, relevant, recall_ks=recall_ks)})
     return pd.DataFrame(rows)
 
 
@@ -120,6 +132,12 @@ def comparison_table(results: Mapping[str, Mapping[str, float]], metrics: Sequen
     return "\n".join(lines)
 
 
+def eval_sets_judged(eval_sets: pd.DataFrame) -> dict[str, set[str]]:
+    """Every chunk judged (any grade) per eval query: the pool for condensed-list evaluation."""
+    judged = eval_sets[eval_sets["grade"].notna()] if "grade" in eval_sets else eval_sets
+    return {key: set(group["chunk_id"]) for key, group in judged.groupby("query_key")}
+
+
 def eval_sets_to_qrels(eval_sets: pd.DataFrame) -> tuple[dict[str, str], dict[str, set[str]]]:
     """Queries and judged-relevant chunks from eval sets (keyed by normalised query text)."""
     queries, qrels = {}, {}
@@ -127,6 +145,23 @@ def eval_sets_to_qrels(eval_sets: pd.DataFrame) -> tuple[dict[str, str], dict[st
         queries[key] = group["query"].iloc[0]
         qrels[key] = set(group.loc[group["relevant"], "chunk_id"])
     return queries, qrels
+
+
+def rank_model_on(
+    model,
+    model_id: str,
+    corpus,
+    lancedb_uri,
+    suites: Mapping[str, tuple[Mapping[str, str], Mapping[str, set[str]]]],
+    *,
+    batch_size: int = 64,
+    depth: int = SEARCH_DEPTH,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, list[str]]]:
+    """Rankings (top ``depth`` chunk ids per query) of one model on several suites."""
+    table = index.ensure_corpus_table(lancedb_uri, model, model_id, corpus, batch_size=batch_size, progress=progress)
+    return {name: retrieve(model, suite[0], lancedb_uri, table, k=depth, batch_size=batch_size)
+            for name, suite in suites.items()}
 
 
 def evaluate_model_on(

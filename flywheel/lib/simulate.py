@@ -6,6 +6,15 @@ over N weeks with some repeats. Each search retrieves the top k chunks from a La
 the corpus, embedded by whatever model serves that week. Users click with position bias on
 relevant chunks (plus some noise clicks), occasionally give thumbs up/down, and the generated
 answer cites some chunks. Everything is deterministic given the seed.
+
+Weeks can be simulated one at a time (``only_weeks``), each retrieved by the model serving
+then, so a promotion changes what the next week's logs contain, as it would in production.
+
+A poisoned week (``poison_weeks``, off by default) replays a broken ingestion job: it re-logs
+every query asked so far with each chunk id joined to the wrong chunk text. Judged by id, the
+labels of every (query, chunk) pair now point at shuffled texts, and, the newest label of a
+pair winning, they replace the clean history: the model trained that week learns noise, and
+the gate has to stop it.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ class SimulationConfig:
     encode_max_seq_length: int = 256
     encode_batch_size: int = 64
     device: str = "auto"
+    poison_weeks: tuple[int, ...] = ()  # 0-based week indices
 
 
 @dataclass
@@ -91,33 +101,68 @@ def plan_traffic(query_ids: list[str], cfg: SimulationConfig) -> list[tuple[int,
     return out
 
 
-def simulate(cfg: SimulationConfig, *, progress: Callable[[str], None] | None = None) -> SimulationSummary:
+def poisoned_replay(plan: list[tuple[int, str, datetime]], cfg: SimulationConfig) -> list[tuple[int, str, datetime]]:
+    """For each poisoned week, every query asked up to its end, re-logged within that week."""
+    starts = week_starts(cfg.start, cfg.weeks)
+    extra = []
+    for w in sorted(set(cfg.poison_weeks)):
+        asked = sorted({qid for pw, qid, _ in plan if pw <= w})
+        base = datetime.combine(starts[w], datetime.min.time(), tzinfo=timezone.utc) + timedelta(days=6, hours=23)
+        extra += [(w, qid, base + timedelta(seconds=i % 3000)) for i, qid in enumerate(asked)]
+    return extra
+
+
+def simulate(
+    cfg: SimulationConfig,
+    *,
+    only_weeks: list[int] | None = None,
+    serving: tuple[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SimulationSummary:
+    """Write the planned searches (of ``only_weeks``, default all) retrieved by ``serving``.
+
+    ``serving`` is (model folder, version label) of the model in production; default the base.
+    """
     from flywheel.capture import SearchLogger
 
     ds = load_beir(cfg.dataset_dir)
     train = ds.split_queries("train")
     qrels = ds.qrels["train"]
-    plan = plan_traffic(list(train), cfg)
+    full_plan = plan_traffic(list(train), cfg)
+    plan = [(n, *p, False) for n, p in enumerate(full_plan)]
+    plan += [(len(full_plan) + i, *p, True) for i, p in enumerate(poisoned_replay(full_plan, cfg))]
+    if only_weeks is not None:
+        plan = [p for p in plan if p[1] in set(only_weeks)]
 
-    model = index.load_embedder(cfg.model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length)
-    model_id = index.model_fingerprint(cfg.model_path)
+    model_path, version = serving or (cfg.model_path, "base")
+    model = index.load_embedder(model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length)
+    model_id = index.model_fingerprint(model_path)
     table = index.ensure_corpus_table(
         cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress
     )
     texts_by_id = ds.corpus.text_by_id
-    qvecs = index.encode(model, [train[qid] for _, qid, _ in plan], batch_size=cfg.encode_batch_size)
+    qvecs = index.encode(model, [train[qid] for _, _, qid, _, _ in plan], batch_size=cfg.encode_batch_size)
     hits = index.search(cfg.lancedb_uri, table, qvecs, cfg.top_k)
 
     starts = week_starts(cfg.start, cfg.weeks)
-    per_week = {s.isoformat(): 0 for s in starts}
+    weeks_done = sorted({w for _, w, _, _, _ in plan})
+    per_week = {starts[w].isoformat(): 0 for w in weeks_done}
     feedback_events, found = 0, 0
+    ids = list(ds.corpus.ids)
     # The demo's texts are public scientific abstracts with no personal data; redaction stays
     # available for real apps (it is on by default in the capture library).
-    with SearchLogger(cfg.log_dir, redact_pii=False, retriever="lancedb-dense", retriever_version=model_id) as logger:
-        for n, ((w, qid, ts), results) in enumerate(zip(plan, hits)):
+    with SearchLogger(cfg.log_dir, redact_pii=False, retriever="lancedb-dense", retriever_version=version) as logger:
+        for (n, w, qid, ts, poisoned), results in zip(plan, hits):
             rid = str(uuid.UUID(int=int(stable_uniform("request", cfg.seed, n) * 2**128)))
             chunks = [
-                {"chunk_id": cid, "text": texts_by_id[cid], "score": round(score, 6), "rank": r}
+                {
+                    "chunk_id": cid,
+                    # the broken join of a poisoned week: right id, someone else's text
+                    "text": texts_by_id[ids[int(stable_uniform("poison", cfg.seed, n, cid) * len(ids))]]
+                    if poisoned else texts_by_id[cid],
+                    "score": round(score, 6),
+                    "rank": r,
+                }
                 for r, (cid, score) in enumerate(results, start=1)
             ]
             logger.log_search(train[qid], chunks, request_id=rid, timestamp=ts, user_id=f"user-{hash_bucket(cfg.seed, qid)}")
@@ -128,19 +173,17 @@ def simulate(cfg: SimulationConfig, *, progress: Callable[[str], None] | None = 
             if signals:
                 feedback_events += 1
                 logger.log_feedback(rid, timestamp=ts + timedelta(seconds=30), **signals)
-            if progress and (n + 1) % 500 == 0:
-                progress(f"simulated {n + 1}/{len(plan)} searches")
-    summary = SimulationSummary(
+    unique = len({qid for _, _, qid, _, _ in plan})
+    return SimulationSummary(
         weeks=list(per_week),
         searches=len(plan),
-        unique_queries=len({qid for _, qid, _ in plan}),
-        repeats=len(plan) - len({qid for _, qid, _ in plan}),
+        unique_queries=unique,
+        repeats=len(plan) - unique,
         feedback_events=feedback_events,
         searches_per_week=per_week,
-        retriever_version=model_id,
+        retriever_version=f"{version} ({model_id})",
         recall_at_k=found / max(len(plan), 1),
     )
-    return summary
 
 
 def hash_bucket(seed: int, key: str, buckets: int = 200) -> int:

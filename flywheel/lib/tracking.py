@@ -56,7 +56,11 @@ class Tracker:
             yield run.info.run_id
 
     def log_embedder(self, model_dir: Path, registered_name: str, *, device: str = "cpu") -> str:
-        """Log the saved model in MLflow's sentence_transformers flavour and register a version."""
+        """Log the saved model in MLflow's sentence_transformers flavour and register a version.
+
+        The version gets the ``challenger`` alias and a ``model_dir`` tag (the local folder it was
+        trained into, which ``promotion.serving_model`` serves from while it exists).
+        """
         import mlflow
 
         from flywheel.lib.index import load_embedder
@@ -68,13 +72,59 @@ class Tracker:
                 model, name="model", registered_model_name=registered_name, pip_requirements=PIP_REQUIREMENTS,
             )
         version = str(info.registered_model_version)
-        self._client().set_registered_model_alias(registered_name, "challenger", version)
+        client = self._client()
+        client.set_model_version_tag(registered_name, version, "model_dir", str(Path(model_dir).resolve()))
+        client.set_registered_model_alias(registered_name, "challenger", version)
         return version
+
+    def log_reranker(self, run_id: str, model_dir: Path, registered_name: str) -> str:
+        """Log a CrossEncoder folder as run artifacts (``reranker/``) and register it as a version.
+
+        MLflow has no cross-encoder flavour; load a version with
+        ``CrossEncoder(mlflow.artifacts.download_artifacts(run_id=<run>, artifact_path="reranker"))``.
+        """
+        from mlflow.exceptions import MlflowException
+
+        client = self._client()
+        client.log_artifacts(run_id, str(model_dir), artifact_path="reranker")
+        try:
+            client.create_registered_model(registered_name, description="flywheel cross-encoder reranker (artifact; see flywheel.lib.reranker)")
+        except MlflowException:
+            pass  # already registered
+        source = f"{client.get_run(run_id).info.artifact_uri}/reranker"
+        mv = client.create_model_version(registered_name, source=source, run_id=run_id,
+                                         tags={"model_dir": str(Path(model_dir).resolve()), "loader": "sentence_transformers.CrossEncoder"})
+        client.set_registered_model_alias(registered_name, "challenger", str(mv.version))
+        return str(mv.version)
+
+    def model_version(self, registered_name: str, version: str):
+        return self._client().get_model_version(registered_name, str(version))
+
+    def download_embedder(self, registered_name: str, version: str) -> str:
+        """A local sentence-transformers folder for a registered version (from its MLflow copy)."""
+        import mlflow
+
+        from flywheel.lib.index import load_embedder  # noqa: F401  (the flavour loads through ST)
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        model = mlflow.sentence_transformers.load_model(f"models:/{registered_name}/{version}")
+        dest = Path(self.artifact_root).parent / "downloads" / registered_name / str(version)
+        if not (dest / "modules.json").exists():
+            model.save_pretrained(str(dest))
+        return str(dest)
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        client = self._client()
+        for k, v in params.items():
+            client.log_param(run_id, k, str(v)[:6000])
+
+    def log_dict(self, run_id: str, data: dict, artifact_file: str) -> None:
+        self._client().log_dict(run_id, data, artifact_file)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
         client = self._client()
         for key, value in metrics.items():
-            if value == value:  # skip NaN
+            if value is not None and value == value:  # skip NaN
                 client.log_metric(run_id, key.replace("@", "_at_"), float(value), step=step or 0)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
@@ -84,7 +134,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self._client().get_model_version_by_alias(registered_name, alias).version
+            return str(self._client().get_model_version_by_alias(registered_name, alias).version)
         except MlflowException:
             return None
 

@@ -1,7 +1,16 @@
-"""Fine-tune the bi-encoder on the week's (query, positive, hard negative) triplets.
+"""Fine-tune the bi-encoder on (query, positive, hard negative) rows.
 
 Reads like sentence-transformers' own training examples: model, data, loss, arguments,
-evaluate the base, train, evaluate again, save.
+evaluate the base, train, evaluate again (and guard against forgetting), save.
+
+Every week trains from the configured base on all labelled data to date, with a fixed seed, so a
+week's model is reproducible from its finetune_set. Early stopping watches NDCG@10 on a
+validation slice of the *training* queries (never an eval-set or test-split query).
+
+The default recipe (measured on 2 CPU cores, see benchmarks/training.py): max_seq_length 128 for
+training (the corpus is still encoded at 256 for search), batch 32, lr 1e-4 with 10% warmup,
+1 epoch over the 2,000 rows. Because each (query, positive) pair appears ~2.4 times with different
+negatives (judged and mined, alternating), one epoch is ~2.4 passes over the positives.
 """
 
 from __future__ import annotations
@@ -28,11 +37,17 @@ class TrainConfig:
     output_dir: Path
     epochs: float = 1.0
     batch_size: int = 32
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     max_seq_length: int = 128
     warmup: float = 0.1
     max_steps: int = -1
     validation_fraction: float = 0.1
+    evaluations: int = 2  # validation evaluations over the run (early stopping keeps the best)
+    early_stopping_patience: int = 2
+    validation_distractors: int = 100  # extra training passages in the validation corpus
+    time_budget_s: float = 600.0  # cap on the estimated training time (steps are cut to fit, and said so)
+    merge_alpha: float = 0.7  # weight of the fine-tuned model when merging back toward the base
+    forgetting_margin: float = 0.02  # allowed NDCG@10 drop on the general-domain slice before merging
     seed: int = 0
     device: str = "auto"
     shuffle_labels: bool = False  # a deliberately broken run, for showing the gate say no
@@ -49,10 +64,25 @@ class TrainResult:
     train_rows: int
     validation_rows: int
     steps: int
+    planned_steps: int
     train_seconds: float
+    estimated_seconds: float
     validation_before: dict
     validation_after: dict
+    general_before: float
+    general_after: float
+    general_finetuned: float
+    merged: bool
+    best_step: int | None
     loss_history: list = field(default_factory=list)
+    eval_history: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["model_dir"] = str(d["model_dir"])
+        d.pop("loss_history")
+        d.pop("eval_history")
+        return d
 
 
 def split_validation(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -68,87 +98,169 @@ def shuffled(df: pd.DataFrame, seed: int) -> pd.DataFrame:
     return out
 
 
+def validation_evaluator(val_df: pd.DataFrame, train_df: pd.DataFrame, distractors: int, seed: int):
+    """NDCG@10 of the held-out training queries over their judged chunks plus training passages."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    if val_df.empty:
+        return None
+    corpus: dict[str, str] = {}
+    for cid, text in zip(val_df["positive_id"], val_df["positive"]):
+        corpus[cid] = text
+    for cid, text in zip(val_df["negative_id"], val_df["negative"]):
+        corpus[cid] = text
+    others = train_df.drop_duplicates("positive_id")
+    others = others.assign(_o=[stable_uniform("distractor", seed, c) for c in others["positive_id"]]).sort_values("_o")
+    for cid, text in zip(others["positive_id"].head(distractors), others["positive"].head(distractors)):
+        corpus.setdefault(cid, text)
+    queries = dict(zip(val_df["query_key"], val_df["query"]))
+    relevant = val_df.groupby("query_key")["positive_id"].agg(set).to_dict()
+    return InformationRetrievalEvaluator(
+        queries=queries, corpus=corpus, relevant_docs=relevant, name="validation",
+        ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1, 10], precision_recall_at_k=[10], map_at_k=[10],
+        show_progress_bar=False, write_csv=False,
+    )
+
+
 def train_bi_encoder(
-    finetune_set: pd.DataFrame, cfg: TrainConfig, *, progress: Callable[[str], None] | None = None
+    rows: pd.DataFrame, cfg: TrainConfig, *, progress: Callable[[str], None] | None = None
 ) -> TrainResult:
+    """Fine-tune ``cfg.base_model`` on rows with query, query_key, positive(_id), negative(_id)."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.evaluation import TripletEvaluator
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.training_args import BatchSamplers
-    from transformers import TrainerCallback
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    from transformers import EarlyStoppingCallback, TrainerCallback
 
-    if finetune_set.empty:
-        raise ValueError("finetune_set is empty: nothing to train on")
+    from flywheel.lib import forgetting
+
+    say = progress or (lambda _m: None)
+    if rows.empty:
+        raise ValueError("no training rows: nothing to train on")
     index.set_torch_threads()
 
-    # 1. Model: the configured base, from a local folder
+    # 1. Model: the configured base, from a local folder (every week starts from it: reproducible)
     model = index.load_embedder(cfg.base_model, device=cfg.device, max_seq_length=cfg.max_seq_length)
 
-    # 2. Data: triplets, with whole queries held out for validation
-    train_df, val_df = split_validation(finetune_set, cfg.validation_fraction, cfg.seed)
+    # 2. Data: whole training queries held out for validation (early stopping), the rest trains
+    train_df, val_df = split_validation(rows, cfg.validation_fraction, cfg.seed)
     if cfg.shuffle_labels:
         train_df = shuffled(train_df, cfg.seed)
     columns = ["query", "positive", "negative"]
     train_ds = Dataset.from_pandas(train_df[columns].rename(columns={"query": "anchor"}), preserve_index=False)
-    evaluator = None
-    if len(val_df):
-        evaluator = TripletEvaluator(
-            anchors=val_df["query"].tolist(),
-            positives=val_df["positive"].tolist(),
-            negatives=val_df["negative"].tolist(),
-            name="validation",
-        )
+    evaluator = validation_evaluator(val_df, train_df, cfg.validation_distractors, cfg.seed)
+    general = forgetting.general_evaluator(forgetting.load_general_pairs())
 
-    # 3. Loss: in-batch negatives plus the judged hard negative of each row
+    # 3. Loss: in-batch negatives plus each row's hard negative (judged or mined)
     loss = MultipleNegativesRankingLoss(model)
 
-    # 4. Arguments: no duplicate texts in a batch, or a positive could be another row's negative
+    # 4. Arguments: no duplicate texts in a batch (a positive must never be another row's negative);
+    #    evaluate a few times, keep the best checkpoint, stop early when validation stops improving
+    steps_per_epoch = max(1, -(-len(train_ds) // cfg.batch_size))
+    planned = cfg.max_steps if cfg.max_steps > 0 else max(1, int(round(steps_per_epoch * cfg.epochs)))
+    eval_steps = max(1, planned // max(cfg.evaluations, 1))
     checkpoint_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".checkpoints")
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(checkpoint_dir),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=max(1, len(train_ds) // cfg.batch_size // 10),
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=index.resolve_device(cfg.device) == "cpu",
-        disable_tqdm=True,
-    )
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    use_eval = evaluator is not None
+
+    def make_args(max_steps: int, probe: bool = False) -> SentenceTransformerTrainingArguments:
+        evaluate = use_eval and not probe
+        return SentenceTransformerTrainingArguments(
+            output_dir=str(checkpoint_dir),
+            num_train_epochs=cfg.epochs,
+            max_steps=max_steps,
+            per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            warmup_steps=cfg.warmup,
+            batch_sampler=BatchSamplers.NO_DUPLICATES,
+            eval_strategy="steps" if evaluate else "no",
+            save_strategy="steps" if evaluate else "no",
+            eval_steps=eval_steps,
+            save_steps=eval_steps,
+            save_total_limit=2,
+            load_best_model_at_end=evaluate,
+            metric_for_best_model=f"eval_{evaluator.primary_metric}" if evaluate else None,
+            greater_is_better=True,
+            logging_steps=max(1, planned // 10),
+            report_to="none",
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            use_cpu=index.resolve_device(cfg.device) == "cpu",
+            disable_tqdm=True,
+        )
 
     class _Progress(TrainerCallback):
+        """Measures the first steps, estimates the whole run, then reports progress."""
+
         def __init__(self):
             self.start = time.monotonic()
+            self.step_start = None
+            self.step_times: list[float] = []
+            self.estimate = float("nan")
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_start = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_times.append(time.monotonic() - self.step_start)
+            if len(self.step_times) == 3:
+                per_step = sum(self.step_times[1:]) / 2  # the first step carries warm-up costs
+                self.estimate = per_step * state.max_steps
+                say(f"train: measured {per_step:.1f}s/step over steps 2-3; estimate {self.estimate:.0f}s "
+                    f"for {state.max_steps} steps (budget {cfg.time_budget_s:.0f}s)")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if progress and state.max_steps:
+            if state.max_steps and logs and "loss" in logs:
                 elapsed = time.monotonic() - self.start
                 left = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
-                progress(
-                    f"train: step {state.global_step}/{state.max_steps}, loss {logs.get('loss', float('nan')):.4f}, "
-                    f"{state.global_step / max(elapsed, 1e-9):.2f} steps/s, ~{left:.0f}s left"
-                )
+                say(f"train: step {state.global_step}/{state.max_steps}, loss {logs['loss']:.4f}, ~{left:.0f}s left")
 
-    # 5. Evaluate the base model
+    # 5. Evaluate the base model (validation slice and general-domain slice)
+    eval_started = time.monotonic()
     before = evaluator(model) if evaluator else {}
+    eval_seconds = time.monotonic() - eval_started
+    general_before = forgetting.ndcg10(general, model)
+    say(f"base: validation {evaluator.primary_metric if evaluator else '-'} "
+        f"{before.get(evaluator.primary_metric, float('nan')) if evaluator else float('nan'):.4f}, general NDCG@10 {general_before:.4f}")
 
-    # 6. Train
+    # 6. Train. The time estimate comes from measured steps of a short probe on a copy of the
+    #    model; when the whole run would exceed the budget, max_steps is cut to fit (and recorded).
+    per_step = _probe_seconds_per_step(model, loss, train_ds, cfg, make_args)
+    n_evals = min(cfg.evaluations, planned) if use_eval else 0
+    estimate = per_step * planned + eval_seconds * n_evals
+    max_steps = planned
+    if estimate > cfg.time_budget_s:
+        max_steps = max(1, int((cfg.time_budget_s - eval_seconds * n_evals) / per_step))
+        say(f"train: estimated {estimate:.0f}s for {planned} steps exceeds the {cfg.time_budget_s:.0f}s budget: "
+            f"cut to {max_steps} steps")
+    else:
+        say(f"train: estimated {estimate:.0f}s for {planned} steps (budget {cfg.time_budget_s:.0f}s)")
+    callbacks: list = [_Progress()]
+    if use_eval:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train_ds, loss=loss, callbacks=[_Progress()]
+        model=model, args=make_args(max_steps), train_dataset=train_ds, loss=loss,
+        evaluator=evaluator, callbacks=callbacks,
     )
     started = time.monotonic()
     trainer.train()
     train_seconds = time.monotonic() - started
+    best_step = None
+    if trainer.state.best_model_checkpoint:
+        best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
 
-    # 7. Evaluate again
+    # 7. Evaluate again; merge toward the base when the general-domain slice lost too much
+    general_ft = forgetting.ndcg10(general, model)
+    merged = False
+    if general_ft == general_ft and general_ft < general_before - cfg.forgetting_margin:
+        n = forgetting.merge_with_base(model, cfg.base_model, cfg.merge_alpha)
+        merged = True
+        say(f"forgetting: general NDCG@10 {general_before:.4f} -> {general_ft:.4f}; merged {n} tensors "
+            f"with the base (alpha {cfg.merge_alpha})")
     after = evaluator(model) if evaluator else {}
+    general_after = forgetting.ndcg10(general, model) if merged else general_ft
+    say(f"trained: validation {after.get(evaluator.primary_metric, float('nan')) if evaluator else float('nan'):.4f}, "
+        f"general NDCG@10 {general_after:.4f}, {train_seconds:.0f}s")
 
     # 8. Save as files (the model is logged to MLflow from these files, never pickled)
     out = Path(cfg.output_dir)
@@ -156,21 +268,62 @@ def train_bi_encoder(
         shutil.rmtree(out)
     model.save_pretrained(str(out))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    (out / "flywheel_training.json").write_text(json.dumps({
-        "config": cfg.params(), "train_rows": len(train_df), "validation_rows": len(val_df),
-        "validation_before": before, "validation_after": after,
-    }, indent=2, default=str))
     losses = [
         {"step": h["step"], "loss": h["loss"], "epoch": h.get("epoch")}
         for h in trainer.state.log_history if "loss" in h
     ]
-    return TrainResult(
+    evals = [
+        {"step": h["step"], "epoch": h.get("epoch"), **{k: v for k, v in h.items() if k.startswith("eval_validation")}}
+        for h in trainer.state.log_history if any(k.startswith("eval_validation") for k in h)
+    ]
+    result = TrainResult(
         model_dir=out,
         train_rows=len(train_df),
         validation_rows=len(val_df),
         steps=trainer.state.global_step,
+        planned_steps=planned,
         train_seconds=train_seconds,
+        estimated_seconds=estimate,
         validation_before={k: float(v) for k, v in before.items()},
         validation_after={k: float(v) for k, v in after.items()},
+        general_before=general_before,
+        general_after=general_after,
+        general_finetuned=general_ft,
+        merged=merged,
+        best_step=best_step,
         loss_history=losses,
+        eval_history=evals,
     )
+    (out / "flywheel_training.json").write_text(json.dumps(
+        {"config": cfg.params(), **result.summary(), "eval_history": evals}, indent=2, default=str
+    ))
+    return result
+
+
+def _probe_seconds_per_step(model, loss, train_ds, cfg: TrainConfig, make_args, probe_steps: int = 3) -> float:
+    """Seconds per optimizer step, measured on a throwaway copy of the model (steps 2..n)."""
+    import copy
+
+    from sentence_transformers import SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from transformers import TrainerCallback
+
+    times: list[float] = []
+
+    class _Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.monotonic() - self.t)
+
+    probe_model = copy.deepcopy(model)
+    args = make_args(probe_steps, probe=True)
+    probe = SentenceTransformerTrainer(
+        model=probe_model, args=args, train_dataset=train_ds,
+        loss=MultipleNegativesRankingLoss(probe_model), callbacks=[_Timer()],
+    )
+    probe.train()
+    del probe, probe_model
+    steady = times[1:] or times
+    return sum(steady) / max(len(steady), 1)

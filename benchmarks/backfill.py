@@ -1,0 +1,55 @@
+"""Backfill benchmark: the demo's 8 weeks in order, one poisoned, in a home of its own.
+
+    python benchmarks/backfill.py [--weeks 8] [--poison-week 8] [--full]
+
+Each week's traffic is retrieved by the champion of that week, the weekly job trains and
+benchmarks a challenger, and the gate decides. Prints progress as it goes and, last, one JSON
+line: weeks, ndcg10_by_week (test split, champion after each week), champion_changes,
+poisoned_week_blocked, wall_seconds. Resumable: run it again to finish an interrupted backfill.
+Uses the light training settings (flywheel/backfill.py: LIGHT) unless --full.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weeks", type=int, default=8)
+    p.add_argument("--poison-week", type=int, default=8, help="1-based week to poison (0: none)")
+    p.add_argument("--home", default=str(REPO / ".flywheel" / "bench-backfill"))
+    p.add_argument("--full", action="store_true")
+    args = p.parse_args()
+    env = {**os.environ, "FLYWHEEL_HOME": args.home, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "flywheel.cli", "backfill", "--weeks", str(args.weeks)]
+    if args.poison_week:
+        cmd += ["--poison-week", str(args.poison_week)]
+    if args.full:
+        cmd.append("--full")
+    print(f"running: FLYWHEEL_HOME={args.home} {' '.join(cmd[1:])}", flush=True)
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    figures = None
+    for line in proc.stdout:
+        if line.startswith("{") and '"ndcg10_by_week"' in line:
+            figures = json.loads(line)
+        elif line.startswith("[flywheel") or "PROMOTED" in line or "blocked" in line:
+            print(line.rstrip(), flush=True)
+    if proc.wait() != 0 or figures is None:
+        print(f"backfill failed (exit {proc.returncode})", file=sys.stderr)
+        return 1
+    figures["benchmark_wall_seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

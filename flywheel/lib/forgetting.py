@@ -1,0 +1,65 @@
+"""Guard against forgetting: a general-domain slice, and merging weights back toward the base.
+
+The slice (``data/general/pairs.jsonl``, see its README) is 99 query -> passage pairs from Python
+standard-library docstrings: offline, licensed, far from the fine-tuning domain. A fine-tuned
+model that scores below the base there by more than ``forgetting_margin`` NDCG@10 is merged with
+the base: every floating-point weight becomes ``alpha * fine_tuned + (1 - alpha) * base``
+(linear interpolation of the two checkpoints, as in WiSE-FT, Wortsman et al. 2022). ``alpha`` is the
+setting ``merge_alpha``: 1.0 keeps the fine-tuned model, 0.0 the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flywheel.settings import REPO_ROOT
+
+GENERAL_PAIRS = REPO_ROOT / "data" / "general" / "pairs.jsonl"
+
+
+def load_general_pairs(path: str | Path = GENERAL_PAIRS) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def general_evaluator(pairs: list[dict], name: str = "general"):
+    """sentence-transformers' InformationRetrievalEvaluator over the slice (corpus = all passages)."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    if not pairs:
+        return None
+    return InformationRetrievalEvaluator(
+        queries={p["_id"]: p["query"] for p in pairs},
+        corpus={p["_id"]: p["text"] for p in pairs},
+        relevant_docs={p["_id"]: {p["_id"]} for p in pairs},
+        name=name, ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[10],
+        show_progress_bar=False, write_csv=False,
+    )
+
+
+def ndcg10(evaluator, model) -> float:
+    if evaluator is None:
+        return float("nan")
+    return float(evaluator(model)[evaluator.primary_metric])
+
+
+def merge_with_base(model, base_model_path: str | Path, alpha: float) -> int:
+    """In place: weights <- alpha * model + (1 - alpha) * base. Returns the number of tensors merged."""
+    import torch
+
+    from flywheel.lib.index import load_embedder
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"merge_alpha must be in [0, 1], got {alpha}")
+    base = load_embedder(base_model_path, device=str(model.device))
+    base_state = base.state_dict()
+    merged = 0
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in base_state and tensor.is_floating_point() and base_state[name].shape == tensor.shape:
+                tensor.copy_(alpha * tensor + (1.0 - alpha) * base_state[name].to(tensor.device))
+                merged += 1
+    return merged

@@ -1,0 +1,200 @@
+"""A cross-encoder reranker fine-tuned on the same labelled pairs as the bi-encoder.
+
+It starts from the local MiniLM folder: sentence-transformers' ``CrossEncoder`` adds a fresh
+one-logit head on top of the encoder (it warns that the head is new). That head needs a higher
+learning rate than the encoder usually gets (1e-4; 2e-5 stayed at chance, see FIELD-NOTES) and
+enough steps. Training pairs: each (query, positive) labelled 1 and each of its hard negatives
+(judged or mined) labelled 0, BinaryCrossEntropyLoss. At search time it rescores the
+bi-encoder's top ``rerank_depth`` (40) chunks.
+
+Loading a trained reranker: ``CrossEncoder(<folder>, local_files_only=True)``, where the folder
+is the model's own directory, or ``mlflow.artifacts.download_artifacts(run_id=..., artifact_path="reranker")``
+for the copy logged in MLflow (see ``load_reranker``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from flywheel.lib import index
+from flywheel.lib.judging import stable_uniform
+
+
+@dataclass
+class RerankerConfig:
+    base_model: str
+    output_dir: Path
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    max_length: int = 128
+    warmup: float = 0.1
+    max_steps: int = -1
+    rerank_depth: int = 40
+    seed: int = 0
+    device: str = "auto"
+    shuffle_labels: bool = False
+
+    def params(self) -> dict:
+        d = asdict(self)
+        d["output_dir"] = str(d["output_dir"])
+        return d
+
+
+@dataclass
+class RerankerResult:
+    model_dir: Path
+    train_pairs: int
+    positives: int
+    negatives: int
+    steps: int
+    train_seconds: float
+    loss_history: list = field(default_factory=list)
+
+
+def labelled_pairs(rows: pd.DataFrame, seed: int, shuffle_labels: bool = False) -> pd.DataFrame:
+    """(query, text, label) from training rows: positives 1, hard negatives 0, deduplicated."""
+    pos = rows[["query", "positive_id", "positive"]].rename(columns={"positive_id": "chunk_id", "positive": "text"})
+    neg = rows[["query", "negative_id", "negative"]].rename(columns={"negative_id": "chunk_id", "negative": "text"})
+    pairs = pd.concat([pos.assign(label=1.0), neg.assign(label=0.0)], ignore_index=True)
+    # a chunk that is a positive for the query is never also its negative
+    pairs = pairs.sort_values("label", ascending=False).drop_duplicates(["query", "chunk_id"]).reset_index(drop=True)
+    if shuffle_labels:
+        pairs["label"] = pairs["label"].sample(frac=1.0, random_state=seed).to_numpy()
+    order = [stable_uniform("rerank-pairs", seed, q, c) for q, c in zip(pairs["query"], pairs["chunk_id"])]
+    return pairs.assign(_o=order).sort_values("_o").drop(columns="_o").reset_index(drop=True)
+
+
+def load_reranker(path: str | Path, *, device: str = "auto", max_length: int | None = None):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(str(path), device=index.resolve_device(device), local_files_only=True, max_length=max_length)
+    return model
+
+
+def train_reranker(
+    rows: pd.DataFrame, cfg: RerankerConfig, *, progress: Callable[[str], None] | None = None
+) -> RerankerResult:
+    import logging
+
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import (
+        CrossEncoder,
+        CrossEncoderTrainer,
+        CrossEncoderTrainingArguments,
+    )
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+    from transformers import TrainerCallback
+
+    say = progress or (lambda _m: None)
+    if rows.empty:
+        raise ValueError("no training rows: nothing to train the reranker on")
+    index.set_torch_threads()
+
+    # 1. Model: the local MiniLM encoder with a fresh one-logit head (the "head is new" warning is expected)
+    logging.getLogger("sentence_transformers.cross_encoder.model").setLevel(logging.ERROR)
+    model = CrossEncoder(
+        cfg.base_model, num_labels=1, max_length=cfg.max_length,
+        device=index.resolve_device(cfg.device), local_files_only=True,
+    )
+
+    # 2. Data: (query, chunk, 1/0) pairs
+    pairs = labelled_pairs(rows, cfg.seed, cfg.shuffle_labels)
+    ds = Dataset.from_dict({"query": pairs["query"].tolist(), "text": pairs["text"].tolist(), "label": pairs["label"].tolist()})
+    n_pos = int((pairs["label"] == 1).sum())
+    n_neg = len(pairs) - n_pos
+
+    # 3. Loss: binary cross-entropy, positives up-weighted by the class ratio
+    import torch
+
+    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(max(n_neg, 1) / max(n_pos, 1)))
+
+    # 4. Arguments
+    checkpoint_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".checkpoints")
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=max(1, len(ds) // cfg.batch_size // 10),
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=index.resolve_device(cfg.device) == "cpu",
+        disable_tqdm=True,
+    )
+
+    class _Progress(TrainerCallback):
+        def __init__(self):
+            self.start = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.max_steps and logs and "loss" in logs:
+                elapsed = time.monotonic() - self.start
+                left = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+                say(f"reranker: step {state.global_step}/{state.max_steps}, loss {logs['loss']:.4f}, ~{left:.0f}s left")
+
+    # 5. Train
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=ds, loss=loss, callbacks=[_Progress()])
+    started = time.monotonic()
+    trainer.train()
+    train_seconds = time.monotonic() - started
+
+    # 6. Save as files
+    out = Path(cfg.output_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(str(out))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    (out / "flywheel_reranker.json").write_text(json.dumps({
+        "config": cfg.params(), "train_pairs": len(pairs), "positives": n_pos, "negatives": n_neg,
+        "train_seconds": train_seconds,
+    }, indent=2, default=str))
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    return RerankerResult(
+        model_dir=out, train_pairs=len(pairs), positives=n_pos, negatives=n_neg,
+        steps=trainer.state.global_step, train_seconds=train_seconds, loss_history=losses,
+    )
+
+
+def rerank(
+    model,
+    queries: Mapping[str, str],
+    rankings: Mapping[str, Sequence[str]],
+    texts: Mapping[str, str],
+    *,
+    depth: int = 40,
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, list[str]], list[float]]:
+    """Rescore each query's top ``depth`` with the cross-encoder; the rest keeps its order below.
+
+    Returns the new rankings and the milliseconds each query's rerank took.
+    """
+    out: dict[str, list[str]] = {}
+    times: list[float] = []
+    meter = index.RateLogger("rerank", len(queries), progress, every_s=30.0)
+    for n, (qid, query) in enumerate(queries.items(), 1):
+        ranked = list(rankings.get(qid, []))
+        head, tail = ranked[:depth], ranked[depth:]
+        started = time.perf_counter()
+        if head:
+            scores = np.asarray(model.predict([(query, texts[d]) for d in head], batch_size=batch_size, show_progress_bar=False))
+            order = np.argsort(-scores, kind="stable")
+            head = [head[i] for i in order]
+        times.append((time.perf_counter() - started) * 1000)
+        out[qid] = head + tail
+        meter.update(n, force=n == len(queries))
+    return out, times

@@ -1,0 +1,80 @@
+"""Demo traffic: deterministic, train queries only, week by week, and the poisoned-week switch."""
+
+import json
+from dataclasses import replace
+from datetime import date
+
+import pytest
+
+from flywheel.lib.beir import load_beir
+from flywheel.lib.simulate import SimulationConfig, plan_traffic, simulate
+
+
+def read_records(log_dir):
+    out = []
+    for path in sorted(log_dir.rglob("*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def lancedb_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("lancedb")
+
+
+def config(small_beir, base_model_path, log_dir, lancedb_dir, **kw):
+    return SimulationConfig(
+        dataset_dir=small_beir, log_dir=log_dir, lancedb_uri=lancedb_dir, model_path=base_model_path,
+        start=date(2026, 9, 28), weeks=3, seed=0, encode_max_seq_length=128, **kw,
+    )
+
+
+def test_plan_uses_every_train_query_with_repeats_and_is_seeded(small_beir, base_model_path, tmp_path):
+    cfg = config(small_beir, base_model_path, tmp_path, tmp_path)
+    ids = list(load_beir(small_beir).split_queries("train"))
+    plan = plan_traffic(ids, cfg)
+    assert {q for _, q, _ in plan} == set(ids) and len(plan) > len(ids)
+    assert plan == plan_traffic(ids, cfg)
+    assert plan != plan_traffic(ids, replace(cfg, seed=1))
+    assert all(ts.date() >= date(2026, 9, 28) for _, _, ts in plan)
+
+
+def test_logs_are_deterministic_and_never_use_test_queries(small_beir, base_model_path, tmp_path, lancedb_dir):
+    a = simulate(config(small_beir, base_model_path, tmp_path / "a", lancedb_dir))
+    simulate(config(small_beir, base_model_path, tmp_path / "b", lancedb_dir))
+    ra, rb = read_records(tmp_path / "a"), read_records(tmp_path / "b")
+    key = lambda r: (r["request_id"], r["type"])
+    assert sorted(ra, key=key) == sorted(rb, key=key)
+    ds = load_beir(small_beir)
+    test_texts = set(ds.split_queries("test").values())
+    searches = [r for r in ra if r["type"] == "search"]
+    assert len(searches) == a.searches and not {r["query"] for r in searches} & test_texts
+    assert all(len(r["results"]) == 20 and [c["rank"] for c in r["results"]] == list(range(1, 21)) for r in searches)
+    feedback = [r for r in ra if r["type"] == "feedback"]
+    assert feedback and any(f["clicks"] for f in feedback) and any(f["cited"] for f in feedback)
+    assert {f["thumbs"] for f in feedback} >= {"up", "down"}
+
+
+def test_weeks_one_at_a_time_add_up_to_the_whole_and_record_the_serving_model(small_beir, base_model_path, tmp_path, lancedb_dir):
+    whole = simulate(config(small_beir, base_model_path, tmp_path / "whole", lancedb_dir))
+    parts = [
+        simulate(config(small_beir, base_model_path, tmp_path / "parts", lancedb_dir), only_weeks=[w],
+                 serving=(base_model_path, f"v{w}"))
+        for w in range(3)
+    ]
+    assert sum(p.searches for p in parts) == whole.searches
+    versions = {r["retriever_version"] for r in read_records(tmp_path / "parts") if r["type"] == "search"}
+    assert versions == {"v0", "v1", "v2"}
+
+
+def test_poisoned_week_relogs_history_with_wrong_texts(small_beir, base_model_path, tmp_path, lancedb_dir):
+    clean = simulate(config(small_beir, base_model_path, tmp_path / "clean", lancedb_dir))
+    poisoned = simulate(config(small_beir, base_model_path, tmp_path / "bad", lancedb_dir, poison_weeks=(2,)))
+    last = list(clean.searches_per_week)[-1]
+    assert poisoned.searches_per_week[last] > clean.searches_per_week[last]
+    assert clean.unique_queries == poisoned.unique_queries
+    texts = load_beir(small_beir).corpus.text_by_id
+    searches = [r for r in read_records(tmp_path / "bad") if r["type"] == "search"]
+    wrong = sum(c["text"] != texts[c["chunk_id"]] for r in searches for c in r["results"])
+    right = sum(c["text"] == texts[c["chunk_id"]] for r in searches for c in r["results"])
+    assert wrong > 0.4 * (wrong + right) and right > 0

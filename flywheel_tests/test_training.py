@@ -1,0 +1,154 @@
+"""Training pieces on their own, with tiny configs: mining with a false-negative filter, the
+negative mix, near-duplicate exclusion, the bi-encoder with early stopping and the forgetting
+guard, weight merging, and the cross-encoder reranker."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flywheel.lib import forgetting, index
+from flywheel.lib.beir import load_beir
+from flywheel.lib.datasets import build_finetune_set, jaccard, near_duplicate_queries, query_tokens
+from flywheel.lib.judging import normalize_query
+from flywheel.lib.mining import MiningConfig, build_training_rows, training_rows
+from flywheel.lib.reranker import RerankerConfig, labelled_pairs, load_reranker, rerank, train_reranker
+from flywheel.lib.training import TrainConfig, train_bi_encoder
+
+
+@pytest.fixture(scope="module")
+def rows(small_beir):
+    """Triplets from the small SciFact slice's human labels (positives) and random negatives."""
+    ds = load_beir(small_beir)
+    texts = ds.corpus.text_by_id
+    rng = np.random.default_rng(0)
+    ids = list(ds.corpus.ids)
+    out = []
+    for qid, docs in ds.qrels["train"].items():
+        for did in docs:
+            for _ in range(2):
+                neg = ids[int(rng.integers(len(ids)))]
+                out.append({
+                    "query": ds.queries[qid], "query_key": normalize_query(ds.queries[qid]),
+                    "positive_id": did, "positive": texts[did], "negative_id": neg, "negative": texts[neg],
+                    "negative_rank": 1, "week": "2026-09-28",
+                })
+    return pd.DataFrame(out)
+
+
+def test_near_duplicates_are_caught_by_token_jaccard():
+    assert jaccard(query_tokens("Aspirin lowers the risk of stroke"), query_tokens("aspirin lowers risk of stroke")) >= 0.8
+    held = ["Aspirin lowers the risk of stroke.", "Vitamin D prevents fractures"]
+    found = near_duplicate_queries(
+        ["aspirin lowers the risk of stroke", "Aspirin lowers the risk of a stroke", "Statins reduce LDL"], held,
+    )
+    assert found == {"aspirin lowers the risk of stroke", "Aspirin lowers the risk of a stroke"}
+
+
+def test_finetune_set_drops_near_duplicates_of_held_out_queries():
+    labels = pd.DataFrame([
+        {"week": "w", "request_id": 1, "query": q, "query_key": normalize_query(q), "chunk_id": c,
+         "chunk_text": c, "rank": r, "grade": g}
+        for q in ("Aspirin lowers the risk of a stroke", "Statins reduce LDL cholesterol")
+        for c, r, g in (("pos", 1, 3), ("neg", 2, 0))
+    ])
+    out, stats = build_finetune_set(
+        labels, n_examples=10, seed=0, exclude_queries=set(),
+        near_duplicate_of=["aspirin lowers the risk of stroke"], near_duplicate_jaccard=0.8,
+    )
+    assert set(out["query"]) == {"Statins reduce LDL cholesterol"}
+    assert stats.near_duplicates_excluded == 1
+
+
+def test_mined_negatives_alternate_with_judged_and_skip_judged_relevant(rows, small_beir, base_model_path):
+    ds = load_beir(small_beir)
+    ft = rows.head(40)
+    # judge "related" for every chunk the base ranks 1st for each query: none of them may be mined
+    model = index.load_embedder(base_model_path, max_seq_length=64)
+    qv = index.encode(model, ft["query"].unique().tolist())
+    dv = index.encode(model, list(ds.corpus.texts))
+    top = {q: ds.corpus.ids[int(np.argmax(dv @ v))] for q, v in zip(ft["query"].unique(), qv)}
+    judged = pd.DataFrame([{"query_key": normalize_query(q), "chunk_id": c, "grade": 1} for q, c in top.items()])
+    out, stats = build_training_rows(
+        ft, judged, base_model_path, list(ds.corpus.ids), list(ds.corpus.texts),
+        MiningConfig(range_max=10, num_negatives=3), max_seq_length=64,
+    )
+    assert len(out) == len(ft)  # mining never adds rows: the example count stays what finetune_set says
+    assert stats["mined_negatives"] > 0 and stats["judged_negatives"] > 0
+    assert stats["mined_negatives"] + stats["judged_negatives"] == len(ft)
+    mined = out[out["negative_source"] == "mined"]
+    forbidden = set(zip(judged["query_key"], judged["chunk_id"]))
+    assert not any((k, n) in forbidden for k, n in zip(mined["query_key"], mined["negative_id"]))
+    assert (mined["negative_id"] != mined["positive_id"]).all()
+    # the first row of each (query, positive) keeps its judged negative
+    first = out.groupby(["query_key", "positive_id"]).head(1)
+    assert (first["negative_source"] == "judged").all()
+
+
+def test_training_rows_without_mining_are_the_finetune_set(rows):
+    out, stats = training_rows(rows, None)
+    assert stats.mined_negatives == 0 and stats.judged_negatives == len(rows)
+    assert (out["negative_id"] == rows["negative_id"]).all()
+
+
+def test_bi_encoder_trains_with_validation_estimate_and_general_slice(rows, tmp_path, base_model_path):
+    cfg = TrainConfig(
+        base_model=base_model_path, output_dir=tmp_path / "emb", batch_size=16, max_seq_length=64,
+        max_steps=8, validation_fraction=0.2, evaluations=2, validation_distractors=50,
+    )
+    res = train_bi_encoder(rows, cfg)
+    assert res.steps == 8 and res.estimated_seconds > 0
+    assert "validation_cosine_ndcg@10" in res.validation_before and "validation_cosine_ndcg@10" in res.validation_after
+    assert [h["step"] for h in res.eval_history] == [4, 8]  # validated during training (early stopping)
+    assert 0 < res.general_before <= 1 and 0 < res.general_after <= 1
+    assert (res.model_dir / "modules.json").exists() and not list(res.model_dir.glob("*.pkl"))
+    saved = json.loads((res.model_dir / "flywheel_training.json").read_text())
+    assert saved["train_rows"] + saved["validation_rows"] == len(rows)
+    # validation queries are whole training queries: none of them trains
+    from flywheel.lib.training import split_validation
+
+    tr, va = split_validation(rows, 0.2, 0)
+    assert not set(tr["query_key"]) & set(va["query_key"])
+
+
+def test_forgetting_guard_merges_with_the_base(rows, tmp_path, base_model_path):
+    # a model wrecked by a huge learning rate on shuffled labels forgets the general slice: merged
+    cfg = TrainConfig(
+        base_model=base_model_path, output_dir=tmp_path / "bad", batch_size=16, max_seq_length=64,
+        max_steps=6, learning_rate=5e-3, validation_fraction=0.0, shuffle_labels=True,
+        forgetting_margin=0.02, merge_alpha=0.5,
+    )
+    res = train_bi_encoder(rows, cfg)
+    assert res.general_finetuned < res.general_before - 0.02
+    assert res.merged and res.general_after > res.general_finetuned
+
+
+def test_merge_alpha_zero_gives_back_the_base(base_model_path):
+    model = index.load_embedder(base_model_path)
+    with __import__("torch").no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    forgetting.merge_with_base(model, base_model_path, 0.0)
+    base = index.load_embedder(base_model_path)
+    a, b = model.encode(["hello world"]), base.encode(["hello world"])
+    assert np.allclose(a, b, atol=1e-5)
+
+
+def test_reranker_trains_saves_and_reranks(rows, tmp_path, base_model_path, small_beir):
+    pairs = labelled_pairs(rows, seed=0)
+    assert set(pairs["label"]) == {0.0, 1.0}
+    assert not pairs.duplicated(["query", "chunk_id"]).any()
+    cfg = RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "rr", batch_size=16, max_length=64, max_steps=8)
+    res = train_reranker(rows, cfg)
+    assert res.steps == 8 and (res.model_dir / "config.json").exists()
+    ce = load_reranker(res.model_dir, max_length=64)
+    ds = load_beir(small_beir)
+    texts = ds.corpus.text_by_id
+    qid = next(iter(ds.qrels["train"]))
+    ranking = list(ds.corpus.ids[:50])
+    out, ms = rerank(ce, {qid: ds.queries[qid]}, {qid: ranking}, texts, depth=10)
+    assert sorted(out[qid][:10]) == sorted(ranking[:10]) and out[qid][10:] == ranking[10:]
+    assert len(ms) == 1 and ms[0] > 0
