@@ -192,5 +192,7 @@ def resources_for(settings: Settings, **overrides) -> dict[str, dg.ConfigurableR
         "vector_store": VectorStoreResource(uri=str(settings.lancedb_dir)),
     }
     for key, changes in overrides.items():
-        res[key] = res[key].model_copy(update=changes)
+        # rebuilt, not model_copy(update=...): Dagster keeps a resource's config from construction
+        current = res[key]
+        res[key] = type(current)(**{**{f: getattr(current, f) for f in type(current).model_fields}, **changes})
     return res

@@ -56,7 +56,7 @@ def _write_info(paths: FlywheelPaths, week: str, kind: str, info: dict) -> None:
 
 
 def _tags(context, week: str, kind: str) -> dict[str, str]:
-    return {"dagster_run_id": context.run_id, "partition": week, "model_kind": kind}
+    return {"dagster_run_id": context.run.run_id, "partition": week, "model_kind": kind}
 
 
 @dg.asset(
@@ -93,7 +93,7 @@ def trained_model(
     store.write_table(rows_path(paths, week), rows)
     cfg = TrainConfig(
         base_model=training.base_model,
-        output_dir=model_dir(paths, week, context.run_id, "embedder"),
+        output_dir=model_dir(paths, week, context.run.run_id, "embedder"),
         epochs=training.epochs,
         batch_size=training.batch_size,
         learning_rate=training.learning_rate,
@@ -144,7 +144,6 @@ def trained_model(
         "lancedb_table": table, "finetune_sha256": dataset_sha, "training_rows_sha256": rows_sha,
         "mined_with": miner_label, "negatives": neg_stats,
     }
-    (result.model_dir / "flywheel_run.json").write_text(json.dumps(info, indent=2))
     _write_info(paths, week, "embedder", info)
     before, after = result.validation_before, result.validation_after
     vkey = "validation_cosine_ndcg@10"
@@ -202,7 +201,7 @@ def trained_reranker(
     rows = store.read_table(rows_path(paths, week))
     cfg = RerankerConfig(
         base_model=training.base_model,
-        output_dir=model_dir(paths, week, context.run_id, "reranker"),
+        output_dir=model_dir(paths, week, context.run.run_id, "reranker"),
         epochs=training.reranker_epochs,
         batch_size=training.batch_size,
         learning_rate=training.reranker_learning_rate,
@@ -230,7 +229,6 @@ def trained_reranker(
         "model_dir": str(result.model_dir), "training_rows_sha256": rows_sha, "max_length": cfg.max_length,
         "rerank_depth": cfg.rerank_depth,
     }
-    (result.model_dir / "flywheel_run.json").write_text(json.dumps(info, indent=2))
     _write_info(paths, week, "reranker", info)
     return dg.MaterializeResult(metadata={
         "model_dir": dg.MetadataValue.path(str(result.model_dir)),
