@@ -162,22 +162,3 @@ def rank_model_on(
     table = index.ensure_corpus_table(lancedb_uri, model, model_id, corpus, batch_size=batch_size, progress=progress)
     return {name: retrieve(model, suite[0], lancedb_uri, table, k=depth, batch_size=batch_size)
             for name, suite in suites.items()}
-
-
-def evaluate_model_on(
-    model,
-    model_id: str,
-    corpus,
-    lancedb_uri,
-    suites: Mapping[str, tuple[Mapping[str, str], Mapping[str, set[str]]]],
-    *,
-    batch_size: int = 64,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, pd.DataFrame]:
-    """Per-query metrics of one model on several (queries, qrels) suites, one corpus embedding."""
-    table = index.ensure_corpus_table(lancedb_uri, model, model_id, corpus, batch_size=batch_size, progress=progress)
-    out = {}
-    for name, (queries, qrels) in suites.items():
-        rankings = retrieve(model, queries, lancedb_uri, table, batch_size=batch_size)
-        out[name] = evaluate_rankings(rankings, qrels)
-    return out
