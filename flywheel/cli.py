@@ -133,19 +133,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = get_settings()
     prepare_dagster_home(settings)
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     weeks = cmd_simulate(args, settings)
     for week in weeks[:-1]:
         if not run_week(week, "weekly_labels").success:
             return 1
-    ok = run_week(weeks[-1], "flywheel_weekly").success
+    result = run_week(weeks[-1], "flywheel_weekly")
     report = settings.reports_dir / f"benchmark-{weeks[-1]}.md"
     say(f"demo finished in {time.monotonic() - started:.0f}s")
-    if report.exists():
+    # The gate saying "not promoted" is an answer, not a crash: the demo succeeded when the week's
+    # report was written in this run, whatever it decided.
+    reported = report.exists() and report.stat().st_mtime >= started_wall
+    if reported:
         say(f"report: {report}")
         print(report.read_text().split("\n\n")[1])
     say(f"Dagster UI: flywheel ui   |   MLflow UI: flywheel mlflow-ui   (data under {settings.home})")
-    return 0 if ok else 1
+    return 0 if result.success or reported else 1
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
