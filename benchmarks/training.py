@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-from datetime import date
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -107,7 +106,7 @@ def main() -> dict:
         batch_size=settings.train_batch_size, learning_rate=settings.train_learning_rate,
         max_seq_length=settings.train_max_seq_length, max_steps=settings.train_max_steps,
         time_budget_s=settings.train_time_budget_s, merge_alpha=settings.merge_alpha,
-        forgetting_margin=settings.forgetting_margin, seed=settings.seed,
+        forgetting_margin=settings.forgetting_margin, seed=settings.seed, loss=settings.train_loss,
     )
     say(f"training the embedder: lr {cfg.learning_rate}, batch {cfg.batch_size}, seq {cfg.max_seq_length}, "
         f"epochs {cfg.epochs}")
@@ -127,17 +126,20 @@ def main() -> dict:
     # 5. the reranker on the same rows, then rerank the embedder's top 40
     rcfg = RerankerConfig(
         base_model=settings.base_model, output_dir=work / "reranker", epochs=settings.reranker_epochs,
-        batch_size=settings.train_batch_size, learning_rate=settings.reranker_learning_rate,
+        batch_size=settings.reranker_batch_size, learning_rate=settings.reranker_learning_rate,
         max_length=settings.reranker_max_length, max_steps=settings.reranker_max_steps,
         rerank_depth=settings.rerank_depth, seed=settings.seed,
+        init_model=str(emb.model_dir) if settings.reranker_init == "embedder" else None,
+        loss=settings.reranker_loss, num_negatives=settings.reranker_num_negatives, fusion=settings.reranker_fusion,
     )
-    say(f"training the reranker: lr {rcfg.learning_rate}, seq {rcfg.max_length}")
+    say(f"training the reranker: {rcfg.loss} loss from the {settings.reranker_init} weights, lr {rcfg.learning_rate}, "
+        f"seq {rcfg.max_length}, fusion {rcfg.fusion}")
     rr = train_reranker(rows, rcfg, progress=say)
     say(f"reranker trained in {rr.train_seconds:.0f}s on {rr.train_pairs} pairs")
     bench2 = run_benchmark(
         [ModelSpec("embedder", str(emb.model_dir))], ds, suites, settings.lancedb_dir,
         rerankers=[RerankSpec("reranked", str(rr.model_dir), on="embedder", depth=rcfg.rerank_depth,
-                              max_length=rcfg.max_length)],
+                              max_length=rcfg.max_length, fusion=rcfg.fusion)],
         max_seq_length=settings.encode_max_seq_length, progress=say,
     )
     r = bench2.summary("test", "reranked")
@@ -172,6 +174,8 @@ def main() -> dict:
         "test_queries": int(b["queries"]),
         "weeks_of_labels": len(weeks),
         "learning_rate": cfg.learning_rate,
+        "train_loss": cfg.loss,
+        "reranker": f"{rcfg.loss}, init {settings.reranker_init}, fusion {rcfg.fusion}, depth {rcfg.rerank_depth}",
         "train_max_seq_length": cfg.max_seq_length,
         "total_seconds": round(time.monotonic() - T0, 1),
     }

@@ -28,8 +28,8 @@ LIGHT = {
     "FLYWHEEL_ENCODE_MAX_SEQ_LENGTH": "128",
     "FLYWHEEL_FINETUNE_EXAMPLES": "1000",
     "FLYWHEEL_TRAIN_TIME_BUDGET_S": "150",
-    "FLYWHEEL_RERANKER_MAX_STEPS": "40",
-    "FLYWHEEL_RERANK_DEPTH": "20",
+    "FLYWHEEL_RERANKER_MAX_STEPS": "10",
+    "FLYWHEEL_RERANK_DEPTH": "10",
     "FLYWHEEL_MIN_FINETUNE_EXAMPLES": "100",
 }
 
@@ -114,9 +114,9 @@ def run_backfill(
     else:
         state = {"config": wanted, "rows": {}}
 
-    from flywheel.defs.resources import MlflowResource
+    from flywheel.defs.resources import resources_for
 
-    mlflow_res = MlflowResource()
+    mlflow_res = resources_for(settings)["mlflow"]
     tracker = Tracker(mlflow_res.tracking_uri, mlflow_res.artifact_root, mlflow_res.experiment)
     started = time.monotonic()
     rows: list[WeekRow] = []

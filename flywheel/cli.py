@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 
 from flywheel.settings import REPO_ROOT, Settings, get_settings

@@ -66,8 +66,17 @@ class Settings:
     reranker_learning_rate: float = 1e-4
     reranker_max_length: int = 128
     reranker_epochs: float = 1.0
-    reranker_max_steps: int = -1
+    # a step is 16 rows x 3 scored pairs (positive, its hard negative, one in-batch negative);
+    # 40 steps is ~1,900 pairs, ~5 minutes on 2 cores (a full epoch of 2,000 rows would be ~20)
+    reranker_max_steps: int = 40
+    reranker_batch_size: int = 16
+    reranker_loss: str = "listwise"  # or "bce" (see flywheel/lib/reranker.py)
+    reranker_init: str = "embedder"  # start from the week's fine-tuned embedder, or "base"
+    reranker_fusion: str = "rrf"  # fuse with the bi-encoder's order, or "none"
+    reranker_num_negatives: int = 1  # in-batch negatives per row for the listwise loss
     rerank_depth: int = 40
+    # the bi-encoder's loss: "mnrl" or "gist" (see flywheel/lib/training.py)
+    train_loss: str = "gist"
 
     # -- derived locations (all under home) -------------------------------------------------
     @property
@@ -138,8 +147,13 @@ class Settings:
             reranker_learning_rate=float(_env("FLYWHEEL_RERANKER_LR", "1e-4")),
             reranker_max_length=int(_env("FLYWHEEL_RERANKER_MAX_LENGTH", "128")),
             reranker_epochs=float(_env("FLYWHEEL_RERANKER_EPOCHS", "1")),
-            reranker_max_steps=int(_env("FLYWHEEL_RERANKER_MAX_STEPS", "-1")),
+            reranker_max_steps=int(_env("FLYWHEEL_RERANKER_MAX_STEPS", "40")),
+            reranker_batch_size=int(_env("FLYWHEEL_RERANKER_BATCH_SIZE", "16")),
+            reranker_loss=_env("FLYWHEEL_RERANKER_LOSS", "listwise"),
+            reranker_init=_env("FLYWHEEL_RERANKER_INIT", "embedder"),
+            reranker_fusion=_env("FLYWHEEL_RERANKER_FUSION", "rrf"),
             rerank_depth=int(_env("FLYWHEEL_RERANK_DEPTH", "40")),
+            train_loss=_env("FLYWHEEL_TRAIN_LOSS", "gist"),
         )
 
 

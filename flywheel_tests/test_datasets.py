@@ -4,6 +4,7 @@ import pandas as pd
 
 from flywheel.lib.datasets import (
     build_eval_set,
+    confirm_by_majority,
     build_fewshot_set,
     build_finetune_set,
     content_hash,
@@ -39,6 +40,43 @@ def test_eval_set_takes_new_queries_with_a_relevant_chunk_deterministically():
     again = build_eval_set(shuffled, n_queries=5, seed=0, seen_before=seen)
     assert set(again["query_key"]) == set(ev["query_key"])
     assert len(build_eval_set(labels, n_queries=500, seed=0, seen_before=seen)["query_key"].unique()) == 30
+
+
+def test_eval_set_relevance_is_confirmed_by_a_majority_of_votes():
+    labels = make_labels(n_queries=12)
+    # the second vote agrees except on queries 0-5, where it calls rank 2 irrelevant and rank 1
+    # relevant; the third vote sides with it on queries 0-2 only
+    asked = []
+
+    def votes(rows):
+        asked.append(len(rows))
+        q = rows["query_key"].str.extract(r"number (\d+) ")[0].astype(int)
+        second = [(3 if r == 1 else 0) if n < 6 else int(g) for n, r, g in zip(q, rows["rank"], rows["grade"])]
+        third = [(3 if r == 1 else 0) if n < 3 else int(g) for n, r, g in zip(q, rows["rank"], rows["grade"])]
+        return [second, third]
+
+    ev = build_eval_set(labels, n_queries=12, seed=0, seen_before=set(), extra_votes=votes)
+    assert sum(asked) == len(labels)  # every candidate row was re-asked once per call
+    rel = ev[ev["relevant"]]
+    flipped = rel["query_key"].str.extract(r"number (\d+) ")[0].astype(int) < 3
+    assert set(rel.loc[flipped, "rank"]) == {1} and set(rel.loc[~flipped, "rank"]) == {2}
+    assert ev.loc[(ev["rank"] == 2) & ev["query_key"].str.contains("number 0 "), "votes"].item() == "3,0,0"
+
+
+def test_votes_only_pay_for_enough_queries_and_unlabelled_votes_do_not_count():
+    labels = make_labels(n_queries=40)
+    asked = []
+
+    def votes(rows):
+        asked.append(rows["query_key"].nunique())
+        return [[None] * len(rows)]  # the re-ask failed: the first vote stands
+
+    ev = build_eval_set(labels, n_queries=5, seed=0, seen_before=set(), extra_votes=votes)
+    assert asked == [5] and ev["query_key"].nunique() == 5
+    assert ev.loc[ev["rank"] == 2, "relevant"].all() and set(ev["votes"].str.split(",").str[1]) == {"-"}
+    rows = labels.head(2).copy()
+    tie = confirm_by_majority(rows.assign(relevant=[True, False]), [[0, 3]])
+    assert tie["relevant"].tolist() == [False, False]  # 1 of 2 is not a majority
 
 
 def test_finetune_set_uses_grade_0_as_hard_negatives_hardest_first_and_skips_held_out_queries():

@@ -7,7 +7,6 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 
 from flywheel.capture import SearchLogger
 from flywheel.defs.logs import (

@@ -291,3 +291,11 @@ def test_config_is_validated():
     finally:
         os.environ.clear()
         os.environ.update(old)
+
+
+def test_judging_reports_progress_with_rate_and_time_left(requests, human, tmp_path):
+    messages: list[str] = []
+    with FakeOpenAIServer(human) as srv:
+        make_judge(srv, tmp_path).judge(requests, progress=messages.append)
+    last = messages[-1]
+    assert f"{len(requests)}/{len(requests)} asked (100%)" in last and "/s, ~0s left" in last, messages

@@ -150,15 +150,27 @@ def test_report_compares_base_and_trained_on_eval_sets_and_test_split(flywheel_r
     assert decision_line(report).startswith(f"**Week {WEEKS[-1]}: PROMOTE challenger v1")
     assert "## eval sets to date (9 queries)" in report and "test split (human labels) (15 queries)" in report
     assert "| base | challenger | challenger+reranker |" in report
-    for metric in ("ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "mrr@10"):
+    for metric in ("ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "recall@40", "mrr@10"):
         assert f"| {metric} |" in report
     assert "First relevant chunk" in report
+    assert "| challenger+reranker vs challenger |" in report and "wins / losses / ties" in report
+    assert "| challenger+reranker | rerank (cross-encoder) |" in report  # latency p50/p95
     mat = next(
         e.event_specific_data.materialization for e in result.all_events
         if e.event_type_value == "ASSET_MATERIALIZATION"
         and e.event_specific_data.materialization.asset_key.to_user_string() == "benchmark_report"
     )
     assert 0.0 < mat.metadata["ndcg@10_base"].value <= 1.0
+    # plots: embedded in the metadata Markdown (2 per suite), as PNG files, in the HTML page and in MLflow
+    assert mat.metadata["report"].value.count("](data:image/png;base64,") == 4
+    pngs = sorted(p.name for p in settings.reports_dir.glob(f"benchmark-{WEEKS[-1]}-*.png"))
+    assert len(pngs) == 4 and all((settings.reports_dir / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    page = (settings.reports_dir / f"benchmark-{WEEKS[-1]}.html").read_text()
+    assert mat.metadata["report_html"].value.endswith(".html") and page.count('<img alt="') == 4
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{settings.mlflow_dir / 'mlflow.db'}")
+    logged = {a.path for a in client.list_artifacts(mat.metadata["mlflow_run_id"].value, "report")}
+    assert {"report/benchmark_report.md", "report/benchmark_report.html",
+            "report/test-split-human-labels-recall-at-k.png"} <= logged, logged
 
 
 def test_rematerializing_a_week_replaces_it(flywheel_run):

@@ -88,6 +88,27 @@ def test_mined_negatives_alternate_with_judged_and_skip_judged_relevant(rows, sm
     assert (first["negative_source"] == "judged").all()
 
 
+def test_mining_cache_is_per_model_not_per_base_name(rows, small_beir, base_model_path, tmp_path):
+    # a fine-tuned champion carries the base's name in its model card; sentence-transformers' cache
+    # is keyed by that name, so a shared folder would hand the champion the base's embeddings
+    ds = load_beir(small_beir)
+    tuned = index.load_embedder(base_model_path)
+    import torch
+
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.mul_(1.01)
+    tuned.save_pretrained(str(tmp_path / "champion"))
+    cache = tmp_path / "cache"
+    args = (rows.head(10), None)
+    corpus = (list(ds.corpus.ids), list(ds.corpus.texts))
+    build_training_rows(*args, base_model_path, *corpus, MiningConfig(range_max=5), max_seq_length=64, cache_folder=str(cache))
+    build_training_rows(*args, str(tmp_path / "champion"), *corpus, MiningConfig(range_max=5), max_seq_length=64,
+                        cache_folder=str(cache))
+    folders = sorted(p.name for p in cache.iterdir())
+    assert len(folders) == 2 and all(list((cache / f).glob("corpus_embeddings_*.npy")) for f in folders)
+
+
 def test_training_rows_without_mining_are_the_finetune_set(rows):
     out, stats = training_rows(rows, None)
     assert stats.mined_negatives == 0 and stats.judged_negatives == len(rows)
@@ -152,3 +173,50 @@ def test_reranker_trains_saves_and_reranks(rows, tmp_path, base_model_path, smal
     out, ms = rerank(ce, {qid: ds.queries[qid]}, {qid: ranking}, texts, depth=10)
     assert sorted(out[qid][:10]) == sorted(ranking[:10]) and out[qid][10:] == ranking[10:]
     assert len(ms) == 1 and ms[0] > 0
+
+
+def test_listwise_reranker_from_another_init_and_rrf_fusion(rows, tmp_path, base_model_path):
+    cfg = RerankerConfig(base_model="/nonexistent/base", init_model=base_model_path, output_dir=tmp_path / "rr2",
+                         batch_size=8, max_length=64, max_steps=3, loss="listwise", num_negatives=1)
+    res = train_reranker(rows, cfg)  # starts from init_model, never touches base_model
+    assert res.steps == 3 and json.loads((res.model_dir / "flywheel_reranker.json").read_text())["config"]["loss"] == "listwise"
+    with pytest.raises(ValueError, match="unknown reranker loss"):
+        train_reranker(rows, RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "x", loss="pointwise"))
+
+
+class _Scores:
+    """A stand-in cross-encoder that scores by a fixed table (to check the fusion arithmetic)."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def predict(self, pairs, **_):
+        return [self.scores[text] for _, text in pairs]
+
+
+def test_rrf_fusion_keeps_the_bi_encoder_order_when_the_cross_encoder_agrees_and_splits_ties():
+    ranking = ["a", "b", "c", "d"]
+    texts = {d: d for d in ranking}
+    agree = _Scores({"a": 4, "b": 3, "c": 2, "d": 1})
+    out, _ = rerank(agree, {"q": "q"}, {"q": ranking}, texts, depth=4, fusion="rrf")
+    assert out["q"] == ranking
+    # the cross-encoder alone reverses the list
+    reverse = _Scores({"a": 1, "b": 2, "c": 3, "d": 4})
+    assert rerank(reverse, {"q": "q"}, {"q": ranking}, texts, depth=4, fusion="none")[0]["q"] == ranking[::-1]
+    # a chunk both rank near the top beats one only the cross-encoder likes
+    mixed = _Scores({"a": 1, "b": 4, "c": 3, "d": 2})  # CE order b, c, d, a
+    fused = rerank(mixed, {"q": "q"}, {"q": ranking}, texts, depth=4, fusion="rrf")[0]["q"]
+    assert fused[0] == "b" and fused.index("c") < fused.index("d")
+    with pytest.raises(ValueError, match="unknown fusion"):
+        rerank(agree, {"q": "q"}, {"q": ranking}, texts, depth=4, fusion="max")
+
+
+def test_gist_loss_is_guided_by_the_base(rows, tmp_path, base_model_path):
+    from flywheel.lib.training import make_loss
+
+    cfg = TrainConfig(base_model=base_model_path, output_dir=tmp_path / "g", loss="gist", max_seq_length=64)
+    model = index.load_embedder(base_model_path, max_seq_length=64)
+    loss = make_loss(model, cfg)
+    assert type(loss).__name__ == "GISTEmbedLoss" and loss.guide is not model
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss(model, TrainConfig(base_model=base_model_path, output_dir=tmp_path / "h", loss="triplet"))

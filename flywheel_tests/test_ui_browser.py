@@ -321,6 +321,13 @@ def test_report_metadata_shows_the_report(ui_run, dagster_ui, page, flywheel_env
     page.wait_for_timeout(500)
     _shot(page, "dagster-report-metadata.png")
     assert ui_run["week"] in dialog.inner_text()
+    # the plots are embedded PNGs: each one the report holds is drawn (decoded, non-zero width)
+    images = dialog.locator("img[src^='data:image/png']")
+    assert images.count() == report.count("](data:image/png;base64,") > 0
+    images.first.scroll_into_view_if_needed()
+    widths = images.evaluate_all("els => els.map(e => e.complete ? e.naturalWidth : 0)")
+    assert all(w > 100 for w in widths), widths
+    _shot(page, "dagster-report-plot.png")
 
 
 # -- MLflow UI ------------------------------------------------------------------------------------

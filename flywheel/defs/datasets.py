@@ -5,7 +5,8 @@ import dagster as dg
 import pandas as pd
 
 from flywheel.defs.partitions import weekly_partitions
-from flywheel.defs.resources import FlywheelPaths
+from flywheel.defs.labels import build_judge
+from flywheel.defs.resources import FlywheelPaths, JudgeResource
 from flywheel.lib import store
 from flywheel.lib.beir import load_beir
 from flywheel.lib.datasets import (
@@ -15,7 +16,7 @@ from flywheel.lib.datasets import (
     near_duplicate_queries,
     overlapping_queries,
 )
-from flywheel.lib.judging import normalize_query
+from flywheel.lib.judging import JudgeRequest, normalize_query
 
 
 def labels_to_date(paths: FlywheelPaths, week: str) -> tuple[pd.DataFrame, list[str]]:
@@ -52,14 +53,27 @@ def held_out_queries(paths: FlywheelPaths, week: str) -> tuple[set[str], set[str
 
 
 @dg.asset(partitions_def=weekly_partitions, deps=["relevance_labels"], group_name="datasets", kinds={"parquet"})
-def eval_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.MaterializeResult:
-    """20 of this week's queries with their judged results; they never enter training."""
+def eval_set(context: dg.AssetExecutionContext, paths: FlywheelPaths, judge: JudgeResource) -> dg.MaterializeResult:
+    """20 of this week's queries with their judged results, each pair confirmed by a majority of
+    judge votes; they never enter training."""
     week = context.partition_key
     labels, _ = labels_to_date(paths, week)
     seen_before = set(labels.loc[labels["week"] < week, "query_key"])
     s = paths.settings()
-    out = build_eval_set(labels[labels["week"] == week], n_queries=s.eval_queries, seed=s.seed, seen_before=seen_before)
+    voters = [build_judge(judge, paths, vote=v) for v in range(1, max(judge.eval_votes, 1))]
+    asked = {"pairs": 0}
+
+    def extra_votes(rows: pd.DataFrame) -> list[list]:
+        requests = [JudgeRequest(q, c, t, int(r)) for q, c, t, r in
+                    zip(rows["query"], rows["chunk_id"], rows["chunk_text"], rows["rank"])]
+        asked["pairs"] += len(requests) * len(voters)
+        return [[j.grade for j in voter.judge(requests, progress=context.log.info)] for voter in voters]
+
+    week_labels = labels[labels["week"] == week]
+    out = build_eval_set(week_labels, n_queries=s.eval_queries, seed=s.seed, seen_before=seen_before,
+                         extra_votes=extra_votes if voters else None)
     path = store.write_table(store.asset_path(paths.assets_dir, "eval_set", week), out)
+    single = out["votes"].str.split(",").str[0].map(lambda g: g != "-" and int(g) >= 2)
     per_query = out.groupby("query").agg(judged=("chunk_id", "size"), relevant=("relevant", "sum")).reset_index()
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)),
@@ -67,6 +81,10 @@ def eval_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.Mate
         "dagster/row_count": len(out),
         "queries_seen_in_earlier_weeks": len(seen_before),
         "relevant_pairs": int(out["relevant"].sum()),
+        "judge_votes_per_pair": max(judge.eval_votes, 1),
+        "extra_votes_asked": asked["pairs"],
+        "relevant_by_first_vote_only": int(single.sum()),
+        "relevant_overturned_by_votes": int((single & ~out["relevant"]).sum()),
         "queries_table": dg.MetadataValue.md(per_query.head(20).to_markdown(index=False)),
     })
 

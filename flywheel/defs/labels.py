@@ -17,24 +17,28 @@ from flywheel.lib.labels import agreement_with_reference, label_week
 from flywheel.lib.logs import load_raw_logs
 
 
-def build_judge(cfg: JudgeResource, paths: FlywheelPaths) -> Judge:
+def build_judge(cfg: JudgeResource, paths: FlywheelPaths, vote: int = 0) -> Judge:
+    """The week's judge (vote 0), or an independent re-ask of it for eval-set votes (vote >= 1)."""
     if cfg.kind == "simulated":
         return SimulatedJudge(
             load_beir(paths.dataset_dir),
             miss_rate=cfg.miss_rate,
             lenient_rate=cfg.lenient_rate,
             lenient_top_ranks=cfg.lenient_top_ranks,
-            seed=paths.seed,
+            seed=paths.seed + 1000 * vote,  # each vote errs independently
         )
     if cfg.kind == "openai":
-        from flywheel.lib.openai_judge import OpenAIJudge, OpenAIJudgeConfig
+        from flywheel.lib.openai_judge import PROMPT_VERSION, OpenAIJudge, OpenAIJudgeConfig
 
         return OpenAIJudge(
             OpenAIJudgeConfig(
                 model=cfg.model,
                 base_url=cfg.base_url,
                 api_key=cfg.api_key,
-                temperature=cfg.temperature,
+                # a re-ask at temperature 0 would mostly repeat the first answer; each vote is
+                # cached under its own key
+                temperature=cfg.temperature if vote == 0 else max(cfg.temperature, cfg.eval_vote_temperature),
+                prompt_version=PROMPT_VERSION if vote == 0 else f"{PROMPT_VERSION}+vote{vote}",
                 concurrency=cfg.concurrency,
                 timeout_s=cfg.timeout_s,
                 max_retries=cfg.max_retries,

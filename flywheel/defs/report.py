@@ -17,7 +17,8 @@ from flywheel.defs.promotion import EVAL_SUITE, TEST_SUITE, decision_path, per_q
 from flywheel.defs.resources import FlywheelPaths, MlflowResource, TrainingResource, VectorStoreResource
 from flywheel.defs.training import run_info, tracker
 from flywheel.lib import evaluation, store
-from flywheel.lib.benchmark import ModelSpec, RerankSpec, p50, render_report, run_benchmark, test_split_suite
+from flywheel.lib import plots
+from flywheel.lib.benchmark import ModelSpec, RerankSpec, build_report, p50, p95, run_benchmark, test_split_suite
 from flywheel.lib.beir import load_beir
 from flywheel.lib.promotion import gate_decision, serving_model
 
@@ -57,7 +58,8 @@ def benchmark_report(
         ds, suites, vector_store.uri,
         rerankers=[RerankSpec("challenger+reranker", rinfo["model_dir"], on="challenger",
                               depth=rinfo.get("rerank_depth", training.rerank_depth),
-                              max_length=rinfo.get("max_length", training.reranker_max_length))],
+                              max_length=rinfo.get("max_length", training.reranker_max_length),
+                              fusion=rinfo.get("fusion", "none"))],
         max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size,
         device=training.device, progress=context.log.info,
     )
@@ -76,17 +78,25 @@ def benchmark_report(
 
     models = ["base"] + (["champion"] if champion_label != "base" else []) + ["challenger", "challenger+reranker"]
     details = [
-        f"Eval sets: {len(eval_weeks)} weeks, judged labels, condensed lists (chunks nobody judged are "
+        f"Eval sets: {len(eval_weeks)} weeks, judged labels ({_votes(evals)}), condensed lists (chunks nobody judged are "
         f"skipped, not counted as misses: the judged pool is what the serving model retrieved). Champion: {champion_label}. "
         f"Gate margin: {paths.regression_margin} NDCG@10. Reranker: {mlflow.reranker_name} v{rinfo['version']} "
         f"on the challenger's top {rinfo.get('rerank_depth', training.rerank_depth)} "
         f"(median {p50(bench.rerank_ms):.0f} ms per query).",
     ]
-    pairs = [("champion", "challenger"), ("base", "challenger"), ("challenger", "challenger+reranker")]
-    report = render_report(bench, models, title=f"flywheel benchmark, week {week}", decision=decision,
-                           details=details, pairs=pairs)
-    report_path = paths.settings().reports_dir / f"benchmark-{week}.md"
-    store.atomic_write_bytes(report_path, report.encode("utf-8"))
+    pairs = [("champion", "challenger"), ("base", "challenger"), ("challenger", "challenger+reranker"),
+             ("champion", "challenger+reranker")]
+    report = build_report(bench, models, title=f"flywheel benchmark, week {week}", decision=decision,
+                          details=details, pairs=pairs)
+    # the same report three ways: Markdown (self-contained), a standalone HTML page, and the PNGs
+    reports_dir = paths.settings().reports_dir
+    report_path = reports_dir / f"benchmark-{week}.md"
+    html_path = reports_dir / f"benchmark-{week}.html"
+    html = plots.markdown_to_html(report.markdown, f"flywheel benchmark, week {week}")
+    store.atomic_write_bytes(report_path, report.markdown.encode("utf-8"))
+    store.atomic_write_bytes(html_path, html.encode("utf-8"))
+    for name, png in report.figures.items():
+        store.atomic_write_bytes(reports_dir / f"benchmark-{week}-{name}", png)
 
     metrics = {}
     for suite_name, key in ((EVAL_SUITE, "eval"), (TEST_SUITE, "test")):
@@ -98,11 +108,17 @@ def benchmark_report(
                 if m != "queries":
                     metrics[f"{key}_{label}_{m}"] = v
     metrics["rerank_ms_p50"] = p50(bench.rerank_ms)
+    metrics["rerank_ms_p95"] = p95(bench.rerank_ms)
+    for model, ms in bench.latency_ms.items():
+        if model not in ("challenger+reranker",):
+            metrics[f"retrieval_ms_p50_{model}"] = p50(ms)
+            metrics[f"retrieval_ms_p95_{model}"] = p95(ms)
     metrics["gate_promote"] = float(gate.promote)
     metrics["gate_ci_low_vs_champion"] = gate.vs_champion.get("ci_low", float("nan"))
     for run_id in (info["mlflow_run_id"], rinfo["mlflow_run_id"]):
         t.log_metrics(run_id, metrics)
-        t.log_text(run_id, report, "benchmark_report.md")
+        t.log_text(run_id, report.markdown, "report/benchmark_report.md")
+        t.log_files(run_id, {"benchmark_report.html": html.encode("utf-8"), **report.figures}, "report")
 
     headline = TEST_SUITE if TEST_SUITE in bench.summaries else EVAL_SUITE
     s = {m: bench.summary(headline, m)["ndcg@10"] for m in ("base", "challenger", "challenger+reranker")}
@@ -110,8 +126,9 @@ def benchmark_report(
         "decision": decision,
         "promote": gate.promote,
         "champion_before": champion_label,
-        "report": dg.MetadataValue.md(report),
+        "report": dg.MetadataValue.md(report.markdown),
         "report_path": dg.MetadataValue.path(str(report_path)),
+        "report_html": dg.MetadataValue.path(str(html_path)),
         "per_query_path": dg.MetadataValue.path(str(per_query_path(paths, week))),
         "mlflow_run_id": info["mlflow_run_id"],
         "ndcg@10_base": dg.MetadataValue.float(s["base"]),
@@ -119,7 +136,16 @@ def benchmark_report(
         "ndcg@10_reranked": dg.MetadataValue.float(s["challenger+reranker"]),
         "relative_change_pct": dg.MetadataValue.float((s["challenger"] - s["base"]) / s["base"] * 100 if s["base"] else float("nan")),
         "rerank_ms_p50": dg.MetadataValue.float(p50(bench.rerank_ms)),
+        "rerank_ms_p95": dg.MetadataValue.float(p95(bench.rerank_ms)),
+        "retrieval_ms_p50_challenger": dg.MetadataValue.float(p50(bench.latency_ms.get("challenger", []))),
     })
+
+
+def _votes(evals) -> str:
+    if "votes" not in evals or evals["votes"].isna().all():
+        return "one vote per pair"
+    n = int(evals["votes"].dropna().str.count(",").max()) + 1
+    return "one vote per pair" if n == 1 else f"relevant by a majority of {n} judge votes per pair"
 
 
 # the gate and the promotion live in flywheel/defs/promotion.py and load with the report

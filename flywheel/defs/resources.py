@@ -80,6 +80,10 @@ class JudgeResource(dg.ConfigurableResource):
     budget_usd: Optional[float] = None
     fewshot_k: int = 4
     min_kappa: float = 0.4
+    # eval sets: each of their pairs is judged this many times in all and counts as relevant by
+    # majority (1 = the week's label alone); extra OpenAI votes are asked at this temperature
+    eval_votes: int = int(os.environ.get("FLYWHEEL_EVAL_VOTES", "3"))
+    eval_vote_temperature: float = 0.7
 
 
 def judge_resource_from_env() -> JudgeResource:
@@ -115,7 +119,13 @@ class TrainingResource(dg.ConfigurableResource):
     reranker_max_length: int = _SETTINGS.reranker_max_length
     reranker_epochs: float = _SETTINGS.reranker_epochs
     reranker_max_steps: int = _SETTINGS.reranker_max_steps
+    reranker_loss: str = _SETTINGS.reranker_loss
+    reranker_batch_size: int = _SETTINGS.reranker_batch_size
+    reranker_num_negatives: int = _SETTINGS.reranker_num_negatives
+    reranker_init: str = _SETTINGS.reranker_init
+    reranker_fusion: str = _SETTINGS.reranker_fusion
     rerank_depth: int = _SETTINGS.rerank_depth
+    train_loss: str = _SETTINGS.train_loss
     # pairs every query with another query's positive: a model trained on noise, for showing
     # (and testing) that the gate stops it
     shuffle_labels: bool = False
@@ -182,7 +192,13 @@ def resources_for(settings: Settings, **overrides) -> dict[str, dg.ConfigurableR
             reranker_max_length=settings.reranker_max_length,
             reranker_epochs=settings.reranker_epochs,
             reranker_max_steps=settings.reranker_max_steps,
+            reranker_loss=settings.reranker_loss,
+            reranker_batch_size=settings.reranker_batch_size,
+            reranker_num_negatives=settings.reranker_num_negatives,
+            reranker_init=settings.reranker_init,
+            reranker_fusion=settings.reranker_fusion,
             rerank_depth=settings.rerank_depth,
+            train_loss=settings.train_loss,
         ),
         "mlflow": MlflowResource(
             tracking_uri=settings.mlflow_tracking_uri if settings.home == _SETTINGS.home

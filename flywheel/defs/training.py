@@ -106,6 +106,7 @@ def trained_model(
         seed=paths.seed,
         device=training.device,
         shuffle_labels=training.shuffle_labels,
+        loss=training.train_loss,
     )
     dataset_sha = content_hash(data)
     rows_sha = content_hash(rows)
@@ -203,7 +204,7 @@ def trained_reranker(
         base_model=training.base_model,
         output_dir=model_dir(paths, week, context.run.run_id, "reranker"),
         epochs=training.reranker_epochs,
-        batch_size=training.batch_size,
+        batch_size=training.reranker_batch_size,
         learning_rate=training.reranker_learning_rate,
         max_length=training.reranker_max_length,
         max_steps=training.reranker_max_steps,
@@ -211,6 +212,10 @@ def trained_reranker(
         seed=paths.seed,
         device=training.device,
         shuffle_labels=training.shuffle_labels,
+        init_model=run_info(paths, week, "embedder")["model_dir"] if training.reranker_init == "embedder" else None,
+        loss=training.reranker_loss,
+        num_negatives=training.reranker_num_negatives,
+        fusion=training.reranker_fusion,
     )
     t = tracker(mlflow)
     rows_sha = content_hash(rows)
@@ -227,7 +232,7 @@ def trained_reranker(
     info = {
         "week": week, "mlflow_run_id": run_id, "registered_model": mlflow.reranker_name, "version": version,
         "model_dir": str(result.model_dir), "training_rows_sha256": rows_sha, "max_length": cfg.max_length,
-        "rerank_depth": cfg.rerank_depth,
+        "rerank_depth": cfg.rerank_depth, "fusion": cfg.fusion,
     }
     _write_info(paths, week, "reranker", info)
     return dg.MaterializeResult(metadata={

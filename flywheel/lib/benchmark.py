@@ -17,7 +17,7 @@ import pandas as pd
 from flywheel.lib import evaluation, index
 from flywheel.lib.beir import BeirDataset
 
-REPORT_METRICS = ["ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "mrr@10"]
+REPORT_METRICS = ["ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "recall@40", "mrr@10"]
 
 
 def test_split_suite(ds: BeirDataset) -> tuple[dict[str, str], dict[str, set[str]]]:
@@ -39,6 +39,7 @@ class RerankSpec:
     on: str  # the ModelSpec name whose ranking it reranks
     depth: int = 40
     max_length: int = 128
+    fusion: str = "rrf"  # see flywheel.lib.reranker.rerank
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Benchmark:
     per_query: dict[str, dict[str, pd.DataFrame]]  # model -> suite -> per-query metrics
     summaries: dict[str, dict[str, dict]] = field(default_factory=dict)  # suite -> model -> metrics
     rerank_ms: list[float] = field(default_factory=list)
+    # per model: retrieval ms per query (encode + LanceDB search), or for a reranker its rerank ms
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    queries: dict[str, dict[str, str]] = field(default_factory=dict)  # suite -> query id -> text
 
     def summary(self, suite: str, model: str) -> dict:
         return self.summaries[suite][model]
@@ -73,26 +77,33 @@ def run_benchmark(
     max_seq_length: int = 256,
     batch_size: int = 64,
     device: str = "auto",
+    latency_sample: int = 50,
     progress: Callable[[str], None] | None = None,
 ) -> Benchmark:
     per_query: dict[str, dict[str, pd.DataFrame]] = {}
+    bench = Benchmark(per_query=per_query, queries={name: dict(s[0]) for name, s in suites.items()})
     rankings_of: dict[str, dict[str, dict[str, list[str]]]] = {}
     by_id: dict[str, str] = {}  # model id -> first spec name (the same model is embedded once)
+    timed_queries = [q for s in suites.values() for q in s[0].values()]
     for spec in models:
         model_id = spec.model_id or index.model_fingerprint(spec.path)
         if model_id in by_id:
             rankings_of[spec.name] = rankings_of[by_id[model_id]]
+            bench.latency_ms[spec.name] = bench.latency_ms[by_id[model_id]]
         else:
             by_id[model_id] = spec.name
             model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length)
             rankings_of[spec.name] = evaluation.rank_model_on(
                 model, model_id, ds.corpus, lancedb_uri, suites, batch_size=batch_size, progress=progress
             )
+            table = index.corpus_table_name(model_id, ds.corpus, model.max_seq_length)
+            bench.latency_ms[spec.name] = evaluation.retrieval_latency_ms(
+                model, timed_queries, lancedb_uri, table, sample=latency_sample
+            )
         per_query[spec.name] = {
             suite: evaluation.evaluate_rankings(rankings_of[spec.name][suite], s[1], judged=_judged(s))
             for suite, s in suites.items()
         }
-    bench = Benchmark(per_query=per_query)
     if rerankers:
         from flywheel.lib.reranker import load_reranker, rerank
 
@@ -102,8 +113,9 @@ def run_benchmark(
             per_query[rspec.name] = {}
             for suite, s in suites.items():
                 reranked, ms = rerank(ce, s[0], rankings_of[rspec.on][suite], texts, depth=rspec.depth,
-                                      batch_size=batch_size, progress=progress)
+                                      batch_size=batch_size, fusion=rspec.fusion, progress=progress)
                 bench.rerank_ms.extend(ms)
+                bench.latency_ms.setdefault(rspec.name, []).extend(ms)
                 per_query[rspec.name][suite] = evaluation.evaluate_rankings(reranked, s[1], judged=_judged(s))
     for suite in suites:
         bench.summaries[suite] = {m: evaluation.summarize(per_query[m][suite]) for m in per_query}
@@ -125,35 +137,122 @@ def p50(values) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
 
-def render_report(
+def p95(values) -> float:
+    return float(np.percentile(values, 95)) if len(values) else float("nan")
+
+
+def wins_losses(bench: Benchmark, suite: str, a: str, b: str, metric: str = "ndcg@10", tol: float = 1e-9) -> dict:
+    """Per query: how many queries ``b`` does better than ``a`` on, worse on, and the same."""
+    x = bench.per_query[a][suite].set_index("query_id")[metric]
+    y = bench.per_query[b][suite].set_index("query_id")[metric].reindex(x.index)
+    d = (y - x).to_numpy()
+    return {"wins": int((d > tol).sum()), "losses": int((d < -tol).sum()), "ties": int((np.abs(d) <= tol).sum())}
+
+
+@dataclass
+class Report:
+    markdown: str  # self-contained: the figures are embedded as data URIs
+    figures: dict[str, bytes]  # file name -> PNG, for MLflow and a reports folder
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _biggest_moves(bench: Benchmark, suite: str, a: str, b: str, n: int = 3) -> list[str]:
+    """The queries that gained and lost the most NDCG@10 from ``a`` to ``b``, with their text."""
+    x = bench.per_query[a][suite].set_index("query_id")
+    y = bench.per_query[b][suite].set_index("query_id").reindex(x.index)
+    d = (y["ndcg@10"] - x["ndcg@10"]).sort_values()
+    texts = bench.queries.get(suite, {})
+
+    def row(qid: str) -> str:
+        q = texts.get(qid, qid).replace("|", "/")
+        q = q if len(q) <= 90 else q[:87] + "..."
+        rank = lambda v: "-" if v != v else f"{v:.0f}"  # noqa: E731 (NaN: not in the top 100)
+        return (f"| {q} | {x.at[qid, 'ndcg@10']:.3f} -> {y.at[qid, 'ndcg@10']:.3f} | "
+                f"{rank(x.at[qid, 'first_relevant_rank'])} -> {rank(y.at[qid, 'first_relevant_rank'])} |")
+
+    wins = [q for q in d.index[::-1][:n] if d[q] > 1e-9]
+    losses = [q for q in d.index[:n] if d[q] < -1e-9]
+    if not wins and not losses:
+        return []
+    lines = [f"| query ({a} -> {b}) | NDCG@10 | first relevant rank |", "|---|---|---|"]
+    lines += [row(q) for q in wins] + [row(q) for q in losses]
+    return lines
+
+
+def build_report(
     bench: Benchmark, models: list[str], *, title: str, decision: str, details: list[str] = (),
     pairs: list[tuple[str, str]] = (),
-) -> str:
-    """Markdown: the decision line first, then one table per suite (change = last column vs first)."""
+) -> Report:
+    """Markdown with the decision line first; per suite a metrics table, paired comparisons with
+    bootstrap CIs and per-query wins/losses, where the first relevant chunk landed (plot) and
+    Recall@k curves (plot); then latency. Figures are also returned as PNG files."""
+    from flywheel.lib import plots
+
+    figures: dict[str, bytes] = {}
     lines = [f"# {title}", "", f"**{decision}**", ""] + list(details) + [""]
     for suite in bench.summaries:
         present = [m for m in models if m in bench.summaries[suite]]
         results = {m: bench.summaries[suite][m] for m in present}
         n = results[present[0]]["queries"]
         lines += [f"## {suite} ({n} queries)", "", evaluation.comparison_table(results, REPORT_METRICS), ""]
+        rows = []
         for a, b in pairs:
             if a in present and b in present:
-                ci = paired_delta(bench, suite, a, b)
-                lines.append(
-                    f"- NDCG@10 {b} vs {a}: {ci['delta']:+.4f}, paired bootstrap 95% CI "
-                    f"[{ci['ci_low']:+.4f}, {ci['ci_high']:+.4f}]"
-                )
+                nd, rc = paired_delta(bench, suite, a, b), paired_delta(bench, suite, a, b, metric="recall@10")
+                wl = wins_losses(bench, suite, a, b)
+                rows.append(f"| {b} vs {a} | {nd['delta']:+.4f} [{nd['ci_low']:+.4f}, {nd['ci_high']:+.4f}] | "
+                            f"{rc['delta']:+.4f} [{rc['ci_low']:+.4f}, {rc['ci_high']:+.4f}] | "
+                            f"{wl['wins']} / {wl['losses']} / {wl['ties']} |")
+        if rows:
+            lines += ["Paired comparisons (95% CI from a paired bootstrap over queries; wins / losses / ties "
+                      "count queries by NDCG@10):", "",
+                      "| comparison | NDCG@10 change [95% CI] | Recall@10 change [95% CI] | wins / losses / ties |",
+                      "|---|---|---|---|", *rows, ""]
         if len(present) > 1:
             a, b = present[0], present[-1]
             mv = evaluation.rank_movement(bench.per_query[a][suite], bench.per_query[b][suite])
             lines += [
-                "",
                 f"First relevant chunk, {a} -> {b} (rank, top 100; missing counts as 101): "
                 f"median {mv['median_rank_before']:.0f} -> {mv['median_rank_after']:.0f}, "
                 f"mean {mv['mean_rank_before']:.1f} -> {mv['mean_rank_after']:.1f}; "
                 f"moved up for {mv['improved']} queries, down for {mv['worsened']}, unchanged {mv['unchanged']}; "
                 f"in top 5: {mv['in_top5_before']} -> {mv['in_top5_after']}; "
                 f"from below 10 into the top 5: {mv['moved_into_top5_from_below_10']}.",
+                "",
             ]
+            moves = _biggest_moves(bench, suite, pairs[0][0] if pairs and pairs[0][0] in present else a,
+                                   pairs[0][1] if pairs and pairs[0][1] in present else b)
+            if moves:
+                lines += ["Largest per-query wins and losses:", "", *moves, ""]
+        rank_png = plots.rank_distribution_plot(
+            {m: bench.per_query[m][suite]["first_relevant_rank"].tolist() for m in present},
+            f"{suite}: rank of the first relevant chunk",
+        )
+        ks = [k for k in evaluation.RECALL_KS if f"recall@{k}" in results[present[0]]]
+        curve_png = plots.recall_curve_plot(
+            {m: {k: results[m][f"recall@{k}"] for k in ks} for m in present}, f"{suite}: Recall@k",
+        )
+        figures[f"{_slug(suite)}-first-relevant-rank.png"] = rank_png
+        figures[f"{_slug(suite)}-recall-at-k.png"] = curve_png
+        lines += [plots.markdown_image(rank_png, f"{suite}: rank of the first relevant chunk"), "",
+                  plots.markdown_image(curve_png, f"{suite}: Recall@k"), ""]
+    timed = [m for m in models if bench.latency_ms.get(m)]
+    if timed:
+        lines += ["## Latency per query (this machine)", "",
+                  "| model | stage | p50 ms | p95 ms | queries timed |", "|---|---|---|---|---|"]
+        for m in timed:
+            v = bench.latency_ms[m]
+            stage = "rerank (cross-encoder)" if "+" in m else "retrieval (encode query + LanceDB search)"
+            lines.append(f"| {m} | {stage} | {p50(v):.1f} | {p95(v):.1f} | {len(v)} |")
         lines.append("")
-    return "\n".join(lines)
+    return Report(markdown="\n".join(lines), figures=figures)
+
+
+def render_report(bench: Benchmark, models: list[str], **kwargs) -> str:
+    """The report's Markdown only (see ``build_report``)."""
+    return build_report(bench, models, **kwargs).markdown

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pandas as pd
 
 from flywheel.lib.judging import normalize_query, stable_uniform
 
-EVAL_COLUMNS = ["week", "query", "query_key", "chunk_id", "rank", "grade", "relevant"]
+EVAL_COLUMNS = ["week", "query", "query_key", "chunk_id", "rank", "grade", "relevant", "votes"]
 FEWSHOT_COLUMNS = ["week", "query", "query_key", "chunk_id", "chunk_text", "grade", "reason"]
 FINETUNE_COLUMNS = [
     "query", "query_key", "positive_id", "positive", "negative_id", "negative", "negative_rank", "week",
@@ -43,20 +43,67 @@ def _latest_request_per_query(labels: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_eval_set(
-    week_labels: pd.DataFrame, *, n_queries: int, seed: int, seen_before: set[str]
+    week_labels: pd.DataFrame,
+    *,
+    n_queries: int,
+    seed: int,
+    seen_before: set[str],
+    extra_votes: Callable[[pd.DataFrame], list[list[int | None]]] | None = None,
 ) -> pd.DataFrame:
     """``n_queries`` queries new this week, with their judged results.
 
     Only queries with at least one chunk judged relevant can score anything, so only those qualify.
+
+    ``extra_votes`` asks the judge again about a batch of candidate rows (one list of grades per
+    extra vote) and a chunk is relevant for evaluation only by majority: the week's label is the
+    first vote. Why: one judge's lenient calls land on chunks the serving model ranks high, so
+    single-vote eval sets reward the model that served and block better challengers (measured:
+    90 false "relevant" pairs of 243 with one vote, 18 of 150 with three). Candidates are
+    confirmed in batches until ``n_queries`` keep a relevant chunk, so only those are paid for.
     """
     labels = week_labels[week_labels["grade"].notna()]
     labels = labels[~labels["query_key"].isin(seen_before)]
     labels = _latest_request_per_query(labels)
     has_relevant = labels.groupby("query_key")["relevant"].any()
     candidates = sorted(has_relevant[has_relevant].index, key=lambda k: stable_uniform("eval", seed, k))
-    chosen = set(candidates[:n_queries])
-    out = labels[labels["query_key"].isin(chosen)].sort_values(["query_key", "rank"])
-    return out[EVAL_COLUMNS].reset_index(drop=True)
+    if extra_votes is None:
+        chosen = set(candidates[:n_queries])
+        out = labels[labels["query_key"].isin(chosen)].sort_values(["query_key", "rank"])
+        out = out.assign(votes=out["grade"].map(lambda g: str(int(g))))
+        return out[EVAL_COLUMNS].reset_index(drop=True)
+    kept: list[pd.DataFrame] = []
+    for start in range(0, len(candidates), max(n_queries, 1)):
+        if len(kept) >= n_queries:
+            break
+        batch = labels[labels["query_key"].isin(set(candidates[start:start + n_queries]))].sort_values(["query_key", "rank"])
+        batch = confirm_by_majority(batch, extra_votes(batch))
+        for key in candidates[start:start + n_queries]:
+            rows = batch[batch["query_key"] == key]
+            if len(kept) < n_queries and rows["relevant"].any():
+                kept.append(rows)
+    if not kept:
+        return pd.DataFrame(columns=EVAL_COLUMNS)
+    return pd.concat(kept)[EVAL_COLUMNS].sort_values(["query_key", "rank"]).reset_index(drop=True)
+
+
+def confirm_by_majority(rows: pd.DataFrame, extra: list[list[int | None]]) -> pd.DataFrame:
+    """``relevant`` by majority over the first label and the extra votes (grade >= 2 is a yes;
+    a vote that came back unlabelled does not count); ``votes`` records every grade, "-" if none."""
+    rows = rows.copy()
+    yes = rows["relevant"].astype(bool).astype(int).tolist()
+    counted = [1] * len(rows)
+    votes = [[str(int(g))] for g in rows["grade"]]
+    for grades in extra:
+        if len(grades) != len(rows):
+            raise ValueError(f"a vote returned {len(grades)} grades for {len(rows)} rows")
+        for i, g in enumerate(grades):
+            votes[i].append("-" if g is None else str(int(g)))
+            if g is not None:
+                counted[i] += 1
+                yes[i] += int(g >= 2)
+    rows["relevant"] = [2 * y > c for y, c in zip(yes, counted)]
+    rows["votes"] = [",".join(v) for v in votes]
+    return rows
 
 
 def build_fewshot_set(

@@ -15,7 +15,7 @@ import pandas as pd
 
 from flywheel.lib import index
 
-RECALL_KS = (1, 5, 10, 20)
+RECALL_KS = (1, 2, 3, 5, 10, 20, 40)  # the report's Recall@k curve
 SEARCH_DEPTH = 100  # how deep we look for the first relevant chunk
 
 
@@ -116,7 +116,7 @@ def rank_movement(before: pd.DataFrame, after: pd.DataFrame, depth: int = SEARCH
 
 
 def comparison_table(results: Mapping[str, Mapping[str, float]], metrics: Sequence[str]) -> str:
-    """Markdown table: one row per metric, one column per model, relative change vs the first."""
+    """Markdown table: one row per metric, one column per model; the change is last vs first."""
     names = list(results)
     header = "| metric | " + " | ".join(names) + (" | change |" if len(names) > 1 else " |")
     sep = "|---" * (len(names) + 1 + (len(names) > 1)) + "|"
@@ -126,8 +126,8 @@ def comparison_table(results: Mapping[str, Mapping[str, float]], metrics: Sequen
         row = f"| {m} | " + " | ".join(f"{v:.4f}" for v in vals)
         if len(names) > 1:
             base, last = vals[0], vals[-1]
-            rel = (last - base) / base * 100 if base else float("nan")
-            row += f" | {last - base:+.4f} ({rel:+.1f}%)"
+            rel = f"{(last - base) / base * 100:+.1f}%" if base else "from 0"
+            row += f" | {last - base:+.4f} ({rel})"
         lines.append(row + " |")
     return "\n".join(lines)
 
@@ -162,3 +162,23 @@ def rank_model_on(
     table = index.ensure_corpus_table(lancedb_uri, model, model_id, corpus, batch_size=batch_size, progress=progress)
     return {name: retrieve(model, suite[0], lancedb_uri, table, k=depth, batch_size=batch_size)
             for name, suite in suites.items()}
+
+
+def retrieval_latency_ms(
+    model, queries: Sequence[str], lancedb_uri, table: str, *, k: int = SEARCH_DEPTH, sample: int = 50
+) -> list[float]:
+    """Milliseconds per query as the app would see it: encode one query, then search LanceDB.
+
+    Timed one query at a time (not batched) on the first ``sample`` queries, after one warm-up."""
+    import time
+
+    picked = list(queries)[:sample]
+    if not picked:
+        return []
+    index.search(lancedb_uri, table, index.encode(model, picked[:1]), k)  # warm-up
+    times = []
+    for q in picked:
+        started = time.perf_counter()
+        index.search(lancedb_uri, table, index.encode(model, [q]), k)
+        times.append((time.perf_counter() - started) * 1000)
+    return times

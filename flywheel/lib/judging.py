@@ -15,6 +15,7 @@ the human labels (Cohen's kappa) lands where published LLM-judge studies put it 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -143,7 +144,12 @@ class SimulatedJudge:
         return Judgement(0, "matches the human label: irrelevant")
 
     def judge(self, requests, *, fewshot=None, progress=None) -> list[Judgement]:
+        started = time.monotonic()
         out = [self._grade(r) for r in requests]
+        if progress:
+            secs = time.monotonic() - started
+            progress(f"judge {self.name}: {len(out)}/{len(requests)} judged (100%), "
+                     f"{len(out) / max(secs, 1e-9):.0f}/s, ~0s left")
         self.usage.calls += len(out)
         self.usage.failures += sum(j.grade is None for j in out)
         return out

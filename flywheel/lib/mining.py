@@ -14,6 +14,7 @@ one, then the next judged one... so the row count (the "training examples") neve
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -164,6 +165,10 @@ def build_training_rows(
     if miner_model_path and len(finetune_set):
         started = time.monotonic()
         model = index.load_embedder(miner_model_path, device=device, max_seq_length=max_seq_length)
+        if cache_folder:
+            # sentence-transformers keys its embedding cache by the model card's *base* model name,
+            # which a fine-tuned champion shares with the base: one folder per model's weights
+            cache_folder = str(Path(cache_folder) / f"{index.model_fingerprint(miner_model_path)}-seq{max_seq_length}")
         say(f"mining hard negatives with {miner_model_path} over {len(corpus_texts)} chunks (seq {max_seq_length})")
         mined, info = mine(finetune_set, model, corpus_ids, corpus_texts, judged, cfg, cache_folder=cache_folder)
         seconds = time.monotonic() - started

@@ -409,7 +409,9 @@ class OpenAIJudge:
                 if time.monotonic() - last_report >= 10.0 or done == len(futures):
                     last_report = time.monotonic()
                     rate = done / max(last_report - started, 1e-9)
-                    say(f"judge {self.name}: {done}/{len(futures)} asked ({rate:.1f}/s), "
+                    left = (len(futures) - done) / rate if rate > 0 else float("nan")
+                    say(f"judge {self.name}: {done}/{len(futures)} asked ({100 * done / len(futures):.0f}%), "
+                        f"{rate:.1f}/s, ~{left:.0f}s left, "
                         f"{sum(r is not None and r.grade is None for r in results)} unlabelled, "
                         f"${self.usage.cost_usd:.4f} spent")
 

@@ -28,6 +28,9 @@ from flywheel.lib import index
 from flywheel.lib.judging import stable_uniform
 
 
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
+
+
 @dataclass
 class RerankerConfig:
     base_model: str
@@ -42,6 +45,17 @@ class RerankerConfig:
     seed: int = 0
     device: str = "auto"
     shuffle_labels: bool = False
+    # weights to start from (None: base_model). The week's fine-tuned embedder already knows the
+    # domain; only the one-logit head is new either way.
+    init_model: str | None = None
+    # "bce": (query, chunk, 1/0) pairs, binary cross-entropy. "listwise": each (query, positive,
+    # hard negative) row scored against its negative and ``num_negatives`` in-batch ones,
+    # cross-entropy over the list (sentence-transformers' cross-encoder MNRL).
+    loss: str = "bce"
+    num_negatives: int = 1
+    # how the cross-encoder's order is used: "rrf" fuses it with the bi-encoder's order by
+    # reciprocal rank (k=60), "none" takes the cross-encoder's order alone
+    fusion: str = "rrf"
 
     def params(self) -> dict:
         d = asdict(self)
@@ -99,23 +113,36 @@ def train_reranker(
         raise ValueError("no training rows: nothing to train the reranker on")
     index.set_torch_threads()
 
-    # 1. Model: the local MiniLM encoder with a fresh one-logit head (the "head is new" warning is expected)
+    # 1. Model: a local encoder with a fresh one-logit head (the "head is new" warning is expected)
     logging.getLogger("sentence_transformers.cross_encoder.model").setLevel(logging.ERROR)
     model = CrossEncoder(
-        cfg.base_model, num_labels=1, max_length=cfg.max_length,
+        cfg.init_model or cfg.base_model, num_labels=1, max_length=cfg.max_length,
         device=index.resolve_device(cfg.device), local_files_only=True,
     )
 
-    # 2. Data: (query, chunk, 1/0) pairs
+    # 2. Data and 3. loss
     pairs = labelled_pairs(rows, cfg.seed, cfg.shuffle_labels)
-    ds = Dataset.from_dict({"query": pairs["query"].tolist(), "text": pairs["text"].tolist(), "label": pairs["label"].tolist()})
     n_pos = int((pairs["label"] == 1).sum())
     n_neg = len(pairs) - n_pos
+    if cfg.loss == "bce":
+        # (query, chunk, 1/0) pairs; binary cross-entropy, positives up-weighted by the class ratio
+        import torch
 
-    # 3. Loss: binary cross-entropy, positives up-weighted by the class ratio
-    import torch
+        ds = Dataset.from_dict({"query": pairs["query"].tolist(), "text": pairs["text"].tolist(), "label": pairs["label"].tolist()})
+        loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(max(n_neg, 1) / max(n_pos, 1)))
+    elif cfg.loss == "listwise":
+        # (query, positive, hard negative) rows: pick the positive out of its negatives
+        from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss
 
-    loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(max(n_neg, 1) / max(n_pos, 1)))
+        triples = rows[["query", "positive", "negative"]]
+        if cfg.shuffle_labels:
+            triples = triples.assign(positive=triples["positive"].sample(frac=1.0, random_state=cfg.seed).to_numpy())
+        order = [stable_uniform("rerank-rows", cfg.seed, q, p, n) for q, p, n in triples.itertuples(index=False)]
+        triples = triples.assign(_o=order).sort_values("_o").drop(columns="_o")
+        ds = Dataset.from_dict({c: triples[c].tolist() for c in ("query", "positive", "negative")})
+        loss = MultipleNegativesRankingLoss(model, num_negatives=cfg.num_negatives)
+    else:
+        raise ValueError(f"unknown reranker loss {cfg.loss!r}: use 'bce' or 'listwise'")
 
     # 4. Arguments
     checkpoint_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".checkpoints")
@@ -159,7 +186,7 @@ def train_reranker(
     model.save_pretrained(str(out))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     (out / "flywheel_reranker.json").write_text(json.dumps({
-        "config": cfg.params(), "train_pairs": len(pairs), "positives": n_pos, "negatives": n_neg,
+        "config": cfg.params(), "train_examples": len(ds), "train_pairs": len(pairs), "positives": n_pos, "negatives": n_neg,
         "train_seconds": train_seconds,
     }, indent=2, default=str))
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
@@ -177,12 +204,18 @@ def rerank(
     *,
     depth: int = 40,
     batch_size: int = 64,
+    fusion: str = "rrf",
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, list[str]], list[float]]:
     """Rescore each query's top ``depth`` with the cross-encoder; the rest keeps its order below.
 
+    ``fusion="rrf"`` orders the head by 1/(60 + bi-encoder rank) + 1/(60 + cross-encoder rank)
+    (reciprocal rank fusion: no scores to calibrate, and a reranker trained on a few thousand
+    pairs corrects the bi-encoder instead of replacing it); ``"none"`` by the cross-encoder alone.
     Returns the new rankings and the milliseconds each query's rerank took.
     """
+    if fusion not in ("rrf", "none"):
+        raise ValueError(f"unknown fusion {fusion!r}: use 'rrf' or 'none'")
     out: dict[str, list[str]] = {}
     times: list[float] = []
     meter = index.RateLogger("rerank", len(queries), progress, every_s=30.0)
@@ -192,6 +225,10 @@ def rerank(
         started = time.perf_counter()
         if head:
             scores = np.asarray(model.predict([(query, texts[d]) for d in head], batch_size=batch_size, show_progress_bar=False))
+            if fusion == "rrf":
+                ce_rank = np.empty(len(head))
+                ce_rank[np.argsort(-scores, kind="stable")] = np.arange(1, len(head) + 1)
+                scores = 1.0 / (RRF_K + np.arange(1, len(head) + 1)) + 1.0 / (RRF_K + ce_rank)
             order = np.argsort(-scores, kind="stable")
             head = [head[i] for i in order]
         times.append((time.perf_counter() - started) * 1000)

@@ -104,8 +104,6 @@ class Tracker:
         """A local sentence-transformers folder for a registered version (from its MLflow copy)."""
         import mlflow
 
-        from flywheel.lib.index import load_embedder  # noqa: F401  (the flavour loads through ST)
-
         mlflow.set_tracking_uri(self.tracking_uri)
         model = mlflow.sentence_transformers.load_model(f"models:/{registered_name}/{version}")
         dest = Path(self.artifact_root).parent / "downloads" / registered_name / str(version)
@@ -129,6 +127,15 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._client().log_text(run_id, text, artifact_file)
+
+    def log_files(self, run_id: str, files: dict[str, bytes], artifact_path: str) -> None:
+        """Write named bytes (PNG plots, an HTML report) under ``artifact_path`` of the run."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            self._client().log_artifacts(run_id, tmp, artifact_path)
 
     def alias_version(self, registered_name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
