@@ -63,7 +63,7 @@ class Settings:
     mine_range_max: int = 30
     mine_relative_margin: float = 0.05
     # cross-encoder reranker
-    reranker_learning_rate: float = 1e-4
+    reranker_learning_rate: float = 3e-4
     reranker_max_length: int = 128
     reranker_epochs: float = 1.0
     # a step is 16 rows x 3 scored pairs (positive, its hard negative, one in-batch negative);
@@ -144,7 +144,7 @@ class Settings:
             mine_negatives=_env("FLYWHEEL_MINE_NEGATIVES", "1") not in ("0", "false", "no"),
             mine_range_max=int(_env("FLYWHEEL_MINE_RANGE_MAX", "30")),
             mine_relative_margin=float(_env("FLYWHEEL_MINE_RELATIVE_MARGIN", "0.05")),
-            reranker_learning_rate=float(_env("FLYWHEEL_RERANKER_LR", "1e-4")),
+            reranker_learning_rate=float(_env("FLYWHEEL_RERANKER_LR", "3e-4")),
             reranker_max_length=int(_env("FLYWHEEL_RERANKER_MAX_LENGTH", "128")),
             reranker_epochs=float(_env("FLYWHEEL_RERANKER_EPOCHS", "1")),
             reranker_max_steps=int(_env("FLYWHEEL_RERANKER_MAX_STEPS", "40")),

@@ -220,3 +220,20 @@ def test_gist_loss_is_guided_by_the_base(rows, tmp_path, base_model_path):
     assert type(loss).__name__ == "GISTEmbedLoss" and loss.guide is not model
     with pytest.raises(ValueError, match="unknown loss"):
         make_loss(model, TrainConfig(base_model=base_model_path, output_dir=tmp_path / "h", loss="triplet"))
+
+
+def test_reranker_head_learns_at_its_own_rate(base_model_path, tmp_path):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from flywheel.lib.reranker import _head_optimizer
+
+    ce = CrossEncoder(base_model_path, num_labels=1, max_length=64, local_files_only=True)
+    cfg = RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "h", max_steps=10, head_learning_rate=2e-3)
+    optimizer, scheduler = _head_optimizer(ce, cfg, 100)["optimizers"]
+    body, head = optimizer.param_groups
+    assert (body["initial_lr"], head["initial_lr"]) == (cfg.learning_rate, 2e-3)
+    head_ids = {id(p) for p in head["params"]}
+    assert {id(p) for n, p in ce.model.named_parameters() if "classifier" in n} <= head_ids
+    assert len(body["params"]) > 10 * len(head["params"])  # the encoder stays in the slow group
+    assert _head_optimizer(ce, RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "n",
+                                              head_learning_rate=None), 100) == {}

@@ -38,6 +38,10 @@ class RerankerConfig:
     epochs: float = 1.0
     batch_size: int = 32
     learning_rate: float = 1e-4
+    # the scoring head (and the pooler under it) is new: it learns at its own, higher rate.
+    # Listwise loss after 40 steps of batch 8 on the demo's rows (chance: ln 3 = 1.099): all at
+    # 1e-4: 1.06; encoder 1e-4 + head 2e-3: 0.92; all at 3e-4: 0.86; encoder 3e-4 + head 2e-3: 0.72-0.93
+    head_learning_rate: float | None = 2e-3
     max_length: int = 128
     warmup: float = 0.1
     max_steps: int = -1
@@ -174,7 +178,8 @@ def train_reranker(
                 say(f"reranker: step {state.global_step}/{state.max_steps}, loss {logs['loss']:.4f}, ~{left:.0f}s left")
 
     # 5. Train
-    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=ds, loss=loss, callbacks=[_Progress()])
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=ds, loss=loss, callbacks=[_Progress()],
+                                  **_head_optimizer(model, cfg, len(ds)))
     started = time.monotonic()
     trainer.train()
     train_seconds = time.monotonic() - started
@@ -194,6 +199,32 @@ def train_reranker(
         model_dir=out, train_pairs=len(pairs), positives=n_pos, negatives=n_neg,
         steps=trainer.state.global_step, train_seconds=train_seconds, loss_history=losses,
     )
+
+
+def _head_optimizer(model, cfg: RerankerConfig, n_examples: int) -> dict:
+    """AdamW with the new head (classifier, pooler) at ``head_learning_rate``, the encoder at
+    ``learning_rate``; linear warmup and decay over the run, like the trainer's own default."""
+    if not cfg.head_learning_rate:
+        return {}
+    import math
+
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    def is_head(name: str) -> bool:
+        return name.startswith(("classifier", "bert.pooler", "pooler")) or ".pooler." in name or "classifier" in name
+
+    named = list(model.model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if not is_head(n)], "lr": cfg.learning_rate},
+        {"params": [p for n, p in named if is_head(n)], "lr": cfg.head_learning_rate},
+    ]
+    if not groups[1]["params"]:
+        return {}
+    steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(n_examples / cfg.batch_size * cfg.epochs))
+    warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    return {"optimizers": (optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps))}
 
 
 def rerank(
