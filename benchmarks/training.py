@@ -38,7 +38,7 @@ from flywheel.lib.beir import load_beir  # noqa: E402
 from flywheel.lib.datasets import build_finetune_set  # noqa: E402
 from flywheel.lib.mining import MiningConfig, build_training_rows  # noqa: E402
 from flywheel.lib.reranker import RerankerConfig, train_reranker  # noqa: E402
-from flywheel.lib.training import TrainConfig, train_bi_encoder  # noqa: E402
+from flywheel.lib.training import TrainConfig, frozen_corpus, related_chunks, train_bi_encoder  # noqa: E402
 from flywheel.settings import get_settings  # noqa: E402
 
 T0 = time.monotonic()
@@ -92,13 +92,16 @@ def main() -> dict:
     say(f"finetune_set: {stats.rows} rows, {stats.queries} queries, {stats.near_duplicates_excluded} near-duplicates "
         f"of held-out queries excluded")
 
-    # 2. hard negatives: judged (already in the rows) + mined with the base model (the first week's champion)
+    # 2. hard negatives: judged (already in the rows) + mined with the base model (the first week's
+    #    champion); the corpus loss scores every chunk instead of mining
+    query_only = settings.train_loss == "corpus"
+    mine = settings.mine_negatives and not query_only
     rows, neg = build_training_rows(
         finetune, labels[["query_key", "chunk_id", "grade"]], settings.base_model,
         list(ds.corpus.ids), list(ds.corpus.texts),
         MiningConfig(range_max=settings.mine_range_max, relative_margin=settings.mine_relative_margin),
         max_seq_length=settings.train_max_seq_length, cache_folder=str(work / "mining-cache"), progress=say,
-    ) if settings.mine_negatives else build_training_rows(finetune, None, None, [], [])
+    ) if mine else build_training_rows(finetune, None, None, [], [])
 
     # 3. the bi-encoder, default settings
     cfg = TrainConfig(
@@ -110,7 +113,11 @@ def main() -> dict:
     )
     say(f"training the embedder: lr {cfg.learning_rate}, batch {cfg.batch_size}, seq {cfg.max_seq_length}, "
         f"epochs {cfg.epochs}")
-    emb = train_bi_encoder(rows, cfg, progress=say)
+    corpus = frozen_corpus(
+        settings.lancedb_dir, settings.base_model, ds.corpus, max_seq_length=settings.encode_max_seq_length,
+        progress=say,
+    ) if query_only else None
+    emb = train_bi_encoder(rows, cfg, corpus=corpus, related=related_chunks(labels), progress=say)
     say(f"embedder trained in {emb.train_seconds:.0f}s ({emb.steps} steps; estimated {emb.estimated_seconds:.0f}s)")
 
     # 4. evaluate base vs embedder on the test split (human labels); corpus encoded at 256
@@ -127,6 +134,7 @@ def main() -> dict:
     rcfg = RerankerConfig(
         base_model=settings.base_model, output_dir=work / "reranker", epochs=settings.reranker_epochs,
         batch_size=settings.reranker_batch_size, learning_rate=settings.reranker_learning_rate,
+        head_learning_rate=settings.reranker_head_learning_rate,
         max_length=settings.reranker_max_length, max_steps=settings.reranker_max_steps,
         rerank_depth=settings.rerank_depth, seed=settings.seed,
         init_model=str(emb.model_dir) if settings.reranker_init == "embedder" else None,
@@ -166,6 +174,7 @@ def main() -> dict:
         "rerank_ms_p50": round(p50(bench2.rerank_ms), 1),
         "negatives_judged": neg["judged_negatives"],
         "negatives_mined": neg["mined_negatives"],
+        "negatives_from_corpus": len(ds.corpus) if query_only else 0,
         "mined_dropped_judged_relevant": neg["mined_dropped_judged_relevant"],
         "mining_seconds": neg["mining_seconds"],
         "general_ndcg10_base": round(emb.general_before, 4),
@@ -175,6 +184,7 @@ def main() -> dict:
         "weeks_of_labels": len(weeks),
         "learning_rate": cfg.learning_rate,
         "train_loss": cfg.loss,
+        "train_epochs": cfg.epochs,
         "reranker": f"{rcfg.loss}, init {settings.reranker_init}, fusion {rcfg.fusion}, depth {rcfg.rerank_depth}",
         "train_max_seq_length": cfg.max_seq_length,
         "total_seconds": round(time.monotonic() - T0, 1),

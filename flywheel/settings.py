@@ -46,9 +46,11 @@ class Settings:
     finetune_examples: int = 2000
     top_k: int = 20
     # training and encoding (a lighter configuration is one environment away)
-    train_epochs: float = 1.0
+    # defaults for the "corpus" loss (query encoder only, cheap steps: several epochs fit);
+    # GIST/MNRL were measured at 1 epoch, lr 1e-4 (see flywheel/lib/training.py)
+    train_epochs: float = 3.0
     train_batch_size: int = 32
-    train_learning_rate: float = 1e-4
+    train_learning_rate: float = 5e-5
     train_max_seq_length: int = 128
     train_max_steps: int = -1
     encode_max_seq_length: int = 256
@@ -64,6 +66,7 @@ class Settings:
     mine_relative_margin: float = 0.05
     # cross-encoder reranker
     reranker_learning_rate: float = 3e-4
+    reranker_head_learning_rate: float = 2e-3  # the new scoring head starts from random: faster
     reranker_max_length: int = 128
     reranker_epochs: float = 1.0
     # a step is 16 rows x 3 scored pairs (positive, its hard negative, one in-batch negative);
@@ -75,8 +78,9 @@ class Settings:
     reranker_fusion: str = "rrf"  # fuse with the bi-encoder's order, or "none"
     reranker_num_negatives: int = 1  # in-batch negatives per row for the listwise loss
     rerank_depth: int = 40
-    # the bi-encoder's loss: "mnrl" or "gist" (see flywheel/lib/training.py)
-    train_loss: str = "gist"
+    # the bi-encoder's loss: "corpus" (query encoder only, no corpus re-embedding), "gist" or
+    # "mnrl" (one shared tower; see flywheel/lib/training.py)
+    train_loss: str = "corpus"
 
     # -- derived locations (all under home) -------------------------------------------------
     @property
@@ -132,9 +136,9 @@ class Settings:
             eval_queries=int(_env("FLYWHEEL_EVAL_QUERIES", "20")),
             fewshot_examples=int(_env("FLYWHEEL_FEWSHOT_EXAMPLES", "200")),
             finetune_examples=int(_env("FLYWHEEL_FINETUNE_EXAMPLES", "2000")),
-            train_epochs=float(_env("FLYWHEEL_TRAIN_EPOCHS", "1")),
+            train_epochs=float(_env("FLYWHEEL_TRAIN_EPOCHS", "3")),
             train_batch_size=int(_env("FLYWHEEL_TRAIN_BATCH_SIZE", "32")),
-            train_learning_rate=float(_env("FLYWHEEL_TRAIN_LR", "1e-4")),
+            train_learning_rate=float(_env("FLYWHEEL_TRAIN_LR", "5e-5")),
             train_max_seq_length=int(_env("FLYWHEEL_TRAIN_MAX_SEQ_LENGTH", "128")),
             train_max_steps=int(_env("FLYWHEEL_TRAIN_MAX_STEPS", "-1")),
             encode_max_seq_length=int(_env("FLYWHEEL_ENCODE_MAX_SEQ_LENGTH", "256")),
@@ -145,6 +149,7 @@ class Settings:
             mine_range_max=int(_env("FLYWHEEL_MINE_RANGE_MAX", "30")),
             mine_relative_margin=float(_env("FLYWHEEL_MINE_RELATIVE_MARGIN", "0.05")),
             reranker_learning_rate=float(_env("FLYWHEEL_RERANKER_LR", "3e-4")),
+            reranker_head_learning_rate=float(_env("FLYWHEEL_RERANKER_HEAD_LR", "2e-3")),
             reranker_max_length=int(_env("FLYWHEEL_RERANKER_MAX_LENGTH", "128")),
             reranker_epochs=float(_env("FLYWHEEL_RERANKER_EPOCHS", "1")),
             reranker_max_steps=int(_env("FLYWHEEL_RERANKER_MAX_STEPS", "40")),
@@ -153,7 +158,7 @@ class Settings:
             reranker_init=_env("FLYWHEEL_RERANKER_INIT", "embedder"),
             reranker_fusion=_env("FLYWHEEL_RERANKER_FUSION", "rrf"),
             rerank_depth=int(_env("FLYWHEEL_RERANK_DEPTH", "40")),
-            train_loss=_env("FLYWHEEL_TRAIN_LOSS", "gist"),
+            train_loss=_env("FLYWHEEL_TRAIN_LOSS", "corpus"),
         )
 
 

@@ -8,6 +8,7 @@ from flywheel.lib.datasets import (
     build_fewshot_set,
     build_finetune_set,
     content_hash,
+    votes_description,
 )
 from flywheel.lib.judging import normalize_query
 
@@ -61,6 +62,8 @@ def test_eval_set_relevance_is_confirmed_by_a_majority_of_votes():
     flipped = rel["query_key"].str.extract(r"number (\d+) ")[0].astype(int) < 3
     assert set(rel.loc[flipped, "rank"]) == {1} and set(rel.loc[~flipped, "rank"]) == {2}
     assert ev.loc[(ev["rank"] == 2) & ev["query_key"].str.contains("number 0 "), "votes"].item() == "3,0,0"
+    assert votes_description(ev) == "relevant by a majority of 3 judge votes per pair"
+    assert votes_description(ev.drop(columns="votes")) == "one vote per pair"
 
 
 def test_votes_only_pay_for_enough_queries_and_unlabelled_votes_do_not_count():

@@ -237,3 +237,61 @@ def test_reranker_head_learns_at_its_own_rate(base_model_path, tmp_path):
     assert len(body["params"]) > 10 * len(head["params"])  # the encoder stays in the slow group
     assert _head_optimizer(ce, RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "n",
                                               head_learning_rate=None), 100) == {}
+
+
+def _corpus_embeddings(small_beir, base_model_path, tmp_path):
+    from flywheel.lib.training import CorpusEmbeddings
+
+    ds = load_beir(small_beir)
+    base = index.load_embedder(base_model_path, max_seq_length=64)
+    table = index.ensure_corpus_table(tmp_path / "lancedb", base, index.model_fingerprint(base_model_path), ds.corpus)
+    ids, vectors = index.table_vectors(tmp_path / "lancedb", table)
+    return ds, table, CorpusEmbeddings(ids, vectors)
+
+
+def test_corpus_loss_trains_only_the_query_encoder_and_keeps_the_corpus_table(
+    rows, small_beir, base_model_path, tmp_path
+):
+    ds, table, corpus = _corpus_embeddings(small_beir, base_model_path, tmp_path)
+    cfg = TrainConfig(
+        base_model=base_model_path, output_dir=tmp_path / "q", batch_size=16, max_seq_length=64,
+        max_steps=8, validation_fraction=0.2, evaluations=2, validation_distractors=50, loss="corpus",
+        learning_rate=2e-4,
+    )
+    res = train_bi_encoder(rows, cfg, corpus=corpus)
+    assert res.steps == 8 and [h["step"] for h in res.eval_history] == [4, 8]
+    losses = [h["loss"] for h in res.loss_history]
+    assert losses and all(np.isfinite(losses))
+
+    # the saved model routes queries and documents: documents are still the base's embeddings,
+    # queries are not, and the corpus table it searches is the base's (no re-embedding)
+    trained = index.load_embedder(res.model_dir, max_seq_length=64)
+    base = index.load_embedder(base_model_path, max_seq_length=64)
+    texts = list(ds.corpus.texts[:3])
+    assert np.allclose(index.encode(trained, texts), index.encode(base, texts), atol=1e-5)
+    queries = list(rows["query"].unique()[:3])
+    assert not np.allclose(index.encode(trained, queries, task="query"), index.encode(base, queries, task="query"), atol=1e-3)
+    assert index.corpus_encoder_id(res.model_dir) == index.model_fingerprint(base_model_path)
+    assert index.corpus_table_name(index.corpus_encoder_id(res.model_dir), ds.corpus, 64) == table
+    assert index.transformer_dir(res.model_dir).name.startswith("query_")
+
+    # merging toward the base reaches the query route too (alpha 0: the base again)
+    forgetting.merge_with_base(trained, base_model_path, 0.0)
+    assert np.allclose(index.encode(trained, queries, task="query"), index.encode(base, queries, task="query"), atol=1e-5)
+
+
+def test_corpus_targets_mask_the_querys_other_relevant_chunks():
+    from flywheel.lib.training import corpus_targets
+
+    rows = pd.DataFrame({
+        "query_key": ["a", "a", "b", "c"], "positive_id": ["d1", "d2", "d3", "missing"],
+    })
+    targets, masked, missing = corpus_targets(rows, ["d1", "d2", "d3", "d4", "d5"], {"a": {"d4"}, "b": {"d3"}})
+    assert targets == [0, 1, 2, -1] and missing == 1
+    assert masked == [[1, 3], [0, 3], [], []]  # a's other positive and its related chunk; never the row's own
+
+
+def test_corpus_loss_needs_the_corpus(rows, base_model_path, tmp_path):
+    cfg = TrainConfig(base_model=base_model_path, output_dir=tmp_path / "x", loss="corpus", max_steps=1)
+    with pytest.raises(ValueError, match="corpus embeddings"):
+        train_bi_encoder(rows, cfg)

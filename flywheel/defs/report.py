@@ -20,6 +20,7 @@ from flywheel.lib import evaluation, store
 from flywheel.lib import plots
 from flywheel.lib.benchmark import ModelSpec, RerankSpec, build_report, p50, p95, run_benchmark, test_split_suite
 from flywheel.lib.beir import load_beir
+from flywheel.lib.datasets import votes_description
 from flywheel.lib.promotion import gate_decision, serving_model
 
 
@@ -78,7 +79,7 @@ def benchmark_report(
 
     models = ["base"] + (["champion"] if champion_label != "base" else []) + ["challenger", "challenger+reranker"]
     details = [
-        f"Eval sets: {len(eval_weeks)} weeks, judged labels ({_votes(evals)}), condensed lists (chunks nobody judged are "
+        f"Eval sets: {len(eval_weeks)} weeks, judged labels ({votes_description(evals)}), condensed lists (chunks nobody judged are "
         f"skipped, not counted as misses: the judged pool is what the serving model retrieved). Champion: {champion_label}. "
         f"Gate margin: {paths.regression_margin} NDCG@10. Reranker: {mlflow.reranker_name} v{rinfo['version']} "
         f"on the challenger's top {rinfo.get('rerank_depth', training.rerank_depth)} "
@@ -139,13 +140,6 @@ def benchmark_report(
         "rerank_ms_p95": dg.MetadataValue.float(p95(bench.rerank_ms)),
         "retrieval_ms_p50_challenger": dg.MetadataValue.float(p50(bench.latency_ms.get("challenger", []))),
     })
-
-
-def _votes(evals) -> str:
-    if "votes" not in evals or evals["votes"].isna().all():
-        return "one vote per pair"
-    n = int(evals["votes"].dropna().str.count(",").max()) + 1
-    return "one vote per pair" if n == 1 else f"relevant by a majority of {n} judge votes per pair"
 
 
 # the gate and the promotion live in flywheel/defs/promotion.py and load with the report

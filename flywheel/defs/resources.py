@@ -116,6 +116,7 @@ class TrainingResource(dg.ConfigurableResource):
     mine_relative_margin: float = _SETTINGS.mine_relative_margin
     # cross-encoder reranker (trained_reranker)
     reranker_learning_rate: float = _SETTINGS.reranker_learning_rate
+    reranker_head_learning_rate: float = _SETTINGS.reranker_head_learning_rate
     reranker_max_length: int = _SETTINGS.reranker_max_length
     reranker_epochs: float = _SETTINGS.reranker_epochs
     reranker_max_steps: int = _SETTINGS.reranker_max_steps
@@ -189,6 +190,7 @@ def resources_for(settings: Settings, **overrides) -> dict[str, dg.ConfigurableR
             mine_range_max=settings.mine_range_max,
             mine_relative_margin=settings.mine_relative_margin,
             reranker_learning_rate=settings.reranker_learning_rate,
+            reranker_head_learning_rate=settings.reranker_head_learning_rate,
             reranker_max_length=settings.reranker_max_length,
             reranker_epochs=settings.reranker_epochs,
             reranker_max_steps=settings.reranker_max_steps,

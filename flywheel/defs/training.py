@@ -22,7 +22,7 @@ from flywheel.lib.mining import MiningConfig, build_training_rows
 from flywheel.lib.promotion import serving_model
 from flywheel.lib.reranker import RerankerConfig, train_reranker
 from flywheel.lib.tracking import Tracker
-from flywheel.lib.training import TrainConfig, train_bi_encoder
+from flywheel.lib.training import TrainConfig, frozen_corpus, related_chunks, train_bi_encoder
 
 
 def tracker(mlflow: MlflowResource) -> Tracker:
@@ -80,11 +80,16 @@ def trained_model(
     ds = load_beir(paths.dataset_dir)
     t = tracker(mlflow)
 
-    # Hard negatives: judged (in finetune_set) + mined with the model that serves now
+    # Hard negatives: judged (in finetune_set) + mined with the model that serves now. The corpus
+    # loss needs no mining: every chunk of the corpus is scored as a negative at every step.
     miner_path, miner_label = serving_model(t, mlflow.embedder_name, training.base_model)
+    query_only = training.train_loss == "corpus"
+    if query_only:
+        miner_label = "none (corpus loss: every chunk is a negative)"
     labels, _ = labels_to_date(paths, week)
     rows, neg_stats = build_training_rows(
-        data, labels[["query_key", "chunk_id", "grade"]], miner_path if training.mine_negatives else None,
+        data, labels[["query_key", "chunk_id", "grade"]],
+        miner_path if training.mine_negatives and not query_only else None,
         list(ds.corpus.ids), list(ds.corpus.texts),
         MiningConfig(range_max=training.mine_range_max, relative_margin=training.mine_relative_margin),
         max_seq_length=training.max_seq_length, device=training.device,
@@ -117,7 +122,15 @@ def trained_model(
             "general_slice_sha256": general_sha, "finetune_rows": len(data), "mined_with": miner_label,
         })
         t.log_metrics(run_id, {f"negatives_{k}": v for k, v in neg_stats.items()})
-        result = train_bi_encoder(rows, cfg, progress=context.log.info)
+        corpus, related = None, None
+        if query_only:
+            corpus = frozen_corpus(
+                vector_store.uri, training.base_model, ds.corpus, max_seq_length=training.encode_max_seq_length,
+                device=training.device, batch_size=training.encode_batch_size, progress=context.log.info,
+            )
+            related = related_chunks(labels)
+            t.log_metrics(run_id, {"negatives_corpus_chunks": len(corpus.ids)})
+        result = train_bi_encoder(rows, cfg, corpus=corpus, related=related, progress=context.log.info)
         for h in result.loss_history:
             t.log_metrics(run_id, {"train_loss": h["loss"]}, step=h["step"])
         for h in result.eval_history:
@@ -132,11 +145,12 @@ def trained_model(
         })
         version = t.log_embedder(result.model_dir, mlflow.embedder_name, device=cfg.device)
 
-    # Embed the corpus with the new model now, once: the report, the gate and serving reuse the table.
+    # Embed the corpus with the new model now, once: the report, the gate and serving reuse the
+    # table. A query-only model reads its base's table: nothing to embed.
     model = index.load_embedder(result.model_dir, device=training.device, max_seq_length=training.encode_max_seq_length)
     model_id = index.model_fingerprint(result.model_dir)
     table = index.ensure_corpus_table(
-        vector_store.uri, model, model_id, ds.corpus,
+        vector_store.uri, model, index.corpus_encoder_id(result.model_dir), ds.corpus,
         batch_size=training.encode_batch_size, progress=context.log.info,
     )
     info = {
@@ -166,6 +180,8 @@ def trained_model(
         "training_rows_sha256": rows_sha,
         "negatives_judged": neg_stats["judged_negatives"],
         "negatives_mined": neg_stats["mined_negatives"],
+        "negatives_from_corpus": len(ds.corpus) if query_only else 0,
+        "trained_towers": "query (documents: the base's corpus table)" if query_only else "shared",
         "mined_dropped_as_judged_relevant": neg_stats["mined_dropped_judged_relevant"],
         "mined_with": miner_label,
         "validation_ndcg@10_before": dg.MetadataValue.float(float(before.get(vkey, float("nan")))),
@@ -206,6 +222,7 @@ def trained_reranker(
         epochs=training.reranker_epochs,
         batch_size=training.reranker_batch_size,
         learning_rate=training.reranker_learning_rate,
+        head_learning_rate=training.reranker_head_learning_rate,
         max_length=training.reranker_max_length,
         max_steps=training.reranker_max_steps,
         rerank_depth=training.rerank_depth,

@@ -93,10 +93,11 @@ def run_benchmark(
         else:
             by_id[model_id] = spec.name
             model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length)
+            corpus_id = index.corpus_encoder_id(spec.path)  # a query-only fine-tune reads its base's table
             rankings_of[spec.name] = evaluation.rank_model_on(
-                model, model_id, ds.corpus, lancedb_uri, suites, batch_size=batch_size, progress=progress
+                model, corpus_id, ds.corpus, lancedb_uri, suites, batch_size=batch_size, progress=progress
             )
-            table = index.corpus_table_name(model_id, ds.corpus, model.max_seq_length)
+            table = index.corpus_table_name(corpus_id, ds.corpus, model.max_seq_length)
             bench.latency_ms[spec.name] = evaluation.retrieval_latency_ms(
                 model, timed_queries, lancedb_uri, table, sample=latency_sample
             )
@@ -252,7 +253,3 @@ def build_report(
         lines.append("")
     return Report(markdown="\n".join(lines), figures=figures)
 
-
-def render_report(bench: Benchmark, models: list[str], **kwargs) -> str:
-    """The report's Markdown only (see ``build_report``)."""
-    return build_report(bench, models, **kwargs).markdown

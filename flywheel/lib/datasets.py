@@ -106,6 +106,14 @@ def confirm_by_majority(rows: pd.DataFrame, extra: list[list[int | None]]) -> pd
     return rows
 
 
+def votes_description(eval_sets: pd.DataFrame) -> str:
+    """How an eval set's pairs were called relevant, from its ``votes`` column (for reports)."""
+    if "votes" not in eval_sets or eval_sets["votes"].isna().all():
+        return "one vote per pair"
+    n = int(eval_sets["votes"].dropna().str.count(",").max()) + 1
+    return "one vote per pair" if n == 1 else f"relevant by a majority of {n} judge votes per pair"
+
+
 def build_fewshot_set(
     labels: pd.DataFrame, *, n_examples: int, seed: int, exclude_queries: set[str]
 ) -> pd.DataFrame:

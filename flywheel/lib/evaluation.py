@@ -61,7 +61,7 @@ def retrieve(
     model, queries: Mapping[str, str], lancedb_uri, table: str, *, k: int = SEARCH_DEPTH, batch_size: int = 64
 ) -> dict[str, list[str]]:
     qids = list(queries)
-    vecs = index.encode(model, [queries[q] for q in qids], batch_size=batch_size)
+    vecs = index.encode(model, [queries[q] for q in qids], batch_size=batch_size, task="query")
     hits = index.search(lancedb_uri, table, vecs, k)
     return {qid: [doc for doc, _ in h] for qid, h in zip(qids, hits)}
 
@@ -158,7 +158,10 @@ def rank_model_on(
     depth: int = SEARCH_DEPTH,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, list[str]]]:
-    """Rankings (top ``depth`` chunk ids per query) of one model on several suites."""
+    """Rankings (top ``depth`` chunk ids per query) of one model on several suites.
+
+    ``model_id`` names the corpus table: the id of the model's document encoder
+    (``index.corpus_encoder_id``)."""
     table = index.ensure_corpus_table(lancedb_uri, model, model_id, corpus, batch_size=batch_size, progress=progress)
     return {name: retrieve(model, suite[0], lancedb_uri, table, k=depth, batch_size=batch_size)
             for name, suite in suites.items()}
@@ -175,10 +178,10 @@ def retrieval_latency_ms(
     picked = list(queries)[:sample]
     if not picked:
         return []
-    index.search(lancedb_uri, table, index.encode(model, picked[:1]), k)  # warm-up
+    index.search(lancedb_uri, table, index.encode(model, picked[:1], task="query"), k)  # warm-up
     times = []
     for q in picked:
         started = time.perf_counter()
-        index.search(lancedb_uri, table, index.encode(model, [q]), k)
+        index.search(lancedb_uri, table, index.encode(model, [q], task="query"), k)
         times.append((time.perf_counter() - started) * 1000)
     return times

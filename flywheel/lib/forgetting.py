@@ -11,6 +11,7 @@ setting ``merge_alpha``: 1.0 keeps the fine-tuned model, 0.0 the base.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from flywheel.settings import REPO_ROOT
@@ -59,7 +60,9 @@ def merge_with_base(model, base_model_path: str | Path, alpha: float) -> int:
     merged = 0
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if name in base_state and tensor.is_floating_point() and base_state[name].shape == tensor.shape:
-                tensor.copy_(alpha * tensor + (1.0 - alpha) * base_state[name].to(tensor.device))
+            # a Router model's routes ("0.sub_modules.query.0.model...") each mirror the base ("0.model...")
+            key = re.sub(r"^\d+\.sub_modules\.[^.]+\.", "", name)
+            if key in base_state and tensor.is_floating_point() and base_state[key].shape == tensor.shape:
+                tensor.copy_(alpha * tensor + (1.0 - alpha) * base_state[key].to(tensor.device))
                 merged += 1
     return merged

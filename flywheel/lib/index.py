@@ -8,6 +8,7 @@ happens once per model and every later search, benchmark or rerun reuses it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -46,6 +47,27 @@ def load_embedder(path: str | Path, *, device: str = "auto", max_seq_length: int
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return model
+
+
+TOWERS_FILE = "flywheel_towers.json"  # written beside a query-only fine-tune: whose documents it reads
+
+
+def corpus_encoder_id(path: str | Path) -> str:
+    """The fingerprint of the model that encodes a model's *documents*.
+
+    A query-only fine-tune (training loss ``corpus``) keeps its base's document encoder: it
+    searches the base's corpus table, so a new model needs no corpus re-embedding."""
+    towers = Path(path) / TOWERS_FILE
+    if towers.exists():
+        return json.loads(towers.read_text())["document_encoder"]
+    return model_fingerprint(path)
+
+
+def transformer_dir(path: str | Path) -> Path:
+    """The folder of the model's (query-side) transformer, e.g. to start a cross-encoder from it."""
+    path = Path(path)
+    routed = sorted(path.glob("query_*_Transformer"))
+    return routed[0] if routed else path
 
 
 def model_fingerprint(path: str | Path) -> str:
@@ -100,15 +122,22 @@ def encode(
     batch_size: int = 64,
     label: str = "encode",
     progress: Progress | None = None,
+    task: str = "document",
 ) -> np.ndarray:
-    """Normalised float32 embeddings, with progress reports for long corpora."""
+    """Normalised float32 embeddings, with progress reports for long corpora.
+
+    ``task`` is "query" or "document": a model with separate query and document encoders
+    (sentence-transformers' Router) routes by it; a single-tower model encodes both alike."""
+    if task not in ("query", "document"):
+        raise ValueError(f"task must be 'query' or 'document', got {task!r}")
+    fn = model.encode_query if task == "query" else model.encode_document
     out = []
     meter = RateLogger(label, len(texts), progress)
     chunk = max(batch_size * 8, 1)
     for start in range(0, len(texts), chunk):
         part = list(texts[start:start + chunk])
         out.append(
-            model.encode(part, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+            fn(part, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
         )
         meter.update(start + len(part), force=start + chunk >= len(texts))
     if not out:
@@ -157,6 +186,15 @@ def ensure_corpus_table(
     if progress:
         progress(f"embedded {len(corpus)} chunks into LanceDB table {name} in {time.monotonic() - started:.0f}s")
     return name
+
+
+def table_vectors(uri: str | Path, name: str) -> tuple[list[str], np.ndarray]:
+    """(chunk ids, float32 matrix) of a corpus table, in the table's order."""
+    tbl = _connect(uri).open_table(name).to_arrow()
+    vectors = tbl.column("vector").combine_chunks()
+    dim = vectors.type.list_size
+    matrix = np.asarray(vectors.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    return tbl.column("id").to_pylist(), matrix
 
 
 def write_named_table(uri: str | Path, name: str, source: str) -> None:

@@ -119,8 +119,9 @@ def train_reranker(
 
     # 1. Model: a local encoder with a fresh one-logit head (the "head is new" warning is expected)
     logging.getLogger("sentence_transformers.cross_encoder.model").setLevel(logging.ERROR)
+    # (a query/document Router model starts the cross-encoder from its query-side transformer)
     model = CrossEncoder(
-        cfg.init_model or cfg.base_model, num_labels=1, max_length=cfg.max_length,
+        str(index.transformer_dir(cfg.init_model)) if cfg.init_model else cfg.base_model, num_labels=1, max_length=cfg.max_length,
         device=index.resolve_device(cfg.device), local_files_only=True,
     )
 

@@ -136,12 +136,12 @@ def simulate(
 
     model_path, version = serving or (cfg.model_path, "base")
     model = index.load_embedder(model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length)
-    model_id = index.model_fingerprint(model_path)
+    model_id = index.corpus_encoder_id(model_path)
     table = index.ensure_corpus_table(
         cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress
     )
     texts_by_id = ds.corpus.text_by_id
-    qvecs = index.encode(model, [train[qid] for _, _, qid, _, _ in plan], batch_size=cfg.encode_batch_size)
+    qvecs = index.encode(model, [train[qid] for _, _, qid, _, _ in plan], batch_size=cfg.encode_batch_size, task="query")
     hits = index.search(cfg.lancedb_uri, table, qvecs, cfg.top_k)
 
     starts = week_starts(cfg.start, cfg.weeks)
