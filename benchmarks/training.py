@@ -110,6 +110,7 @@ def main() -> dict:
         max_seq_length=settings.train_max_seq_length, max_steps=settings.train_max_steps,
         time_budget_s=settings.train_time_budget_s, merge_alpha=settings.merge_alpha,
         forgetting_margin=settings.forgetting_margin, seed=settings.seed, loss=settings.train_loss,
+        corpus_scale=settings.train_corpus_scale,
     )
     say(f"training the embedder: lr {cfg.learning_rate}, batch {cfg.batch_size}, seq {cfg.max_seq_length}, "
         f"epochs {cfg.epochs}")
@@ -139,6 +140,7 @@ def main() -> dict:
         rerank_depth=settings.rerank_depth, seed=settings.seed,
         init_model=str(emb.model_dir) if settings.reranker_init == "embedder" else None,
         loss=settings.reranker_loss, num_negatives=settings.reranker_num_negatives, fusion=settings.reranker_fusion,
+        fusion_weight=settings.reranker_fusion_weight,
     )
     say(f"training the reranker: {rcfg.loss} loss from the {settings.reranker_init} weights, lr {rcfg.learning_rate}, "
         f"seq {rcfg.max_length}, fusion {rcfg.fusion}")
@@ -147,7 +149,8 @@ def main() -> dict:
     bench2 = run_benchmark(
         [ModelSpec("embedder", str(emb.model_dir))], ds, suites, settings.lancedb_dir,
         rerankers=[RerankSpec("reranked", str(rr.model_dir), on="embedder", depth=rcfg.rerank_depth,
-                              max_length=rcfg.max_length, fusion=rcfg.fusion)],
+                              max_length=rcfg.max_length, fusion=rcfg.fusion,
+                              fusion_weight=rcfg.fusion_weight)],
         max_seq_length=settings.encode_max_seq_length, progress=say,
     )
     r = bench2.summary("test", "reranked")
@@ -184,8 +187,10 @@ def main() -> dict:
         "weeks_of_labels": len(weeks),
         "learning_rate": cfg.learning_rate,
         "train_loss": cfg.loss,
+        "train_corpus_scale": cfg.corpus_scale,
         "train_epochs": cfg.epochs,
-        "reranker": f"{rcfg.loss}, init {settings.reranker_init}, fusion {rcfg.fusion}, depth {rcfg.rerank_depth}",
+        "reranker": f"{rcfg.loss}, init {settings.reranker_init}, fusion {rcfg.fusion} (weight {rcfg.fusion_weight}), "
+                    f"depth {rcfg.rerank_depth}, {rr.steps} steps",
         "train_max_seq_length": cfg.max_seq_length,
         "total_seconds": round(time.monotonic() - T0, 1),
     }

@@ -50,7 +50,7 @@ class Settings:
     # GIST/MNRL were measured at 1 epoch, lr 1e-4 (see flywheel/lib/training.py)
     train_epochs: float = 3.0
     train_batch_size: int = 32
-    train_learning_rate: float = 5e-5
+    train_learning_rate: float = 1e-4
     train_max_seq_length: int = 128
     train_max_steps: int = -1
     encode_max_seq_length: int = 256
@@ -75,12 +75,17 @@ class Settings:
     reranker_batch_size: int = 16
     reranker_loss: str = "listwise"  # or "bce" (see flywheel/lib/reranker.py)
     reranker_init: str = "embedder"  # start from the week's fine-tuned embedder, or "base"
-    reranker_fusion: str = "rrf"  # fuse with the bi-encoder's order, or "none"
+    # how reranking uses the cross-encoder: "zscore" (blend standardised scores with the
+    # bi-encoder's), "rrf" (fuse the two orders), "none" (cross-encoder alone)
+    reranker_fusion: str = "zscore"
+    reranker_fusion_weight: float = 0.5  # the cross-encoder's share in zscore fusion
     reranker_num_negatives: int = 1  # in-batch negatives per row for the listwise loss
     rerank_depth: int = 40
     # the bi-encoder's loss: "corpus" (query encoder only, no corpus re-embedding), "gist" or
     # "mnrl" (one shared tower; see flywheel/lib/training.py)
     train_loss: str = "corpus"
+    # inverse temperature of the corpus loss's softmax over every chunk
+    train_corpus_scale: float = 50.0
 
     # -- derived locations (all under home) -------------------------------------------------
     @property
@@ -138,7 +143,7 @@ class Settings:
             finetune_examples=int(_env("FLYWHEEL_FINETUNE_EXAMPLES", "2000")),
             train_epochs=float(_env("FLYWHEEL_TRAIN_EPOCHS", "3")),
             train_batch_size=int(_env("FLYWHEEL_TRAIN_BATCH_SIZE", "32")),
-            train_learning_rate=float(_env("FLYWHEEL_TRAIN_LR", "5e-5")),
+            train_learning_rate=float(_env("FLYWHEEL_TRAIN_LR", "1e-4")),
             train_max_seq_length=int(_env("FLYWHEEL_TRAIN_MAX_SEQ_LENGTH", "128")),
             train_max_steps=int(_env("FLYWHEEL_TRAIN_MAX_STEPS", "-1")),
             encode_max_seq_length=int(_env("FLYWHEEL_ENCODE_MAX_SEQ_LENGTH", "256")),
@@ -156,9 +161,11 @@ class Settings:
             reranker_batch_size=int(_env("FLYWHEEL_RERANKER_BATCH_SIZE", "16")),
             reranker_loss=_env("FLYWHEEL_RERANKER_LOSS", "listwise"),
             reranker_init=_env("FLYWHEEL_RERANKER_INIT", "embedder"),
-            reranker_fusion=_env("FLYWHEEL_RERANKER_FUSION", "rrf"),
+            reranker_fusion=_env("FLYWHEEL_RERANKER_FUSION", "zscore"),
+            reranker_fusion_weight=float(_env("FLYWHEEL_RERANKER_FUSION_WEIGHT", "0.5")),
             rerank_depth=int(_env("FLYWHEEL_RERANK_DEPTH", "40")),
             train_loss=_env("FLYWHEEL_TRAIN_LOSS", "corpus"),
+            train_corpus_scale=float(_env("FLYWHEEL_TRAIN_CORPUS_SCALE", "50")),
         )
 
 

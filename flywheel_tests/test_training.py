@@ -211,6 +211,24 @@ def test_rrf_fusion_keeps_the_bi_encoder_order_when_the_cross_encoder_agrees_and
         rerank(agree, {"q": "q"}, {"q": ranking}, texts, depth=4, fusion="max")
 
 
+def test_zscore_fusion_weighs_how_sure_each_model_is():
+    ranking = ["a", "b", "c", "d"]
+    texts = {d: d for d in ranking}
+    # the bi-encoder barely prefers a over b (0.80 vs 0.79) and is sure about c and d; the
+    # cross-encoder is sure b beats a: b moves up, while c and d stay below
+    bi = {"q": [0.80, 0.79, 0.40, 0.10]}
+    ce = _Scores({"a": 0.0, "b": 3.0, "c": 0.5, "d": 0.4})
+    out, _ = rerank(ce, {"q": "q"}, {"q": ranking}, texts, depth=4, fusion="zscore", bi_scores=bi)
+    assert out["q"] == ["b", "a", "c", "d"]
+    # weight 0 is the bi-encoder alone; weight 1 the cross-encoder alone
+    assert rerank(ce, {"q": "q"}, {"q": ranking}, texts, depth=4, fusion="zscore", bi_scores=bi,
+                  fusion_weight=0.0)[0]["q"] == ranking
+    assert rerank(ce, {"q": "q"}, {"q": ranking}, texts, depth=4, fusion="zscore", bi_scores=bi,
+                  fusion_weight=1.0)[0]["q"] == ["b", "c", "d", "a"]
+    with pytest.raises(ValueError, match="bi_scores"):
+        rerank(ce, {"q": "q"}, {"q": ranking}, texts, depth=4, fusion="zscore")
+
+
 def test_gist_loss_is_guided_by_the_base(rows, tmp_path, base_model_path):
     from flywheel.lib.training import make_loss
 
@@ -295,3 +313,20 @@ def test_corpus_loss_needs_the_corpus(rows, base_model_path, tmp_path):
     cfg = TrainConfig(base_model=base_model_path, output_dir=tmp_path / "x", loss="corpus", max_steps=1)
     with pytest.raises(ValueError, match="corpus embeddings"):
         train_bi_encoder(rows, cfg)
+
+
+def test_corpus_validation_skips_chunks_nobody_judged():
+    from flywheel.lib.training import CorpusEmbeddings, corpus_validation_evaluator
+
+    class _Fixed:  # a "model" whose query vector is fixed: the ranking is d0 (unjudged), d1, d2
+        model_card_data = type("C", (), {"set_evaluation_metrics": lambda *a, **k: None})()
+
+        def encode_query(self, texts, **kw):
+            return np.tile(np.array([1.0, 0.0], dtype=np.float32), (len(texts), 1))
+
+    corpus = CorpusEmbeddings(["d0", "d1", "d2"], np.array([[1.0, 0.0], [0.9, 0.1], [0.5, 0.5]], dtype=np.float32))
+    val = pd.DataFrame({"query": ["q"], "query_key": ["q"], "positive_id": ["d1"], "negative_id": ["d2"]})
+    condensed = corpus_validation_evaluator(val, corpus)(_Fixed())
+    assert condensed["validation_cosine_ndcg@10"] == pytest.approx(1.0)  # d0 was never judged: skipped
+    judged_d0 = corpus_validation_evaluator(val, corpus, {"q": {"d0"}})(_Fixed())  # judged related: a miss
+    assert judged_d0["validation_cosine_ndcg@10"] == pytest.approx(1 / np.log2(3))

@@ -60,7 +60,8 @@ def benchmark_report(
         rerankers=[RerankSpec("challenger+reranker", rinfo["model_dir"], on="challenger",
                               depth=rinfo.get("rerank_depth", training.rerank_depth),
                               max_length=rinfo.get("max_length", training.reranker_max_length),
-                              fusion=rinfo.get("fusion", "none"))],
+                              fusion=rinfo.get("fusion", "none"),
+                              fusion_weight=rinfo.get("fusion_weight", 0.5))],
         max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size,
         device=training.device, progress=context.log.info,
     )

@@ -125,8 +125,10 @@ class TrainingResource(dg.ConfigurableResource):
     reranker_num_negatives: int = _SETTINGS.reranker_num_negatives
     reranker_init: str = _SETTINGS.reranker_init
     reranker_fusion: str = _SETTINGS.reranker_fusion
+    reranker_fusion_weight: float = _SETTINGS.reranker_fusion_weight
     rerank_depth: int = _SETTINGS.rerank_depth
     train_loss: str = _SETTINGS.train_loss
+    train_corpus_scale: float = _SETTINGS.train_corpus_scale
     # pairs every query with another query's positive: a model trained on noise, for showing
     # (and testing) that the gate stops it
     shuffle_labels: bool = False
@@ -199,8 +201,10 @@ def resources_for(settings: Settings, **overrides) -> dict[str, dg.ConfigurableR
             reranker_num_negatives=settings.reranker_num_negatives,
             reranker_init=settings.reranker_init,
             reranker_fusion=settings.reranker_fusion,
+            reranker_fusion_weight=settings.reranker_fusion_weight,
             rerank_depth=settings.rerank_depth,
             train_loss=settings.train_loss,
+            train_corpus_scale=settings.train_corpus_scale,
         ),
         "mlflow": MlflowResource(
             tracking_uri=settings.mlflow_tracking_uri if settings.home == _SETTINGS.home

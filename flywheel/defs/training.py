@@ -112,6 +112,7 @@ def trained_model(
         device=training.device,
         shuffle_labels=training.shuffle_labels,
         loss=training.train_loss,
+        corpus_scale=training.train_corpus_scale,
     )
     dataset_sha = content_hash(data)
     rows_sha = content_hash(rows)
@@ -233,6 +234,7 @@ def trained_reranker(
         loss=training.reranker_loss,
         num_negatives=training.reranker_num_negatives,
         fusion=training.reranker_fusion,
+        fusion_weight=training.reranker_fusion_weight,
     )
     t = tracker(mlflow)
     rows_sha = content_hash(rows)
@@ -250,6 +252,7 @@ def trained_reranker(
         "week": week, "mlflow_run_id": run_id, "registered_model": mlflow.reranker_name, "version": version,
         "model_dir": str(result.model_dir), "training_rows_sha256": rows_sha, "max_length": cfg.max_length,
         "rerank_depth": cfg.rerank_depth, "fusion": cfg.fusion,
+        "fusion_weight": cfg.fusion_weight,
     }
     _write_info(paths, week, "reranker", info)
     return dg.MaterializeResult(metadata={

@@ -40,6 +40,7 @@ class RerankSpec:
     depth: int = 40
     max_length: int = 128
     fusion: str = "rrf"  # see flywheel.lib.reranker.rerank
+    fusion_weight: float = 0.5
 
 
 @dataclass
@@ -83,19 +84,23 @@ def run_benchmark(
     per_query: dict[str, dict[str, pd.DataFrame]] = {}
     bench = Benchmark(per_query=per_query, queries={name: dict(s[0]) for name, s in suites.items()})
     rankings_of: dict[str, dict[str, dict[str, list[str]]]] = {}
+    scores_of: dict[str, dict[str, dict[str, list[float]]]] = {}  # the bi-encoder's, for score fusion
     by_id: dict[str, str] = {}  # model id -> first spec name (the same model is embedded once)
     timed_queries = [q for s in suites.values() for q in s[0].values()]
     for spec in models:
         model_id = spec.model_id or index.model_fingerprint(spec.path)
         if model_id in by_id:
             rankings_of[spec.name] = rankings_of[by_id[model_id]]
+            scores_of[spec.name] = scores_of[by_id[model_id]]
             bench.latency_ms[spec.name] = bench.latency_ms[by_id[model_id]]
         else:
             by_id[model_id] = spec.name
             model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length)
             corpus_id = index.corpus_encoder_id(spec.path)  # a query-only fine-tune reads its base's table
+            scores_of[spec.name] = {}
             rankings_of[spec.name] = evaluation.rank_model_on(
-                model, corpus_id, ds.corpus, lancedb_uri, suites, batch_size=batch_size, progress=progress
+                model, corpus_id, ds.corpus, lancedb_uri, suites, batch_size=batch_size, progress=progress,
+                scores_out=scores_of[spec.name],
             )
             table = index.corpus_table_name(corpus_id, ds.corpus, model.max_seq_length)
             bench.latency_ms[spec.name] = evaluation.retrieval_latency_ms(
@@ -114,7 +119,8 @@ def run_benchmark(
             per_query[rspec.name] = {}
             for suite, s in suites.items():
                 reranked, ms = rerank(ce, s[0], rankings_of[rspec.on][suite], texts, depth=rspec.depth,
-                                      batch_size=batch_size, fusion=rspec.fusion, progress=progress)
+                                      batch_size=batch_size, fusion=rspec.fusion, progress=progress,
+                                      bi_scores=scores_of[rspec.on][suite], fusion_weight=rspec.fusion_weight)
                 bench.rerank_ms.extend(ms)
                 bench.latency_ms.setdefault(rspec.name, []).extend(ms)
                 per_query[rspec.name][suite] = evaluation.evaluate_rankings(reranked, s[1], judged=_judged(s))

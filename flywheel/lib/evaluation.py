@@ -58,11 +58,15 @@ def evaluate_rankings(
 
 
 def retrieve(
-    model, queries: Mapping[str, str], lancedb_uri, table: str, *, k: int = SEARCH_DEPTH, batch_size: int = 64
+    model, queries: Mapping[str, str], lancedb_uri, table: str, *, k: int = SEARCH_DEPTH, batch_size: int = 64,
+    scores_out: dict[str, list[float]] | None = None,
 ) -> dict[str, list[str]]:
+    """Top-k chunk ids per query; with ``scores_out``, their cosine scores are stored there too."""
     qids = list(queries)
     vecs = index.encode(model, [queries[q] for q in qids], batch_size=batch_size, task="query")
     hits = index.search(lancedb_uri, table, vecs, k)
+    if scores_out is not None:
+        scores_out.update({qid: [score for _, score in h] for qid, h in zip(qids, hits)})
     return {qid: [doc for doc, _ in h] for qid, h in zip(qids, hits)}
 
 
@@ -157,14 +161,18 @@ def rank_model_on(
     batch_size: int = 64,
     depth: int = SEARCH_DEPTH,
     progress: Callable[[str], None] | None = None,
+    scores_out: dict[str, dict[str, list[float]]] | None = None,
 ) -> dict[str, dict[str, list[str]]]:
     """Rankings (top ``depth`` chunk ids per query) of one model on several suites.
 
     ``model_id`` names the corpus table: the id of the model's document encoder
     (``index.corpus_encoder_id``)."""
     table = index.ensure_corpus_table(lancedb_uri, model, model_id, corpus, batch_size=batch_size, progress=progress)
-    return {name: retrieve(model, suite[0], lancedb_uri, table, k=depth, batch_size=batch_size)
-            for name, suite in suites.items()}
+    out = {}
+    for name, suite in suites.items():
+        scores = scores_out.setdefault(name, {}) if scores_out is not None else None
+        out[name] = retrieve(model, suite[0], lancedb_uri, table, k=depth, batch_size=batch_size, scores_out=scores)
+    return out
 
 
 def retrieval_latency_ms(

@@ -57,9 +57,10 @@ class RerankerConfig:
     # cross-entropy over the list (sentence-transformers' cross-encoder MNRL).
     loss: str = "bce"
     num_negatives: int = 1
-    # how the cross-encoder's order is used: "rrf" fuses it with the bi-encoder's order by
-    # reciprocal rank (k=60), "none" takes the cross-encoder's order alone
+    # how the cross-encoder's scores are used (see ``rerank``): "zscore" blends them with the
+    # bi-encoder's, "rrf" fuses the two orders by reciprocal rank, "none" takes the cross-encoder alone
     fusion: str = "rrf"
+    fusion_weight: float = 0.5  # the cross-encoder's share in "zscore" fusion
 
     def params(self) -> dict:
         d = asdict(self)
@@ -237,17 +238,25 @@ def rerank(
     depth: int = 40,
     batch_size: int = 64,
     fusion: str = "rrf",
+    bi_scores: Mapping[str, Sequence[float]] | None = None,
+    fusion_weight: float = 0.5,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, list[str]], list[float]]:
     """Rescore each query's top ``depth`` with the cross-encoder; the rest keeps its order below.
 
-    ``fusion="rrf"`` orders the head by 1/(60 + bi-encoder rank) + 1/(60 + cross-encoder rank)
-    (reciprocal rank fusion: no scores to calibrate, and a reranker trained on a few thousand
-    pairs corrects the bi-encoder instead of replacing it); ``"none"`` by the cross-encoder alone.
+    A cross-encoder trained on a few thousand pairs should correct the bi-encoder, not replace it:
+    - ``"zscore"``: each list's scores are standardised per query (mean 0, sd 1) and blended,
+      ``(1 - w) * z(bi-encoder) + w * z(cross-encoder)`` with ``w = fusion_weight``; needs
+      ``bi_scores`` (the bi-encoder's scores, aligned with ``rankings``). Scores keep how sure
+      each model is, which orders alone lose.
+    - ``"rrf"``: 1/(60 + bi-encoder rank) + 1/(60 + cross-encoder rank) (reciprocal rank fusion).
+    - ``"none"``: the cross-encoder's order alone.
     Returns the new rankings and the milliseconds each query's rerank took.
     """
-    if fusion not in ("rrf", "none"):
-        raise ValueError(f"unknown fusion {fusion!r}: use 'rrf' or 'none'")
+    if fusion not in ("zscore", "rrf", "none"):
+        raise ValueError(f"unknown fusion {fusion!r}: use 'zscore', 'rrf' or 'none'")
+    if fusion == "zscore" and bi_scores is None:
+        raise ValueError("zscore fusion needs the bi-encoder's scores (bi_scores)")
     out: dict[str, list[str]] = {}
     times: list[float] = []
     meter = index.RateLogger("rerank", len(queries), progress, every_s=30.0)
@@ -257,7 +266,10 @@ def rerank(
         started = time.perf_counter()
         if head:
             scores = np.asarray(model.predict([(query, texts[d]) for d in head], batch_size=batch_size, show_progress_bar=False))
-            if fusion == "rrf":
+            if fusion == "zscore":
+                bi = np.asarray(list(bi_scores[qid])[:len(head)], dtype=np.float64)
+                scores = (1.0 - fusion_weight) * _standardised(bi) + fusion_weight * _standardised(scores)
+            elif fusion == "rrf":
                 ce_rank = np.empty(len(head))
                 ce_rank[np.argsort(-scores, kind="stable")] = np.arange(1, len(head) + 1)
                 scores = 1.0 / (RRF_K + np.arange(1, len(head) + 1)) + 1.0 / (RRF_K + ce_rank)
@@ -267,3 +279,9 @@ def rerank(
         out[qid] = head + tail
         meter.update(n, force=n == len(queries))
     return out, times
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
