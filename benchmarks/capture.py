@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flywheel.capture import redact  # noqa: E402
-from flywheel.capture.stress import FEEDBACK_EVERY, query_for, request_id_for, run_writers  # noqa: E402
+from flywheel.testing.capture_stress import FEEDBACK_EVERY, query_for, request_id_for, run_writers  # noqa: E402
 
 WEEK = date(2026, 10, 5)
 WRITERS, EVENTS, KILL_AFTER = 8, 10_000, 3_000
@@ -39,7 +39,7 @@ def _pct(values: list[int], p: float) -> float:
 def _ingest_child(log_dir: str, out: str, q: str, conn) -> None:
     import resource
 
-    from flywheel.lib.logs import ingest_week
+    from flywheel.lib.logs.ingest import ingest_week
 
     t0 = time.perf_counter()
     stats = ingest_week(Path(log_dir), WEEK, WEEK + timedelta(days=7), Path(out), Path(q))
@@ -60,7 +60,7 @@ def _ingest_in_fresh_process(log_dir: Path, out: Path, q: Path) -> dict:
 
 
 def stress(tmp: Path) -> dict:
-    from flywheel.lib.logs import ingest_week, load_raw_logs
+    from flywheel.lib.logs.ingest import ingest_week, load_raw_logs
 
     print(f"[1/2] {WRITERS} writers x {EVENTS:,} events, writer 0 SIGKILLed after {KILL_AFTER:,} ...", flush=True)
     log_dir = tmp / "stress-logs"
@@ -109,7 +109,7 @@ def stress(tmp: Path) -> dict:
 def single_writer_latency(tmp: Path, n: int = 5_000) -> dict:
     """log_search latency with the process alone (the 8-writer p99 includes waiting for a core)."""
     from flywheel.capture import SearchLogger
-    from flywheel.capture.stress import results_for, timestamp_for
+    from flywheel.testing.capture_stress import results_for, timestamp_for
 
     lat = []
     with SearchLogger(tmp / "single-logs") as logger:

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from flywheel.lib.beir import load_beir
-from flywheel.lib.judging import HumanLabels, normalize_query
-from flywheel.lib.openai_judge import OpenAIJudge, OpenAIJudgeConfig
+from flywheel.lib.labels.judges import HumanLabels, normalize_query
+from flywheel.lib.labels.openai_judge import OpenAIJudge, OpenAIJudgeConfig
 from flywheel.settings import REPO_ROOT
 from flywheel.testing.fake_openai import FakeOpenAIServer, fault_mix, requests_of, scifact_raw_logs
 

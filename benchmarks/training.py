@@ -33,12 +33,12 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 from flywheel.defs.datasets import held_out_queries, held_out_texts, labels_to_date  # noqa: E402
 from flywheel.defs.resources import resources_for  # noqa: E402
 from flywheel.lib import store  # noqa: E402
-from flywheel.lib.benchmark import ModelSpec, RerankSpec, p50, run_benchmark, test_split_suite  # noqa: E402
+from flywheel.lib.evaluation.benchmark import ModelSpec, RerankSpec, p50, run_benchmark, test_split_suite  # noqa: E402
 from flywheel.lib.beir import load_beir  # noqa: E402
-from flywheel.lib.datasets import build_finetune_set  # noqa: E402
-from flywheel.lib.mining import MiningConfig, build_training_rows  # noqa: E402
-from flywheel.lib.reranker import RerankerConfig, train_reranker  # noqa: E402
-from flywheel.lib.training import TrainConfig, frozen_corpus, related_chunks, train_bi_encoder  # noqa: E402
+from flywheel.lib.datasets.tiers import build_finetune_set  # noqa: E402
+from flywheel.lib.datasets.mining import MiningConfig, build_training_rows  # noqa: E402
+from flywheel.lib.training.reranker import RerankerConfig, train_reranker  # noqa: E402
+from flywheel.lib.training.embedder import TrainConfig, frozen_corpus, related_chunks, train_bi_encoder  # noqa: E402
 from flywheel.settings import get_settings  # noqa: E402
 
 T0 = time.monotonic()
@@ -55,7 +55,7 @@ def ensure_labels(settings):
     import dagster as dg
 
     from flywheel.defs import build_definitions
-    from flywheel.lib.simulate import SimulationConfig, simulate, week_starts
+    from flywheel.lib.simulate.traffic import SimulationConfig, simulate, week_starts
 
     own = settings.with_(home=settings.home / "bench-training" / "home")
     say(f"no labels under {settings.home}: simulating 8 weeks of traffic into {own.home}")

@@ -18,8 +18,8 @@ from typing import Callable
 import pandas as pd
 
 from flywheel.lib import store
-from flywheel.lib.simulate import SimulationConfig, simulate, week_starts
-from flywheel.lib.trend import WeekRow, write_trend
+from flywheel.lib.simulate.traffic import SimulationConfig, simulate, week_starts
+from flywheel.lib.evaluation.trend import WeekRow, write_trend
 from flywheel.settings import Settings
 
 # A lighter configuration so that 8 weeks fit in well under 90 minutes on 2 cores; the trend
@@ -95,8 +95,8 @@ def run_backfill(
     run_week: Callable[[str, str], object],
     say: Callable[[str], None] = print,
 ) -> dict:
-    from flywheel.lib.promotion import serving_model
-    from flywheel.lib.tracking import Tracker
+    from flywheel.lib.registry.promotion import serving_model
+    from flywheel.lib.registry.tracking import Tracker
 
     weeks = [w.isoformat() for w in week_starts(sim.start, sim.weeks)]
     wanted = {k: str(v) for k, v in vars(sim).items() if k not in ("log_dir", "lancedb_uri")}

@@ -40,7 +40,7 @@ def prepare_dagster_home(settings: Settings) -> Path:
 # -- simulate ---------------------------------------------------------------------------------
 
 def _sim_config(settings: Settings, args: argparse.Namespace):
-    from flywheel.lib.simulate import SimulationConfig
+    from flywheel.lib.simulate.traffic import SimulationConfig
 
     return SimulationConfig(
         dataset_dir=settings.dataset_dir,
@@ -57,7 +57,7 @@ def _sim_config(settings: Settings, args: argparse.Namespace):
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings | None = None) -> list[str]:
-    from flywheel.lib.simulate import simulate, week_starts
+    from flywheel.lib.simulate.traffic import simulate, week_starts
 
     settings = settings or get_settings()
     cfg = _sim_config(settings, args)

@@ -13,7 +13,7 @@ import pytest
 from flywheel.backfill import run_backfill
 from flywheel.defs import build_definitions
 from flywheel.defs.resources import resources_for
-from flywheel.lib.simulate import SimulationConfig
+from flywheel.lib.simulate.traffic import SimulationConfig
 from flywheel.settings import Settings
 
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from flywheel.lib import evaluation
-from flywheel.lib.benchmark import Benchmark, build_report, p95, wins_losses
+from flywheel.lib.evaluation import metrics as evaluation
+from flywheel.lib.evaluation.benchmark import Benchmark, build_report, p95, wins_losses
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -10,8 +10,8 @@ import pytest
 
 import flywheel.capture.writer as writer_mod
 from flywheel.capture import SearchLogger, redact, validate
-from flywheel.capture.stress import FEEDBACK_EVERY, query_for, request_id_for, run_writers
-from flywheel.lib.logs import ingest_week, load_quarantine, load_raw_logs
+from flywheel.testing.capture_stress import FEEDBACK_EVERY, query_for, request_id_for, run_writers
+from flywheel.lib.logs.ingest import ingest_week, load_quarantine, load_raw_logs
 
 TS = datetime(2026, 10, 6, 12, 30, tzinfo=timezone.utc)
 RESULTS = [{"chunk_id": "c1", "text": "alpha", "score": 0.9, "rank": 1, "metadata": {"src": "a.pdf"}},

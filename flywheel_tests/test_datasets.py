@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from flywheel.lib.datasets import (
+from flywheel.lib.datasets.tiers import (
     build_eval_set,
     confirm_by_majority,
     build_fewshot_set,
@@ -10,7 +10,7 @@ from flywheel.lib.datasets import (
     content_hash,
     votes_description,
 )
-from flywheel.lib.judging import normalize_query
+from flywheel.lib.labels.judges import normalize_query
 
 
 def make_labels(n_queries=40, week="2026-09-28", chunks=6):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flywheel.lib import evaluation
+from flywheel.lib.evaluation import metrics as evaluation
 
 
 def test_query_metrics_match_hand_computed_values():

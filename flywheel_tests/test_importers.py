@@ -3,8 +3,8 @@
 import json
 from datetime import date, datetime, timedelta, timezone
 
-from flywheel.lib.importers import import_csv, import_jsonl, import_openinference, to_datetime
-from flywheel.lib.logs import ingest_week, load_raw_logs
+from flywheel.capture.importers import import_csv, import_jsonl, import_openinference, to_datetime
+from flywheel.lib.logs.ingest import ingest_week, load_raw_logs
 
 WEEK = date(2026, 10, 5)
 TUE = int(datetime(2026, 10, 6, 10, tzinfo=timezone.utc).timestamp())  # epoch seconds

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from flywheel.lib.beir import load_beir
-from flywheel.lib.fewshot import DefaultEmbedder, FewshotSelector
-from flywheel.lib.judging import HumanLabels, SimulatedJudge, cohens_kappa
-from flywheel.lib.openai_judge import JudgeAnswerError, build_messages, format_pair, parse_answer
-from flywheel.lib.judging import JudgeRequest
+from flywheel.lib.labels.fewshot import DefaultEmbedder, FewshotSelector
+from flywheel.lib.labels.judges import HumanLabels, SimulatedJudge, cohens_kappa
+from flywheel.lib.labels.openai_judge import JudgeAnswerError, build_messages, format_pair, parse_answer
+from flywheel.lib.labels.judges import JudgeRequest
 from flywheel.settings import REPO_ROOT
 from flywheel.testing.fake_openai import requests_of, scifact_raw_logs
 
@@ -110,7 +110,7 @@ def test_fewshot_selection_is_similar_and_balanced():
 
 
 def test_default_embedder_loads_the_model_once_and_only_when_called(monkeypatch):
-    import flywheel.lib.index as index
+    import flywheel.lib.registry.index as index
 
     loads = []
 

@@ -15,9 +15,9 @@ from flywheel.defs.partitions import weekly_partitions
 from flywheel.defs.resources import FlywheelPaths, JudgeResource
 from flywheel.lib import store
 from flywheel.lib.beir import load_beir
-from flywheel.lib.fusion import FusionConfig, fuse_grade, label_source, pair_evidence
-from flywheel.lib.judging import HumanLabels, SimulatedJudge, normalize_query
-from flywheel.lib.labels import LABEL_COLUMNS, agreement_with_reference, label_week
+from flywheel.lib.labels.fusion import FusionConfig, fuse_grade, label_source, pair_evidence
+from flywheel.lib.labels.judges import HumanLabels, SimulatedJudge, normalize_query
+from flywheel.lib.labels.weekly import LABEL_COLUMNS, agreement_with_reference, label_week
 from flywheel.settings import REPO_ROOT
 from flywheel.testing.fake_openai import FakeOpenAIServer, scifact_raw_logs
 

@@ -18,7 +18,7 @@ from flywheel.defs.logs import (
     raw_logs_schema_valid,
 )
 from flywheel.defs.resources import FlywheelPaths
-from flywheel.lib.logs import (
+from flywheel.lib.logs.ingest import (
     QUARANTINE_SCHEMA,
     RAW_LOGS_SCHEMA,
     ingest_week,
@@ -161,7 +161,7 @@ def test_v0_records_are_upgraded(tmp_path):
 
 
 def test_reingest_is_idempotent_and_a_huge_line_is_skipped_without_loading(tmp_path, monkeypatch):
-    import flywheel.lib.logs as logs_mod
+    import flywheel.lib.logs.ingest as logs_mod
 
     monkeypatch.setattr(logs_mod, "MAX_LINE_BYTES", 4096)
     write(tmp_path / "logs", "2026-10-06", [search("a"), search("big", query="q" * 9000), search("b")])

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from flywheel.lib.beir import load_beir
-from flywheel.lib.judge_cache import CacheKey, JudgeCache
-from flywheel.lib.judging import HumanLabels, JudgeRequest, normalize_query
-from flywheel.lib.openai_judge import (
+from flywheel.lib.labels.cache import CacheKey, JudgeCache
+from flywheel.lib.labels.judges import HumanLabels, JudgeRequest, normalize_query
+from flywheel.lib.labels.openai_judge import (
     BUDGET_EXHAUSTED,
     DEFAULT_PRICE_PER_MTOK,
     PROMPT_VERSION,
@@ -136,8 +136,8 @@ def test_budget_stops_cleanly_and_the_rerun_pays_nothing_twice(requests, human, 
 
 _CHILD = """
 import json, sys
-from flywheel.lib.judging import JudgeRequest
-from flywheel.lib.openai_judge import OpenAIJudge, OpenAIJudgeConfig
+from flywheel.lib.labels.judges import JudgeRequest
+from flywheel.lib.labels.openai_judge import OpenAIJudge, OpenAIJudgeConfig
 url, cache, path = sys.argv[1:4]
 reqs = [JudgeRequest(**r) for r in json.load(open(path))]
 judge = OpenAIJudge(OpenAIJudgeConfig(model="fake-judge", base_url=url, concurrency=2, timeout_s=5,

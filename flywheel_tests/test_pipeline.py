@@ -18,8 +18,9 @@ import pytest
 
 from flywheel.defs import build_definitions
 from flywheel.defs.resources import resources_for
-from flywheel.lib import index, store
-from flywheel.lib.simulate import SimulationConfig, simulate, week_starts
+from flywheel.lib.registry import index
+from flywheel.lib import store
+from flywheel.lib.simulate.traffic import SimulationConfig, simulate, week_starts
 from flywheel.settings import Settings
 
 WEEKS = [w.isoformat() for w in week_starts(date(2026, 9, 28), 3)]

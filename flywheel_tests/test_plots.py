@@ -2,7 +2,7 @@
 
 import math
 
-from flywheel.lib import plots
+from flywheel.lib.evaluation import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

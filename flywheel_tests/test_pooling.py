@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from flywheel.lib.judging import Judgement, JudgeUsage
-from flywheel.lib.pooling import extend_pool, pooled_qrels
+from flywheel.lib.labels.judges import Judgement, JudgeUsage
+from flywheel.lib.labels.pooling import extend_pool, pooled_qrels
 
 
 class RecordingJudge:

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flywheel.lib.promotion import CHALLENGER, CHAMPION, PREVIOUS, gate_decision, promote, serving_model
-from flywheel.lib.tracking import Tracker
+from flywheel.lib.registry.promotion import CHALLENGER, CHAMPION, PREVIOUS, gate_decision, promote, serving_model
+from flywheel.lib.registry.tracking import Tracker
 
 
 def long_form(values: dict[str, np.ndarray], suite: str = "eval") -> pd.DataFrame:
@@ -53,7 +53,7 @@ def tracker(tmp_path) -> Tracker:
 
 
 def test_promotion_moves_champion_keeps_previous_and_serving_model_follows(tracker, tmp_path, base_model_path):
-    from flywheel.lib import index
+    from flywheel.lib.registry import index
 
     assert serving_model(tracker, "emb", base_model_path) == (base_model_path, "base")  # no champion yet
     versions = []

@@ -7,7 +7,7 @@ from datetime import date
 import pytest
 
 from flywheel.lib.beir import load_beir
-from flywheel.lib.simulate import SimulationConfig, plan_traffic, simulate
+from flywheel.lib.simulate.traffic import SimulationConfig, plan_traffic, simulate
 
 
 def read_records(log_dir):

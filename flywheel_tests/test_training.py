@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flywheel.lib import forgetting, index
+from flywheel.lib.training import forgetting
+from flywheel.lib.registry import index
 from flywheel.lib.beir import load_beir
-from flywheel.lib.datasets import build_finetune_set, jaccard, near_duplicate_queries, query_tokens
-from flywheel.lib.judging import normalize_query
-from flywheel.lib.mining import MiningConfig, build_training_rows, training_rows
-from flywheel.lib.reranker import RerankerConfig, labelled_pairs, load_reranker, rerank, train_reranker
-from flywheel.lib.training import TrainConfig, train_bi_encoder
+from flywheel.lib.datasets.tiers import build_finetune_set, jaccard, near_duplicate_queries, query_tokens
+from flywheel.lib.labels.judges import normalize_query
+from flywheel.lib.datasets.mining import MiningConfig, build_training_rows, training_rows
+from flywheel.lib.training.reranker import RerankerConfig, labelled_pairs, load_reranker, rerank, train_reranker
+from flywheel.lib.training.embedder import TrainConfig, train_bi_encoder
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_bi_encoder_trains_with_validation_estimate_and_general_slice(rows, tmp_
     saved = json.loads((res.model_dir / "flywheel_training.json").read_text())
     assert saved["train_rows"] + saved["validation_rows"] == len(rows)
     # validation queries are whole training queries: none of them trains
-    from flywheel.lib.training import split_validation
+    from flywheel.lib.training.embedder import split_validation
 
     tr, va = split_validation(rows, 0.2, 0)
     assert not set(tr["query_key"]) & set(va["query_key"])
@@ -230,7 +231,7 @@ def test_zscore_fusion_weighs_how_sure_each_model_is():
 
 
 def test_gist_loss_is_guided_by_the_base(rows, tmp_path, base_model_path):
-    from flywheel.lib.training import make_loss
+    from flywheel.lib.training.embedder import make_loss
 
     cfg = TrainConfig(base_model=base_model_path, output_dir=tmp_path / "g", loss="gist", max_seq_length=64)
     model = index.load_embedder(base_model_path, max_seq_length=64)
@@ -243,7 +244,7 @@ def test_gist_loss_is_guided_by_the_base(rows, tmp_path, base_model_path):
 def test_reranker_head_learns_at_its_own_rate(base_model_path, tmp_path):
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from flywheel.lib.reranker import _head_optimizer
+    from flywheel.lib.training.reranker import _head_optimizer
 
     ce = CrossEncoder(base_model_path, num_labels=1, max_length=64, local_files_only=True)
     cfg = RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "h", max_steps=10, head_learning_rate=2e-3)
@@ -258,7 +259,7 @@ def test_reranker_head_learns_at_its_own_rate(base_model_path, tmp_path):
 
 
 def _corpus_embeddings(small_beir, base_model_path, tmp_path):
-    from flywheel.lib.training import CorpusEmbeddings
+    from flywheel.lib.training.embedder import CorpusEmbeddings
 
     ds = load_beir(small_beir)
     base = index.load_embedder(base_model_path, max_seq_length=64)
@@ -299,7 +300,7 @@ def test_corpus_loss_trains_only_the_query_encoder_and_keeps_the_corpus_table(
 
 
 def test_corpus_targets_mask_the_querys_other_relevant_chunks():
-    from flywheel.lib.training import corpus_targets
+    from flywheel.lib.training.embedder import corpus_targets
 
     rows = pd.DataFrame({
         "query_key": ["a", "a", "b", "c"], "positive_id": ["d1", "d2", "d3", "missing"],
@@ -316,7 +317,7 @@ def test_corpus_loss_needs_the_corpus(rows, base_model_path, tmp_path):
 
 
 def test_corpus_validation_skips_chunks_nobody_judged():
-    from flywheel.lib.training import CorpusEmbeddings, corpus_validation_evaluator
+    from flywheel.lib.training.embedder import CorpusEmbeddings, corpus_validation_evaluator
 
     class _Fixed:  # a "model" whose query vector is fixed: the ranking is d0 (unjudged), d1, d2
         model_card_data = type("C", (), {"set_evaluation_metrics": lambda *a, **k: None})()

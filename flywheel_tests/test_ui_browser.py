@@ -100,7 +100,7 @@ def flywheel_env(tmp_path_factory, base_model_path) -> SimpleNamespace:
         "FLYWHEEL_RERANKER_MAX_STEPS": "2", "FLYWHEEL_RERANKER_MAX_LENGTH": "64", "FLYWHEEL_RERANK_DEPTH": "10",
     })
     with mock.patch.dict(os.environ, env, clear=True):
-        from flywheel.lib.simulate import SimulationConfig, simulate
+        from flywheel.lib.simulate.traffic import SimulationConfig, simulate
         from flywheel.settings import get_settings
 
         settings = get_settings()

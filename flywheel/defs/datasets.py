@@ -9,14 +9,14 @@ from flywheel.defs.labels import build_judge
 from flywheel.defs.resources import FlywheelPaths, JudgeResource
 from flywheel.lib import store
 from flywheel.lib.beir import load_beir
-from flywheel.lib.datasets import (
+from flywheel.lib.datasets.tiers import (
     build_eval_set,
     build_fewshot_set,
     build_finetune_set,
     near_duplicate_queries,
     overlapping_queries,
 )
-from flywheel.lib.judging import JudgeRequest, normalize_query
+from flywheel.lib.labels.judges import JudgeRequest, normalize_query
 
 
 def labels_to_date(paths: FlywheelPaths, week: str) -> tuple[pd.DataFrame, list[str]]:

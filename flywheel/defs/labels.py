@@ -12,9 +12,9 @@ from flywheel.defs.partitions import weekly_partitions
 from flywheel.defs.resources import FlywheelPaths, JudgeResource
 from flywheel.lib import store
 from flywheel.lib.beir import load_beir
-from flywheel.lib.judging import HumanLabels, Judge, SimulatedJudge
-from flywheel.lib.labels import agreement_with_reference, label_week
-from flywheel.lib.logs import load_raw_logs
+from flywheel.lib.labels.judges import HumanLabels, Judge, SimulatedJudge
+from flywheel.lib.labels.weekly import agreement_with_reference, label_week
+from flywheel.lib.logs.ingest import load_raw_logs
 
 
 def build_judge(cfg: JudgeResource, paths: FlywheelPaths, vote: int = 0) -> Judge:
@@ -28,7 +28,7 @@ def build_judge(cfg: JudgeResource, paths: FlywheelPaths, vote: int = 0) -> Judg
             seed=paths.seed + 1000 * vote,  # each vote errs independently
         )
     if cfg.kind == "openai":
-        from flywheel.lib.openai_judge import PROMPT_VERSION, OpenAIJudge, OpenAIJudgeConfig
+        from flywheel.lib.labels.openai_judge import PROMPT_VERSION, OpenAIJudge, OpenAIJudgeConfig
 
         return OpenAIJudge(
             OpenAIJudgeConfig(
@@ -124,7 +124,7 @@ def judge_agrees_with_reference(
     """Labels from a judge that disagrees with the reference labels must not train a model.
 
     The reference is the week's human labels where there are any, else its explicit feedback
-    (saves, cited answers with thumbs, debiased clicks, skips; see flywheel.lib.fusion).
+    (saves, cited answers with thumbs, debiased clicks, skips; see flywheel.lib.labels.fusion).
     """
     labels = store.read_table(store.asset_path(paths.assets_dir, "relevance_labels", context.partition_key))
     kappa, compared, reference = agreement_with_reference(labels)

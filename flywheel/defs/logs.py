@@ -1,6 +1,6 @@
 """raw_logs: the week's capture files, validated and deduplicated, with blocking checks and a sensor.
 
-The logic lives in ``flywheel.lib.logs``; this module only wires it into Dagster. The checks block
+The logic lives in ``flywheel.lib.logs.ingest``; this module only wires it into Dagster. The checks block
 downstream stages (labels cost money) when the week is empty, its schema is off, or too much of it
 was quarantined. The sensor re-runs a week that is already materialized when its files changed
 (late files from a slow host, an import): the ingest records a fingerprint of the files it read
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from flywheel.defs.partitions import week_bounds, weekly_partitions
 from flywheel.defs.resources import FlywheelPaths
-from flywheel.lib.logs import (
+from flywheel.lib.logs.ingest import (
     GRACE_DAYS,
     RAW_LOGS_SCHEMA,
     ingest_week,

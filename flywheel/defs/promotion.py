@@ -10,8 +10,10 @@ import dagster as dg
 from flywheel.defs.partitions import weekly_partitions
 from flywheel.defs.resources import FlywheelPaths, MlflowResource, TrainingResource, VectorStoreResource
 from flywheel.defs.training import run_info, tracker
-from flywheel.lib import evaluation, index, store
-from flywheel.lib.promotion import CHAMPION, gate_decision, promote
+from flywheel.lib.evaluation import metrics as evaluation
+from flywheel.lib.registry import index
+from flywheel.lib import store
+from flywheel.lib.registry.promotion import CHAMPION, gate_decision, promote
 
 SERVING_TABLE = "serving"
 EVAL_SUITE = "eval sets to date"

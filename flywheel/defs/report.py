@@ -16,12 +16,13 @@ from flywheel.defs.partitions import weekly_partitions
 from flywheel.defs.promotion import EVAL_SUITE, TEST_SUITE, decision_path, per_query_path
 from flywheel.defs.resources import FlywheelPaths, MlflowResource, TrainingResource, VectorStoreResource
 from flywheel.defs.training import run_info, tracker
-from flywheel.lib import evaluation, store
-from flywheel.lib import plots
-from flywheel.lib.benchmark import ModelSpec, RerankSpec, build_report, p50, p95, run_benchmark, test_split_suite
+from flywheel.lib.evaluation import metrics as evaluation
+from flywheel.lib import store
+from flywheel.lib.evaluation import plots
+from flywheel.lib.evaluation.benchmark import ModelSpec, RerankSpec, build_report, p50, p95, run_benchmark, test_split_suite
 from flywheel.lib.beir import load_beir
-from flywheel.lib.datasets import votes_description
-from flywheel.lib.promotion import gate_decision, serving_model
+from flywheel.lib.datasets.tiers import votes_description
+from flywheel.lib.registry.promotion import gate_decision, serving_model
 
 
 @dg.asset(

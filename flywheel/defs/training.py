@@ -14,15 +14,16 @@ import dagster as dg
 from flywheel.defs.datasets import labels_to_date
 from flywheel.defs.partitions import weekly_partitions
 from flywheel.defs.resources import FlywheelPaths, MlflowResource, TrainingResource, VectorStoreResource
-from flywheel.lib import index, store
+from flywheel.lib.registry import index
+from flywheel.lib import store
 from flywheel.lib.beir import load_beir
-from flywheel.lib.datasets import content_hash
-from flywheel.lib.forgetting import GENERAL_PAIRS
-from flywheel.lib.mining import MiningConfig, build_training_rows
-from flywheel.lib.promotion import serving_model
-from flywheel.lib.reranker import RerankerConfig, train_reranker
-from flywheel.lib.tracking import Tracker
-from flywheel.lib.training import TrainConfig, frozen_corpus, related_chunks, train_bi_encoder
+from flywheel.lib.datasets.tiers import content_hash
+from flywheel.lib.training.forgetting import GENERAL_PAIRS
+from flywheel.lib.datasets.mining import MiningConfig, build_training_rows
+from flywheel.lib.registry.promotion import serving_model
+from flywheel.lib.training.reranker import RerankerConfig, train_reranker
+from flywheel.lib.registry.tracking import Tracker
+from flywheel.lib.training.embedder import TrainConfig, frozen_corpus, related_chunks, train_bi_encoder
 
 
 def tracker(mlflow: MlflowResource) -> Tracker:

@@ -30,7 +30,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from flywheel.lib.judging import HumanLabels, normalize_query, stable_uniform
+from flywheel.lib.labels.judges import HumanLabels, normalize_query, stable_uniform
 
 FAULT_KINDS = ("429", "500", "slow", "malformed", "refusal")
 _QUERY = re.compile(r"<query>\n?(.*?)\n?</query>", re.S)
@@ -288,7 +288,7 @@ def scifact_raw_logs(dataset, *, n_queries: int, distractors: int = 3, offset: i
 
 def requests_of(raw_logs) -> list:
     """The unique (query, chunk) JudgeRequests of raw_logs rows, in order."""
-    from flywheel.lib.judging import JudgeRequest
+    from flywheel.lib.labels.judges import JudgeRequest
 
     seen, out = set(), []
     for rec in raw_logs.itertuples(index=False):

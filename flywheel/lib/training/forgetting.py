@@ -51,7 +51,7 @@ def merge_with_base(model, base_model_path: str | Path, alpha: float) -> int:
     """In place: weights <- alpha * model + (1 - alpha) * base. Returns the number of tensors merged."""
     import torch
 
-    from flywheel.lib.index import load_embedder
+    from flywheel.lib.registry.index import load_embedder
 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"merge_alpha must be in [0, 1], got {alpha}")

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from flywheel.lib.judging import RELEVANT_GRADE, Judge, JudgeRequest
+from flywheel.lib.labels.judges import RELEVANT_GRADE, Judge, JudgeRequest
 
 
 def extend_pool(

@@ -28,9 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from flywheel.lib import index
+from flywheel.lib.registry import index
 from flywheel.lib.beir import load_beir
-from flywheel.lib.judging import stable_uniform
+from flywheel.lib.labels.judges import stable_uniform
 
 log = logging.getLogger(__name__)
 

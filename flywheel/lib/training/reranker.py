@@ -24,8 +24,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from flywheel.lib import index
-from flywheel.lib.judging import stable_uniform
+from flywheel.lib.registry import index
+from flywheel.lib.labels.judges import stable_uniform
 
 
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flywheel.lib import plots
+from flywheel.lib.evaluation import plots
 from flywheel.lib.store import atomic_write_bytes
 
 

@@ -38,8 +38,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from flywheel.lib import index
-from flywheel.lib.judging import stable_uniform
+from flywheel.lib.registry import index
+from flywheel.lib.labels.judges import stable_uniform
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def corpus_validation_evaluator(
     model retrieved, so an unjudged chunk is unknown, not irrelevant."""
     from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 
-    from flywheel.lib.evaluation import query_metrics
+    from flywheel.lib.evaluation.metrics import query_metrics
 
     if val_df.empty:
         return None
@@ -311,7 +311,7 @@ def train_bi_encoder(
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from transformers import EarlyStoppingCallback, TrainerCallback
 
-    from flywheel.lib import forgetting
+    from flywheel.lib.training import forgetting
 
     say = progress or (lambda _m: None)
     if rows.empty:

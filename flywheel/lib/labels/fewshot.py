@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from flywheel.lib.judging import normalize_query
+from flywheel.lib.labels.judges import normalize_query
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -31,7 +31,7 @@ class DefaultEmbedder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         with self._lock:
             if self._model is None:
-                from flywheel.lib.index import load_embedder
+                from flywheel.lib.registry.index import load_embedder
                 from flywheel.settings import get_settings
 
                 self._model = load_embedder(self._path or get_settings().base_model)

@@ -158,7 +158,7 @@ def build_training_rows(
     """
     import time
 
-    from flywheel.lib import index
+    from flywheel.lib.registry import index
 
     say = progress or (lambda _m: None)
     mined, info, seconds = None, {"candidates": 0, "dropped_judged_relevant": 0}, 0.0

@@ -14,7 +14,8 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from flywheel.lib import evaluation, index
+from flywheel.lib.evaluation import metrics as evaluation
+from flywheel.lib.registry import index
 from flywheel.lib.beir import BeirDataset
 
 REPORT_METRICS = ["ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "recall@40", "mrr@10"]
@@ -39,7 +40,7 @@ class RerankSpec:
     on: str  # the ModelSpec name whose ranking it reranks
     depth: int = 40
     max_length: int = 128
-    fusion: str = "rrf"  # see flywheel.lib.reranker.rerank
+    fusion: str = "rrf"  # see flywheel.lib.training.reranker.rerank
     fusion_weight: float = 0.5
 
 
@@ -111,7 +112,7 @@ def run_benchmark(
             for suite, s in suites.items()
         }
     if rerankers:
-        from flywheel.lib.reranker import load_reranker, rerank
+        from flywheel.lib.training.reranker import load_reranker, rerank
 
         texts = ds.corpus.text_by_id
         for rspec in rerankers:
@@ -198,7 +199,7 @@ def build_report(
     """Markdown with the decision line first; per suite a metrics table, paired comparisons with
     bootstrap CIs and per-query wins/losses, where the first relevant chunk landed (plot) and
     Recall@k curves (plot); then latency. Figures are also returned as PNG files."""
-    from flywheel.lib import plots
+    from flywheel.lib.evaluation import plots
 
     figures: dict[str, bytes] = {}
     lines = [f"# {title}", "", f"**{decision}**", ""] + list(details) + [""]

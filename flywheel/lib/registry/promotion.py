@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from flywheel.lib import evaluation
-from flywheel.lib.tracking import Tracker
+from flywheel.lib.evaluation import metrics as evaluation
+from flywheel.lib.registry.tracking import Tracker
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

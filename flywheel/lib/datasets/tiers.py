@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
-from flywheel.lib.judging import normalize_query, stable_uniform
+from flywheel.lib.labels.judges import normalize_query, stable_uniform
 
 EVAL_COLUMNS = ["week", "query", "query_key", "chunk_id", "rank", "grade", "relevant", "votes"]
 FEWSHOT_COLUMNS = ["week", "query", "query_key", "chunk_id", "chunk_text", "grade", "reason"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from flywheel.lib.judging import normalize_query
+from flywheel.lib.labels.judges import normalize_query
 
 
 def text_sha256(text: str) -> str:

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from flywheel.lib import index
+from flywheel.lib.registry import index
 
 RECALL_KS = (1, 2, 3, 5, 10, 20, 40)  # the report's Recall@k curve
 SEARCH_DEPTH = 100  # how deep we look for the first relevant chunk

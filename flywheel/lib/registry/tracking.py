@@ -63,7 +63,7 @@ class Tracker:
         """
         import mlflow
 
-        from flywheel.lib.index import load_embedder
+        from flywheel.lib.registry.index import load_embedder
 
         model = load_embedder(model_dir, device=device)
         with warnings.catch_warnings():
@@ -88,7 +88,7 @@ class Tracker:
         client = self._client()
         client.log_artifacts(run_id, str(model_dir), artifact_path="reranker")
         try:
-            client.create_registered_model(registered_name, description="flywheel cross-encoder reranker (artifact; see flywheel.lib.reranker)")
+            client.create_registered_model(registered_name, description="flywheel cross-encoder reranker (artifact; see flywheel.lib.training.reranker)")
         except MlflowException:
             pass  # already registered
         source = f"{client.get_run(run_id).info.artifact_uri}/reranker"

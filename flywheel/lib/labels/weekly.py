@@ -1,5 +1,5 @@
 """Relevance labels: every (query, retrieved chunk) pair of a week, graded by a judge and fused
-with the explicit feedback the logs carry (``flywheel.lib.fusion``).
+with the explicit feedback the logs carry (``flywheel.lib.labels.fusion``).
 
 Each unique (query, chunk) pair of a week is judged once; its grade is then fused with the
 week's saves, citations, thumbs and position-debiased clicks for that pair. Every row keeps the
@@ -16,8 +16,8 @@ from typing import Callable
 
 import pandas as pd
 
-from flywheel.lib.fusion import FusionConfig, fuse_grade, label_source, pair_evidence
-from flywheel.lib.judging import (
+from flywheel.lib.labels.fusion import FusionConfig, fuse_grade, label_source, pair_evidence
+from flywheel.lib.labels.judges import (
     RELEVANT_GRADE,
     HumanLabels,
     Judge,

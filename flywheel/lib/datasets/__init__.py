@@ -1,0 +1,1 @@
+"""datasets: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""evaluation: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""labels: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""logs: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""simulate: see the modules of this package."""
