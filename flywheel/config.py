@@ -147,7 +147,23 @@ class JudgeSettings(Section):
     max_retries: int = setting(4, "client retries on 429/5xx/timeouts", ge=0)
     budget_usd: Optional[float] = setting(None, "stop paying past this many USD per run (None: no cap)", ge=0)
     fewshot_k: int = setting(4, "few-shot examples per prompt", ge=0)
+    max_tokens: int = setting(150, "completion tokens per answer", ge=16)
+    reasoning_max_tokens: int = setting(2048, "completion tokens once a reasoning model spent its budget thinking", ge=16)
+    answer_retries: int = setting(2, "re-asks after an unusable answer (unparseable, refused, empty)", ge=0)
+    max_chunk_chars: int = setting(4000, "characters of a passage put in the prompt", ge=200)
+    max_retry_wait_s: float = setting(120.0, "longest Retry-After to wait out; a longer one stops the run", ge=0)
+    max_failures_in_a_row: int = setting(20, "stop the run after this many pairs in a row fail at the endpoint", ge=1)
+    response_format: Literal["auto", "json_schema", "json_object", "none"] = setting(
+        "auto", "structured output to ask for (auto: json_schema, stepping down when the endpoint rejects it)")
+    price_prompt_per_mtok: Optional[float] = setting(
+        None, "USD per million prompt tokens (None: OpenAI's list price on api.openai.com, 0 elsewhere)", ge=0)
+    price_completion_per_mtok: Optional[float] = setting(
+        None, "USD per million completion tokens (None: as price_prompt_per_mtok)", ge=0)
+    injection_policy: Literal["harden", "skip"] = setting(
+        "harden", "chunks with instructions aimed at the grader: harden (judge with them cut out) or skip; flagged either way")
     min_kappa: float = setting(0.4, "relevance_labels check: lowest Cohen's kappa against the reference", ge=-1, le=1)
+    max_unlabelled_share: float = setting(0.05, "relevance_labels check: largest share of pairs left unlabelled", ge=0, le=1)
+    allow_no_kappa: bool = setting(False, "relevance_labels check: pass a week whose kappa cannot be computed")
     eval_vote_temperature: float = setting(0.7, "temperature of the extra eval-set votes", ge=0, le=2)
 
 
@@ -172,6 +188,9 @@ class TrainingSettings(Section):
     mine_relative_margin: float = setting(0.05, "mined negatives score at most (1-margin) x the positive", ge=0, lt=1, env="FLYWHEEL_MINE_RELATIVE_MARGIN")
     encode_max_seq_length: int = setting(256, "tokens per text when encoding for retrieval", ge=8, le=512, env="FLYWHEEL_ENCODE_MAX_SEQ_LENGTH")
     encode_batch_size: int = setting(64, "texts per encoding batch", ge=1, env="FLYWHEEL_ENCODE_BATCH_SIZE")
+    inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
+        "auto", "weights when encoding queries and the corpus: auto = bf16 where the hardware runs it natively, "
+        "else fp32; int8 = dynamic quantization (CPU only)", env="FLYWHEEL_ENCODE_PRECISION")
     device: str = setting("auto", "torch device (auto: cuda if present, else cpu)", env="FLYWHEEL_DEVICE")
     shuffle_labels: bool = setting(False, "train on shuffled positives (shows that the gate stops noise)")
 
@@ -192,6 +211,9 @@ class RerankerSettings(Section):
     fusion: Literal["zscore", "rrf", "none"] = setting("zscore", "how cross-encoder scores meet the bi-encoder's")
     fusion_weight: float = setting(0.5, "the cross-encoder's share in zscore fusion", ge=0, le=1)
     depth: int = setting(40, "candidates reranked per query", ge=1, env="FLYWHEEL_RERANK_DEPTH")
+    inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
+        "auto", "weights when reranking: auto = bf16 where the hardware runs it natively, else fp32; "
+        "int8 = dynamic quantization (CPU only)", env="FLYWHEEL_RERANKER_PRECISION")
 
 
 class GateSettings(Section):
@@ -199,9 +221,26 @@ class GateSettings(Section):
 
     regression_margin: float = setting(0.01, "largest NDCG@10 regression the gate's CI may include", ge=0, env="FLYWHEEL_REGRESSION_MARGIN")
     bootstrap_samples: int = setting(2000, "paired-bootstrap resamples", ge=100, env="FLYWHEEL_BOOTSTRAP_SAMPLES")
+    pool_depth: int = setting(10, "each compared model's top-k eval chunks judged before scoring (pooling)", ge=1, env="FLYWHEEL_POOL_DEPTH")
     experiment: str = setting("flywheel", "MLflow experiment", env="FLYWHEEL_MLFLOW_EXPERIMENT")
     embedder_name: str = setting("flywheel-embedder", "registered model name of the embedder", env="FLYWHEEL_EMBEDDER_NAME")
     reranker_name: str = setting("flywheel-reranker", "registered model name of the reranker", env="FLYWHEEL_RERANKER_NAME")
+
+
+class ServicesSettings(Section):
+    """Service mode (`flywheel services up`): PostgreSQL, the Dagster webserver and daemon, MLflow."""
+
+    env_prefix: ClassVar[str] = "SERVICES_"
+    host: str = setting("127.0.0.1", "interface every service binds to")
+    postgres_port: int = setting(54329, "port of the local PostgreSQL started under <home>/services/postgres", ge=1, le=65535)
+    postgres_url: str = setting("", "an existing PostgreSQL server (postgresql://user:password@host:port); empty: start a local one")
+    postgres_run_as: str = setting("postgres", "the unprivileged user PostgreSQL runs as when flywheel runs as root (it refuses root)")
+    dagster_port: int = setting(3000, "port of the Dagster webserver (UI and GraphQL)", ge=1, le=65535)
+    code_server_port: int = setting(4266, "port of the Dagster code server the webserver and daemon share", ge=1, le=65535)
+    mlflow_port: int = setting(5000, "port of the MLflow tracking server", ge=1, le=65535)
+    max_concurrent_runs: int = setting(2, "runs the queue lets execute at once", ge=1)
+    training_pool_limit: int = setting(1, "steps in the pool `training` (trained_model, trained_reranker) at once", ge=1)
+    start_timeout_s: float = setting(180.0, "seconds to wait for each service to answer", gt=0)
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -211,6 +250,7 @@ SECTIONS: dict[str, type[Section]] = {
     "training": TrainingSettings,
     "reranker": RerankerSettings,
     "gate": GateSettings,
+    "services": ServicesSettings,
 }
 
 
@@ -227,6 +267,7 @@ class FlywheelConfig:
     training: TrainingSettings
     reranker: RerankerSettings
     gate: GateSettings
+    services: ServicesSettings
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)  # "section.field" -> origin
 
     def with_(self, **sections: Mapping[str, Any] | Section) -> "FlywheelConfig":

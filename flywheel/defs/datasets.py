@@ -1,147 +1,86 @@
-"""Three tiers from one labelled pool: eval_set (20 queries), fewshot_set (200), finetune_set (2,000)."""
+"""Three tiers from one labelled pool: eval_set (20 queries), fewshot_set (200), finetune_set (2,000).
 
+Wiring only: the work is in ``flywheel.lib.datasets.weekly``.
+"""
 
 import dagster as dg
-import pandas as pd
 
-from flywheel.defs.partitions import weekly_partitions
 from flywheel.defs.labels import build_judge
-from flywheel.defs.resources import FlywheelPaths, JudgeResource
+from flywheel.defs.partitions import weekly_partitions
+from flywheel.defs.resources import JudgeResource, PathsResource, TiersResource
+from flywheel.layout import EVAL_SET, FEWSHOT_SET, FINETUNE_SET, RELEVANCE_LABELS
 from flywheel.lib import store
-from flywheel.lib.beir import load_beir
-from flywheel.lib.datasets.tiers import (
-    build_eval_set,
-    build_fewshot_set,
-    build_finetune_set,
-    near_duplicate_queries,
-    overlapping_queries,
-)
-from flywheel.lib.labels.judges import JudgeRequest, normalize_query
+from flywheel.lib.datasets import weekly
 
 
-def labels_to_date(paths: FlywheelPaths, week: str) -> tuple[pd.DataFrame, list[str]]:
-    """Every labelled week up to and including this one."""
-    weeks = store.weeks_written(paths.assets_dir, "relevance_labels", up_to=week)
-    if week not in weeks:
-        raise FileNotFoundError(f"relevance_labels for {week} is missing: materialize it first")
-    frames = [store.read_table(store.asset_path(paths.assets_dir, "relevance_labels", w)) for w in weeks]
-    return pd.concat(frames, ignore_index=True), weeks
+def _md_table(header: tuple[str, str], rows) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"| {header[0]} | {header[1]} |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows))
 
 
-def eval_sets_to_date(paths: FlywheelPaths, week: str) -> tuple[pd.DataFrame, list[str]]:
-    weeks = store.weeks_written(paths.assets_dir, "eval_set", up_to=week)
-    if not weeks:
-        return pd.DataFrame(columns=["query", "query_key", "chunk_id", "relevant"]), []
-    frames = [store.read_table(store.asset_path(paths.assets_dir, "eval_set", w)) for w in weeks]
-    return pd.concat(frames, ignore_index=True), weeks
-
-
-def held_out_texts(paths: FlywheelPaths, week: str) -> list[str]:
-    """The texts of every held-out query (eval sets to date, test split), for near-duplicate checks."""
-    evals, _ = eval_sets_to_date(paths, week)
-    ds = load_beir(paths.dataset_dir)
-    test = list(ds.split_queries("test").values()) if ds.has_test_split else []
-    return sorted(set(evals["query"])) + test
-
-
-def held_out_queries(paths: FlywheelPaths, week: str) -> tuple[set[str], set[str]]:
-    """Queries that must never be trained on: every eval set to date, and the dataset's test split."""
-    evals, _ = eval_sets_to_date(paths, week)
-    ds = load_beir(paths.dataset_dir)
-    test = {normalize_query(t) for t in ds.split_queries("test").values()} if ds.has_test_split else set()
-    return set(evals["query_key"]), test
-
-
-@dg.asset(partitions_def=weekly_partitions, deps=["relevance_labels"], group_name="datasets", kinds={"parquet"})
-def eval_set(context: dg.AssetExecutionContext, paths: FlywheelPaths, judge: JudgeResource) -> dg.MaterializeResult:
+@dg.asset(partitions_def=weekly_partitions, deps=[RELEVANCE_LABELS], group_name="datasets", kinds={"parquet"})
+def eval_set(context: dg.AssetExecutionContext, paths: PathsResource, tiers: TiersResource,
+             judge: JudgeResource) -> dg.MaterializeResult:
     """20 of this week's queries with their judged results, each pair confirmed by a majority of
     judge votes; they never enter training."""
-    week = context.partition_key
-    labels, _ = labels_to_date(paths, week)
-    seen_before = set(labels.loc[labels["week"] < week, "query_key"])
-    s = paths.settings()
-    voters = [build_judge(judge, paths, vote=v) for v in range(1, max(judge.eval_votes, 1))]
-    asked = {"pairs": 0}
-
-    def extra_votes(rows: pd.DataFrame) -> list[list]:
-        requests = [JudgeRequest(q, c, t, int(r)) for q, c, t, r in
-                    zip(rows["query"], rows["chunk_id"], rows["chunk_text"], rows["rank"])]
-        asked["pairs"] += len(requests) * len(voters)
-        return [[j.grade for j in voter.judge(requests, progress=context.log.info)] for voter in voters]
-
-    week_labels = labels[labels["week"] == week]
-    out = build_eval_set(week_labels, n_queries=s.eval_queries, seed=s.seed, seen_before=seen_before,
-                         extra_votes=extra_votes if voters else None)
-    path = store.write_table(store.asset_path(paths.assets_dir, "eval_set", week), out)
-    single = out["votes"].str.split(",").str[0].map(lambda g: g != "-" and int(g) >= 2)
+    week, layout, t = context.partition_key, paths.layout(), tiers.settings()
+    voters = [build_judge(judge, paths, tiers, vote=v) for v in range(1, t.eval_votes)]
+    res = weekly.eval_set_week(layout, week, t, voters, progress=context.log.info)
+    out = res.table
+    path = store.write_table(layout.asset(EVAL_SET, week), out)
+    first_only = res.relevant_by_first_vote_only
     per_query = out.groupby("query").agg(judged=("chunk_id", "size"), relevant=("relevant", "sum")).reset_index()
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)),
         "queries": int(out["query_key"].nunique()),
         "dagster/row_count": len(out),
-        "queries_seen_in_earlier_weeks": len(seen_before),
+        "queries_seen_in_earlier_weeks": res.seen_before,
         "relevant_pairs": int(out["relevant"].sum()),
-        "judge_votes_per_pair": max(judge.eval_votes, 1),
-        "extra_votes_asked": asked["pairs"],
-        "relevant_by_first_vote_only": int(single.sum()),
-        "relevant_overturned_by_votes": int((single & ~out["relevant"]).sum()),
+        "judge_votes_per_pair": res.votes_per_pair,
+        "extra_votes_asked": res.extra_votes_asked,
+        "relevant_by_first_vote_only": int(first_only.sum()),
+        "relevant_overturned_by_votes": int((first_only & ~out["relevant"]).sum()),
         "queries_table": dg.MetadataValue.md(per_query.head(20).to_markdown(index=False)),
     })
 
 
+def _size_check(asset: str, count_queries: bool, minimum: int, week: str, layout) -> dg.AssetCheckResult:
+    out = store.read_table(layout.asset(asset, week))
+    n = int(out["query_key"].nunique()) if count_queries else len(out)
+    unit = "queries" if count_queries else "examples"
+    return dg.AssetCheckResult(passed=n >= minimum, metadata={unit: n, "minimum": minimum},
+                               description=f"{n} {unit} in {asset} (minimum {minimum})")
+
+
 @dg.asset_check(asset=eval_set, blocking=True, partitions_def=weekly_partitions)
-def eval_set_size(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
-    out = store.read_table(store.asset_path(paths.assets_dir, "eval_set", context.partition_key))
-    n = int(out["query_key"].nunique())
-    return dg.AssetCheckResult(
-        passed=n >= paths.min_eval_queries,
-        metadata={"queries": n, "minimum": paths.min_eval_queries},
-        description=f"{n} eval queries (minimum {paths.min_eval_queries})",
-    )
+def eval_set_size(context: dg.AssetCheckExecutionContext, paths: PathsResource, tiers: TiersResource) -> dg.AssetCheckResult:
+    return _size_check(EVAL_SET, True, tiers.settings().eval_queries_floor, context.partition_key, paths.layout())
 
 
-@dg.asset(partitions_def=weekly_partitions, deps=["relevance_labels", "eval_set"], group_name="datasets", kinds={"parquet"})
-def fewshot_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.MaterializeResult:
+@dg.asset(partitions_def=weekly_partitions, deps=[RELEVANCE_LABELS, EVAL_SET], group_name="datasets", kinds={"parquet"})
+def fewshot_set(context: dg.AssetExecutionContext, paths: PathsResource, tiers: TiersResource) -> dg.MaterializeResult:
     """200 labelled examples, balanced across grades, for the judge's prompt in later weeks."""
-    week = context.partition_key
-    labels, weeks = labels_to_date(paths, week)
-    eval_q, test_q = held_out_queries(paths, week)
-    s = paths.settings()
-    out = build_fewshot_set(
-        labels, n_examples=s.fewshot_examples, seed=s.seed, exclude_queries=eval_q | test_q,
-    )
-    path = store.write_table(store.asset_path(paths.assets_dir, "fewshot_set", week), out)
-    grades = out["grade"].value_counts().sort_index()
+    week, layout, p = context.partition_key, paths.layout(), paths.settings()
+    out, weeks = weekly.fewshot_set_week(layout, p.dataset, week, tiers.settings())
+    path = store.write_table(layout.asset(FEWSHOT_SET, week), out)
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)),
         "dagster/row_count": len(out),
         "weeks_used": ", ".join(weeks),
-        "grades": dg.MetadataValue.md("| grade | examples |\n|---|---|\n" + "\n".join(f"| {g} | {n} |" for g, n in grades.items())),
+        "grades": _md_table(("grade", "examples"), out["grade"].value_counts().sort_index().items()),
     })
 
 
 @dg.asset_check(asset=fewshot_set, blocking=True, partitions_def=weekly_partitions)
-def fewshot_set_size(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
-    out = store.read_table(store.asset_path(paths.assets_dir, "fewshot_set", context.partition_key))
-    return dg.AssetCheckResult(
-        passed=len(out) >= paths.min_fewshot_examples,
-        metadata={"examples": len(out), "minimum": paths.min_fewshot_examples},
-    )
+def fewshot_set_size(context: dg.AssetCheckExecutionContext, paths: PathsResource, tiers: TiersResource) -> dg.AssetCheckResult:
+    return _size_check(FEWSHOT_SET, False, tiers.settings().fewshot_floor, context.partition_key, paths.layout())
 
 
-@dg.asset(partitions_def=weekly_partitions, deps=["relevance_labels", "eval_set"], group_name="datasets", kinds={"parquet"})
-def finetune_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.MaterializeResult:
+@dg.asset(partitions_def=weekly_partitions, deps=[RELEVANCE_LABELS, EVAL_SET], group_name="datasets", kinds={"parquet"})
+def finetune_set(context: dg.AssetExecutionContext, paths: PathsResource, tiers: TiersResource) -> dg.MaterializeResult:
     """(query, relevant chunk, hard negative) triplets from all labelled weeks to date."""
-    week = context.partition_key
-    labels, weeks = labels_to_date(paths, week)
-    eval_q, test_q = held_out_queries(paths, week)
-    s = paths.settings()
-    out, stats = build_finetune_set(
-        labels, n_examples=s.finetune_examples, seed=s.seed, exclude_queries=eval_q | test_q,
-        near_duplicate_of=held_out_texts(paths, week), near_duplicate_jaccard=paths.near_duplicate_jaccard,
-    )
-    path = store.write_table(store.asset_path(paths.assets_dir, "finetune_set", week), out)
-    sample = out[["query", "positive_id", "negative_id", "negative_rank"]].head(10)
+    week, layout, p = context.partition_key, paths.layout(), paths.settings()
+    out, stats, weeks = weekly.finetune_set_week(layout, p.dataset, week, tiers.settings())
+    path = store.write_table(layout.asset(FINETUNE_SET, week), out)
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)),
         "dagster/row_count": stats.rows,
@@ -152,42 +91,31 @@ def finetune_set(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.
         "near_duplicates_of_held_out_excluded": stats.near_duplicates_excluded,
         "weeks_used": ", ".join(weeks),
         "content_sha256": stats.content_sha256,
-        "sample": dg.MetadataValue.md(sample.to_markdown(index=False)),
+        "sample": dg.MetadataValue.md(out[["query", "positive_id", "negative_id", "negative_rank"]].head(10).to_markdown(index=False)),
     })
 
 
 @dg.asset_check(asset=finetune_set, blocking=True, partitions_def=weekly_partitions)
-def finetune_set_size(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
-    out = store.read_table(store.asset_path(paths.assets_dir, "finetune_set", context.partition_key))
-    return dg.AssetCheckResult(
-        passed=len(out) >= paths.min_finetune_examples,
-        metadata={"examples": len(out), "minimum": paths.min_finetune_examples},
-        description=f"{len(out)} training examples (minimum {paths.min_finetune_examples})",
-    )
+def finetune_set_size(context: dg.AssetCheckExecutionContext, paths: PathsResource, tiers: TiersResource) -> dg.AssetCheckResult:
+    return _size_check(FINETUNE_SET, False, tiers.settings().finetune_floor, context.partition_key, paths.layout())
 
 
 @dg.asset_check(asset=finetune_set, blocking=True, partitions_def=weekly_partitions)
-def finetune_disjoint_from_eval(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
+def finetune_disjoint_from_eval(context: dg.AssetCheckExecutionContext, paths: PathsResource,
+                                tiers: TiersResource) -> dg.AssetCheckResult:
     """No eval-set query (any week to date) and no test-split query may be trained on, nor a
     near-duplicate of one (token-set Jaccard >= ``near_duplicate_jaccard``)."""
-    week = context.partition_key
-    out = store.read_table(store.asset_path(paths.assets_dir, "finetune_set", week))
-    evals, eval_weeks = eval_sets_to_date(paths, week)
-    _, test_q = held_out_queries(paths, week)
-    leaked_eval = overlapping_queries(out["query"], evals["query"])
-    leaked_test = set(out["query_key"]) & test_q
-    near = near_duplicate_queries(
-        out["query"].unique(), held_out_texts(paths, week), threshold=paths.near_duplicate_jaccard
-    )
+    t = tiers.settings()
+    leaks = weekly.training_leaks(paths.layout(), paths.settings().dataset, context.partition_key, t)
     return dg.AssetCheckResult(
-        passed=not leaked_eval and not leaked_test and not near,
+        passed=not leaks.any,
         metadata={
-            "eval_weeks_compared": len(eval_weeks),
-            "eval_queries_in_training": len(leaked_eval),
-            "test_queries_in_training": len(leaked_test),
-            "near_duplicates_in_training": len(near),
-            "near_duplicate_jaccard": paths.near_duplicate_jaccard,
-            "examples": dg.MetadataValue.json(sorted(leaked_eval | leaked_test | near)[:10]),
+            "eval_weeks_compared": leaks.eval_weeks,
+            "eval_queries_in_training": len(leaks.eval_queries),
+            "test_queries_in_training": len(leaks.test_queries),
+            "near_duplicates_in_training": len(leaks.near_duplicates),
+            "near_duplicate_jaccard": t.near_duplicate_jaccard,
+            "examples": dg.MetadataValue.json(sorted(leaks.eval_queries | leaks.test_queries | leaks.near_duplicates)[:10]),
         },
     )
 

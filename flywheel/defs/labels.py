@@ -6,79 +6,66 @@ reference (human labels, else explicit feedback) before they can train a model."
 import math
 
 import dagster as dg
-import pandas as pd
 
 from flywheel.defs.partitions import weekly_partitions
-from flywheel.defs.resources import FlywheelPaths, JudgeResource
+from flywheel.defs.resources import JudgeResource, PathsResource, TiersResource
+from flywheel.layout import RAW_LOGS, RELEVANCE_LABELS
 from flywheel.lib import store
 from flywheel.lib.beir import load_beir
+from flywheel.lib.datasets.weekly import latest_fewshot_before
 from flywheel.lib.labels.judges import HumanLabels, Judge, SimulatedJudge
 from flywheel.lib.labels.weekly import agreement_with_reference, label_week
 from flywheel.lib.logs.ingest import load_raw_logs
 
 
-def build_judge(cfg: JudgeResource, paths: FlywheelPaths, vote: int = 0) -> Judge:
+def build_judge(judge: JudgeResource, paths: PathsResource, tiers: TiersResource, vote: int = 0) -> Judge:
     """The week's judge (vote 0), or an independent re-ask of it for eval-set votes (vote >= 1)."""
+    cfg, p = judge.settings(), paths.settings()
     if cfg.kind == "simulated":
-        return SimulatedJudge(
-            load_beir(paths.dataset_dir),
-            miss_rate=cfg.miss_rate,
-            lenient_rate=cfg.lenient_rate,
-            lenient_top_ranks=cfg.lenient_top_ranks,
-            seed=paths.seed + 1000 * vote,  # each vote errs independently
+        # each vote errs independently
+        return SimulatedJudge(load_beir(p.dataset), cfg, seed=tiers.settings().seed + 1000 * vote)
+    from flywheel.lib.labels.openai_judge import PROMPT_VERSION, OpenAIJudge, OpenAIJudgeConfig
+
+    return OpenAIJudge(
+        OpenAIJudgeConfig(
+            model=cfg.model,
+            base_url=cfg.base_url,
+            api_key=judge.api_key,
+            # a re-ask at temperature 0 would mostly repeat the first answer; each vote is
+            # cached under its own key
+            temperature=cfg.temperature if vote == 0 else max(cfg.temperature, cfg.eval_vote_temperature),
+            prompt_version=PROMPT_VERSION if vote == 0 else f"{PROMPT_VERSION}+vote{vote}",
+            concurrency=cfg.concurrency,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            budget_usd=cfg.budget_usd,
+            fewshot_k=cfg.fewshot_k,
+            cache_path=str(paths.layout().judge_cache),
         )
-    if cfg.kind == "openai":
-        from flywheel.lib.labels.openai_judge import PROMPT_VERSION, OpenAIJudge, OpenAIJudgeConfig
-
-        return OpenAIJudge(
-            OpenAIJudgeConfig(
-                model=cfg.model,
-                base_url=cfg.base_url,
-                api_key=cfg.api_key,
-                # a re-ask at temperature 0 would mostly repeat the first answer; each vote is
-                # cached under its own key
-                temperature=cfg.temperature if vote == 0 else max(cfg.temperature, cfg.eval_vote_temperature),
-                prompt_version=PROMPT_VERSION if vote == 0 else f"{PROMPT_VERSION}+vote{vote}",
-                concurrency=cfg.concurrency,
-                timeout_s=cfg.timeout_s,
-                max_retries=cfg.max_retries,
-                budget_usd=cfg.budget_usd,
-                fewshot_k=cfg.fewshot_k,
-                cache_path=str(paths.settings().cache_dir / "judge_cache.sqlite"),
-            )
-        )
-    raise ValueError(f"judge kind must be 'simulated' or 'openai', got {cfg.kind!r}")
-
-
-def latest_fewshot_before(paths: FlywheelPaths, week: str) -> tuple[pd.DataFrame | None, str | None]:
-    """The newest few-shot set from an earlier week: the loop an asset graph cannot draw."""
-    earlier = [w for w in store.weeks_written(paths.assets_dir, "fewshot_set") if w < week]
-    if not earlier:
-        return None, None
-    return store.read_table(store.asset_path(paths.assets_dir, "fewshot_set", earlier[-1])), earlier[-1]
+    )
 
 
 @dg.asset(
     partitions_def=weekly_partitions,
-    deps=["raw_logs"],
+    deps=[RAW_LOGS],
     group_name="labels",
     kinds={"python", "parquet"},
 )
 def relevance_labels(
-    context: dg.AssetExecutionContext, paths: FlywheelPaths, judge: JudgeResource
+    context: dg.AssetExecutionContext, paths: PathsResource, tiers: TiersResource, judge: JudgeResource
 ) -> dg.MaterializeResult:
     """Every (query, retrieved chunk) pair of the week with a graded label (0-3) and its source."""
-    week = context.partition_key
-    raw = load_raw_logs(store.asset_path(paths.assets_dir, "raw_logs", week))
-    the_judge = build_judge(judge, paths)
-    fewshot, fewshot_week = latest_fewshot_before(paths, week)
+    week, layout = context.partition_key, paths.layout()
+    raw = load_raw_logs(layout.asset(RAW_LOGS, week))
+    the_judge = build_judge(judge, paths, tiers)
+    fewshot, fewshot_week = latest_fewshot_before(layout, week)
     labels, stats = label_week(
         raw, week, the_judge,
-        human=HumanLabels(load_beir(paths.dataset_dir)),
+        human=HumanLabels(load_beir(paths.settings().dataset)),
         fewshot=fewshot,
         progress=context.log.info,
     )
-    path = store.write_table(store.asset_path(paths.assets_dir, "relevance_labels", week), labels)
+    path = store.write_table(layout.asset(RELEVANCE_LABELS, week), labels)
     grade_table = "| grade | pairs |\n|---|---|\n" + "\n".join(f"| {g} | {n} |" for g, n in stats.grade_counts.items())
     usage = the_judge.usage
     sources_table = "| label source | pairs |\n|---|---|\n" + "\n".join(
@@ -119,14 +106,14 @@ def relevance_labels(
 
 @dg.asset_check(asset=relevance_labels, blocking=True, partitions_def=weekly_partitions)
 def judge_agrees_with_reference(
-    context: dg.AssetCheckExecutionContext, paths: FlywheelPaths, judge: JudgeResource
+    context: dg.AssetCheckExecutionContext, paths: PathsResource, judge: JudgeResource
 ) -> dg.AssetCheckResult:
     """Labels from a judge that disagrees with the reference labels must not train a model.
 
     The reference is the week's human labels where there are any, else its explicit feedback
     (saves, cited answers with thumbs, debiased clicks, skips; see flywheel.lib.labels.fusion).
     """
-    labels = store.read_table(store.asset_path(paths.assets_dir, "relevance_labels", context.partition_key))
+    labels = store.read_table(paths.layout().asset(RELEVANCE_LABELS, context.partition_key))
     kappa, compared, reference = agreement_with_reference(labels)
     if not compared:
         return dg.AssetCheckResult(
@@ -134,7 +121,7 @@ def judge_agrees_with_reference(
             metadata={"reference": reference, "pairs": 0},
             description="no human labels or explicit feedback this week: nothing to compare",
         )
-    metadata = {"kappa": dg.MetadataValue.float(float(kappa)), "min_kappa": judge.min_kappa,
+    metadata = {"kappa": dg.MetadataValue.float(float(kappa)), "min_kappa": judge.settings().min_kappa,
                 "pairs": compared, "reference": reference}
     if math.isnan(kappa):
         return dg.AssetCheckResult(
@@ -143,9 +130,9 @@ def judge_agrees_with_reference(
             description=f"the {reference} reference holds a single class over {compared} pairs: kappa undefined",
         )
     return dg.AssetCheckResult(
-        passed=bool(kappa >= judge.min_kappa),
+        passed=bool(kappa >= judge.settings().min_kappa),
         metadata=metadata,
-        description=f"Cohen's kappa vs {reference} labels {kappa:.3f} (threshold {judge.min_kappa}, {compared} pairs)",
+        description=f"Cohen's kappa vs {reference} labels {kappa:.3f} (threshold {judge.settings().min_kappa}, {compared} pairs)",
     )
 
 

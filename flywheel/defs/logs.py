@@ -16,7 +16,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from flywheel.defs.partitions import week_bounds, weekly_partitions
-from flywheel.defs.resources import FlywheelPaths
+from flywheel.defs.resources import PathsResource, TiersResource
 from flywheel.lib.logs.ingest import (
     GRACE_DAYS,
     RAW_LOGS_SCHEMA,
@@ -25,10 +25,7 @@ from flywheel.lib.logs.ingest import (
     load_raw_logs,
     log_fingerprint,
 )
-from flywheel.lib.store import asset_path
-
-RAW_LOGS = "raw_logs"
-QUARANTINE = "raw_logs_quarantine"
+from flywheel.layout import QUARANTINE, RAW_LOGS
 
 
 def _md_table(header: tuple[str, str], rows: dict) -> str:
@@ -61,12 +58,12 @@ def _sample_md(path: Path, n: int = 5) -> str:
                 "invalid lines go to raw_logs_quarantine with file, line and reason.",
     kinds={"parquet"},
 )
-def raw_logs(context: dg.AssetExecutionContext, paths: FlywheelPaths) -> dg.MaterializeResult:
+def raw_logs(context: dg.AssetExecutionContext, paths: PathsResource) -> dg.MaterializeResult:
     week = context.partition_key
     start, end = week_bounds(week)
-    out = asset_path(paths.assets_dir, RAW_LOGS, week)
-    quarantine = asset_path(paths.assets_dir, QUARANTINE, week)
-    stats = ingest_week(Path(paths.log_dir), start, end, out, quarantine)
+    out = paths.layout().asset(RAW_LOGS, week)
+    quarantine = paths.layout().asset(QUARANTINE, week)
+    stats = ingest_week(paths.settings().log_dir, start, end, out, quarantine)
     context.log.info(
         f"week {week}: read {stats.read:,} records from {stats.files} files, {stats.rows:,} requests, "
         f"{stats.duplicates:,} duplicates, {stats.quarantined_total:,} quarantined {stats.quarantined}"
@@ -106,9 +103,9 @@ def _latest_metadata(instance: dg.DagsterInstance, week: str) -> dict | None:
 
 @dg.asset_check(asset=raw_logs, blocking=True, partitions_def=weekly_partitions,
                 description="raw_logs has exactly the agreed schema and no nulls where none are allowed.")
-def raw_logs_schema_valid(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
+def raw_logs_schema_valid(context: dg.AssetCheckExecutionContext, paths: PathsResource) -> dg.AssetCheckResult:
     week = context.partition_key
-    path = asset_path(paths.assets_dir, RAW_LOGS, week)
+    path = paths.layout().asset(RAW_LOGS, week)
     if not path.exists():
         return dg.AssetCheckResult(passed=False, metadata={"error": f"{path} is missing"})
     schema = pq.read_schema(path).remove_metadata()
@@ -131,22 +128,24 @@ def raw_logs_schema_valid(context: dg.AssetCheckExecutionContext, paths: Flywhee
 
 
 @dg.asset_check(asset=raw_logs, blocking=True, partitions_def=weekly_partitions,
-                description="The share of quarantined records is under paths.max_quarantine_rate.")
-def raw_logs_quarantine_rate(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
+                description="The share of quarantined records is under tiers.max_quarantine_rate.")
+def raw_logs_quarantine_rate(context: dg.AssetCheckExecutionContext, paths: PathsResource,
+                             tiers: TiersResource) -> dg.AssetCheckResult:
+    max_rate = tiers.settings().max_quarantine_rate
     week = context.partition_key
     meta = _latest_metadata(context.instance, week)
     if meta is None:
         return dg.AssetCheckResult(passed=False, metadata={"error": "no materialization metadata"})
     rate = float(meta.get("quarantine_rate", 1.0))
     top = []
-    qpath = asset_path(paths.assets_dir, QUARANTINE, week)
+    qpath = paths.layout().asset(QUARANTINE, week)
     if qpath.exists():
         q = load_quarantine(qpath)
         q = q[q["reason"] != "duplicate_request_id"]
         top = q.head(5)[["file", "line", "reason", "field"]].to_dict("records")
     return dg.AssetCheckResult(
-        passed=rate <= paths.max_quarantine_rate,
-        metadata={"quarantine_rate": rate, "max_quarantine_rate": paths.max_quarantine_rate,
+        passed=rate <= max_rate,
+        metadata={"quarantine_rate": rate, "max_quarantine_rate": max_rate,
                   "quarantined": int(meta.get("quarantined", 0)), "read": int(meta.get("read", 0)),
                   "first_quarantined": dg.MetadataValue.json(top)},
     )
@@ -154,8 +153,8 @@ def raw_logs_quarantine_rate(context: dg.AssetCheckExecutionContext, paths: Flyw
 
 @dg.asset_check(asset=raw_logs, blocking=True, partitions_def=weekly_partitions,
                 description="The week has at least one valid search request.")
-def raw_logs_not_empty(context: dg.AssetCheckExecutionContext, paths: FlywheelPaths) -> dg.AssetCheckResult:
-    path = asset_path(paths.assets_dir, RAW_LOGS, context.partition_key)
+def raw_logs_not_empty(context: dg.AssetCheckExecutionContext, paths: PathsResource) -> dg.AssetCheckResult:
+    path = paths.layout().asset(RAW_LOGS, context.partition_key)
     rows = pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
     return dg.AssetCheckResult(passed=rows > 0, metadata={"rows": rows})
 
@@ -186,8 +185,8 @@ def _weeks_with_logs(log_dir: Path) -> set[str]:
     description="Re-runs raw_logs for a materialized week whose log files changed since.",
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
-def raw_logs_new_files(context: dg.SensorEvaluationContext, paths: FlywheelPaths):
-    log_dir = Path(paths.log_dir)
+def raw_logs_new_files(context: dg.SensorEvaluationContext, paths: PathsResource):
+    log_dir = paths.settings().log_dir
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     keys = set(weekly_partitions.get_partition_keys(dynamic_partitions_store=context.instance))
     requests = []

@@ -1,13 +1,13 @@
-"""The one partitioning of the flywheel: ISO weeks starting on Monday."""
+"""The one partitioning of the flywheel: weeks starting on Monday."""
 
 from datetime import date, timedelta
 
 import dagster as dg
 
-from flywheel.settings import get_settings
+from flywheel.defs.resources import CONFIG
 
 weekly_partitions = dg.WeeklyPartitionsDefinition(
-    start_date=get_settings().start_date.isoformat(),
+    start_date=CONFIG.tiers.start_date.isoformat(),
     day_offset=1,  # Monday; Dagster's default is Sunday
 )
 

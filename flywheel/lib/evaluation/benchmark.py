@@ -18,6 +18,9 @@ from flywheel.lib.evaluation import metrics as evaluation
 from flywheel.lib.registry import index
 from flywheel.lib.beir import BeirDataset
 
+# model -> suite -> query id -> ranked ids, and the suites; returns the suites with judgments extended
+Pool = Callable[[Mapping[str, Mapping[str, Mapping[str, list[str]]]], Mapping[str, tuple]], Mapping[str, tuple]]
+
 REPORT_METRICS = ["ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "recall@40", "mrr@10"]
 
 
@@ -52,6 +55,9 @@ class Benchmark:
     # per model: retrieval ms per query (encode + LanceDB search), or for a reranker its rerank ms
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
     queries: dict[str, dict[str, str]] = field(default_factory=dict)  # suite -> query id -> text
+    suites: dict[str, tuple] = field(default_factory=dict)  # suite -> (queries, qrels[, judged pool])
+    rankings: dict[str, dict[str, dict[str, list[str]]]] = field(default_factory=dict)  # model -> suite -> qid -> ids
+    scores: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)  # first stages' scores
 
     def summary(self, suite: str, model: str) -> dict:
         return self.summaries[suite][model]
@@ -80,54 +86,77 @@ def run_benchmark(
     batch_size: int = 64,
     device: str = "auto",
     latency_sample: int = 50,
+    pool: Pool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Benchmark:
-    per_query: dict[str, dict[str, pd.DataFrame]] = {}
-    bench = Benchmark(per_query=per_query, queries={name: dict(s[0]) for name, s in suites.items()})
-    rankings_of: dict[str, dict[str, dict[str, list[str]]]] = {}
-    scores_of: dict[str, dict[str, dict[str, list[float]]]] = {}  # the bi-encoder's, for score fusion
-    by_id: dict[str, str] = {}  # model id -> first spec name (the same model is embedded once)
-    timed_queries = [q for s in suites.values() for q in s[0].values()]
+    """Rank every first stage on every suite, rerank, and score (after ``pool`` has judged what
+    the models retrieved that the suite's judgments lack; see ``flywheel.lib.evaluation.pooling``)."""
+    bench = Benchmark(per_query={}, queries={name: dict(s[0]) for name, s in suites.items()}, suites=dict(suites))
+    rank_first_stages(bench, models, ds, lancedb_uri, max_seq_length=max_seq_length, batch_size=batch_size,
+                      device=device, latency_sample=latency_sample, progress=progress)
+    if rerankers:
+        rerank_candidates(bench, rerankers, ds, batch_size=batch_size, device=device, progress=progress)
+    score(bench, [m.name for m in models] + [r.name for r in rerankers], pool=pool)
+    return bench
+
+
+def rank_first_stages(bench: Benchmark, models: list[ModelSpec], ds: BeirDataset, lancedb_uri: str | Path, *,
+                      max_seq_length: int = 256, batch_size: int = 64, device: str = "auto",
+                      latency_sample: int = 50, progress: Callable[[str], None] | None = None) -> None:
+    """Top-100 rankings (and bi-encoder scores) of each first stage on each suite; the same model
+    under two names (the champion is the base before any promotion) is searched once."""
+    by_id: dict[str, str] = {}
+    timed_queries = [q for s in bench.suites.values() for q in s[0].values()]
     for spec in models:
         model_id = spec.model_id or index.model_fingerprint(spec.path)
         if model_id in by_id:
-            rankings_of[spec.name] = rankings_of[by_id[model_id]]
-            scores_of[spec.name] = scores_of[by_id[model_id]]
-            bench.latency_ms[spec.name] = bench.latency_ms[by_id[model_id]]
-        else:
-            by_id[model_id] = spec.name
-            model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length)
-            corpus_id = index.corpus_encoder_id(spec.path)  # a query-only fine-tune reads its base's table
-            scores_of[spec.name] = {}
-            rankings_of[spec.name] = evaluation.rank_model_on(
-                model, corpus_id, ds.corpus, lancedb_uri, suites, batch_size=batch_size, progress=progress,
-                scores_out=scores_of[spec.name],
-            )
-            table = index.corpus_table_name(corpus_id, ds.corpus, model.max_seq_length)
-            bench.latency_ms[spec.name] = evaluation.retrieval_latency_ms(
-                model, timed_queries, lancedb_uri, table, sample=latency_sample
-            )
-        per_query[spec.name] = {
-            suite: evaluation.evaluate_rankings(rankings_of[spec.name][suite], s[1], judged=_judged(s))
-            for suite, s in suites.items()
-        }
-    if rerankers:
-        from flywheel.lib.training.reranker import load_reranker, rerank
+            first = by_id[model_id]
+            bench.rankings[spec.name], bench.scores[spec.name] = bench.rankings[first], bench.scores[first]
+            bench.latency_ms[spec.name] = bench.latency_ms[first]
+            continue
+        by_id[model_id] = spec.name
+        model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length)
+        corpus_id = index.corpus_encoder_id(spec.path)  # a query-only fine-tune reads its base's table
+        bench.scores[spec.name] = {}
+        bench.rankings[spec.name] = evaluation.rank_model_on(
+            model, corpus_id, ds.corpus, lancedb_uri, bench.suites, batch_size=batch_size, progress=progress,
+            scores_out=bench.scores[spec.name],
+        )
+        table = index.corpus_table_name(corpus_id, ds.corpus, model.max_seq_length)
+        bench.latency_ms[spec.name] = evaluation.retrieval_latency_ms(
+            model, timed_queries, lancedb_uri, table, sample=latency_sample
+        )
 
-        texts = ds.corpus.text_by_id
-        for rspec in rerankers:
-            ce = load_reranker(rspec.path, device=device, max_length=rspec.max_length)
-            per_query[rspec.name] = {}
-            for suite, s in suites.items():
-                reranked, ms = rerank(ce, s[0], rankings_of[rspec.on][suite], texts, depth=rspec.depth,
-                                      batch_size=batch_size, fusion=rspec.fusion, progress=progress,
-                                      bi_scores=scores_of[rspec.on][suite], fusion_weight=rspec.fusion_weight)
-                bench.rerank_ms.extend(ms)
-                bench.latency_ms.setdefault(rspec.name, []).extend(ms)
-                per_query[rspec.name][suite] = evaluation.evaluate_rankings(reranked, s[1], judged=_judged(s))
-    for suite in suites:
-        bench.summaries[suite] = {m: evaluation.summarize(per_query[m][suite]) for m in per_query}
-    return bench
+
+def rerank_candidates(bench: Benchmark, rerankers: list[RerankSpec], ds: BeirDataset, *, batch_size: int = 64,
+                      device: str = "auto", progress: Callable[[str], None] | None = None) -> None:
+    """Each reranker over the top ``depth`` of the first stage it sits ``on``."""
+    from flywheel.lib.training.reranker import load_reranker, rerank
+
+    texts = ds.corpus.text_by_id
+    for rspec in rerankers:
+        ce = load_reranker(rspec.path, device=device, max_length=rspec.max_length)
+        bench.rankings[rspec.name] = {}
+        for suite, s in bench.suites.items():
+            reranked, ms = rerank(ce, s[0], bench.rankings[rspec.on][suite], texts, depth=rspec.depth,
+                                  batch_size=batch_size, fusion=rspec.fusion, progress=progress,
+                                  bi_scores=bench.scores[rspec.on][suite], fusion_weight=rspec.fusion_weight)
+            bench.rankings[rspec.name][suite] = reranked
+            bench.rerank_ms.extend(ms)
+            bench.latency_ms.setdefault(rspec.name, []).extend(ms)
+
+
+def score(bench: Benchmark, names: list[str], *, pool: Pool | None = None) -> None:
+    """Per-query metrics of the named candidates; ``pool`` first extends each suite's judgments."""
+    if pool is not None:
+        bench.suites = dict(pool({n: bench.rankings[n] for n in names}, bench.suites))
+    for name in names:
+        bench.per_query[name] = {
+            suite: evaluation.evaluate_rankings(bench.rankings[name][suite], s[1], judged=_judged(s))
+            for suite, s in bench.suites.items()
+        }
+    for suite in bench.suites:
+        bench.summaries[suite] = {m: evaluation.summarize(bench.per_query[m][suite]) for m in bench.per_query}
 
 
 def _judged(suite: tuple) -> Mapping[str, set[str]] | None:

@@ -15,13 +15,14 @@ the human labels (Cohen's kappa) lands where published LLM-judge studies put it 
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import pandas as pd
 
+from flywheel.config import JudgeSettings
 from flywheel.lib.beir import BeirDataset
+from flywheel.lib.progress import Progress
 
 GRADES = {0: "irrelevant", 1: "related", 2: "relevant", 3: "perfect"}
 RELEVANT_GRADE = 2
@@ -39,7 +40,8 @@ class JudgeRequest:
 class Judgement:
     grade: int | None  # None: unlabelled, see error
     reason: str
-    error: str | None = None
+    error: str | None = None  # "<reason code>: <detail>", e.g. "content_filter: ..."
+    injection_flag: bool = False  # the pair held instructions aimed at the grader (see labels.injection)
 
 
 @dataclass
@@ -105,34 +107,33 @@ class SimulatedJudge:
       ``lenient_rate`` (grades them 2: the false positives that hurt training most);
     - calls some other top-ranked chunks "related" (grade 1), as graded judges do.
     Queries it has no human label for come back unlabelled, with the reason.
+
+    It grades the text it is shown, as an LLM judge does: the chunk's text is looked up in the
+    corpus and the human label of the document with that text decides (the chunk id only when
+    the text is not in the corpus). So a broken ingestion that joins ids to the wrong texts gives
+    labels that point at the wrong ids, exactly as a real judge's would.
     """
 
-    def __init__(
-        self,
-        dataset: BeirDataset,
-        *,
-        miss_rate: float = 0.3,
-        lenient_rate: float = 0.08,
-        lenient_top_ranks: int = 5,
-        seed: int = 0,
-    ):
-        for name, rate in (("miss_rate", miss_rate), ("lenient_rate", lenient_rate)):
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1], got {rate}")
+    def __init__(self, dataset: BeirDataset, settings: JudgeSettings | None = None, *, seed: int = 0, **changes):
+        """Error rates come from ``settings`` (``JudgeSettings``; its defaults when None), with
+        ``changes`` (e.g. ``miss_rate=0.3``) validated on top."""
+        cfg = (settings or JudgeSettings()).with_(**changes) if changes else (settings or JudgeSettings())
         self.human = HumanLabels(dataset)
-        self.miss_rate = miss_rate
-        self.lenient_rate = lenient_rate
-        self.lenient_top_ranks = lenient_top_ranks
+        self.by_text = {_text_key(t): cid for cid, t in zip(dataset.corpus.ids, dataset.corpus.texts)}
+        self.miss_rate = cfg.miss_rate
+        self.lenient_rate = cfg.lenient_rate
+        self.lenient_top_ranks = cfg.lenient_top_ranks
         self.seed = seed
-        self.name = f"simulated(miss={miss_rate},lenient={lenient_rate},seed={seed})"
+        self.name = f"simulated(miss={cfg.miss_rate},lenient={cfg.lenient_rate},seed={seed})"
         self.usage = JudgeUsage()
 
     def _grade(self, r: JudgeRequest) -> Judgement:
-        truth = self.human.relevant(r.query, r.chunk_id)
+        doc = self.by_text.get(_text_key(r.chunk_text), r.chunk_id) if r.chunk_text else r.chunk_id
+        truth = self.human.relevant(r.query, doc)
         if truth is None:
             return Judgement(None, "", error="query has no human label in the dataset's train split")
-        u = stable_uniform("judge", self.seed, normalize_query(r.query), r.chunk_id)
-        v = stable_uniform("grade", self.seed, normalize_query(r.query), r.chunk_id)
+        u = stable_uniform("judge", self.seed, normalize_query(r.query), doc)
+        v = stable_uniform("grade", self.seed, normalize_query(r.query), doc)
         if truth:
             if u < self.miss_rate:
                 return Judgement(1 if v < 2 / 3 else 0, "simulated miss of a relevant chunk")
@@ -144,15 +145,16 @@ class SimulatedJudge:
         return Judgement(0, "matches the human label: irrelevant")
 
     def judge(self, requests, *, fewshot=None, progress=None) -> list[Judgement]:
-        started = time.monotonic()
+        meter = Progress(f"judge {self.name}", len(requests), progress, unit="judged")
         out = [self._grade(r) for r in requests]
-        if progress:
-            secs = time.monotonic() - started
-            progress(f"judge {self.name}: {len(out)}/{len(requests)} judged (100%), "
-                     f"{len(out) / max(secs, 1e-9):.0f}/s, ~0s left")
+        meter.finish(len(out))
         self.usage.calls += len(out)
         self.usage.failures += sum(j.grade is None for j in out)
         return out
+
+
+def _text_key(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def cohens_kappa(a: Sequence[bool], b: Sequence[bool]) -> float:

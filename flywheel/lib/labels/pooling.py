@@ -1,61 +1,103 @@
-"""Fair eval sets for a new model: judge what it retrieves, not only what the old one did.
+"""Fair eval sets for every compared model: judge what each retrieves, not only what served.
 
 An eval set's judgments come from the results the serving model showed that week. Scored
 against them, a new model is penalised twice: the chunks it newly brings into its top 10 are
-unjudged (so count as irrelevant), and the judge's mistakes sit where the old model ranked.
-Before models are compared on eval sets, every model's top ``depth`` chunks that nobody judged
-yet are judged by the same judge (paid calls are cached), so every compared ranking is scored
-on judgments made the same way ("pool extension", as TREC does with deeper pools).
+unjudged (condensed away or counted as misses), and the judge's mistakes sit where the old model
+ranked. Before models are compared, every compared model's top ``depth`` chunks that nobody
+judged yet are judged by the same judge, with the same vote rule as the eval sets (a majority of
+votes; each vote is a cached call), as TREC builds its pools. Pools are kept per week and reused,
+so a pair is paid for once.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
+from flywheel.lib.datasets.tiers import confirm_by_majority
 from flywheel.lib.labels.judges import RELEVANT_GRADE, Judge, JudgeRequest
 
+POOL_COLUMNS = ["week", "query", "query_key", "chunk_id", "rank", "grade", "relevant", "votes", "judged_for"]
 
-def extend_pool(
-    eval_sets: pd.DataFrame,
-    rankings: Mapping[str, Mapping[str, Sequence[str]]],
-    judge: Judge,
-    texts: Mapping[str, str],
-    *,
-    depth: int = 10,
-) -> pd.DataFrame:
-    """Judgments for every (query, chunk) some model ranks in its top ``depth`` and the eval set lacks.
 
-    ``rankings`` is model -> query_key -> ranked chunk ids. Returns rows with the eval set's
-    columns query, query_key, chunk_id, rank, grade, relevant (plus ``judged_for``: the model).
-    """
-    judged = set(zip(eval_sets["query_key"], eval_sets["chunk_id"]))
-    query_text = dict(zip(eval_sets["query_key"], eval_sets["query"]))
+@dataclass
+class PoolStats:
+    pairs_added: int = 0
+    judge_requests: int = 0  # pairs x votes asked (cached answers are free for a paid judge)
+    by_model: dict[str, int] = field(default_factory=dict)  # pairs added for each model's ranking
+
+    def add(self, other: "PoolStats") -> None:
+        self.pairs_added += other.pairs_added
+        self.judge_requests += other.judge_requests
+        for k, v in other.by_model.items():
+            self.by_model[k] = self.by_model.get(k, 0) + v
+
+
+def missing_pairs(judged: pd.DataFrame, rankings: Mapping[str, Mapping[str, Sequence[str]]],
+                  depth: int) -> dict[tuple[str, str], tuple[str, int]]:
+    """(query_key, chunk) -> (model, rank) for every pair in some model's top ``depth`` that
+    ``judged`` (columns query_key, chunk_id, grade) lacks. Unlabelled judgments count as missing."""
+    have = set(zip(judged.loc[judged["grade"].notna(), "query_key"], judged.loc[judged["grade"].notna(), "chunk_id"]))
     wanted: dict[tuple[str, str], tuple[str, int]] = {}
     for model, per_query in rankings.items():
         for qkey, ranked in per_query.items():
             for rank, chunk in enumerate(ranked[:depth], start=1):
-                if (qkey, chunk) not in judged and (qkey, chunk) not in wanted:
+                if (qkey, chunk) not in have and (qkey, chunk) not in wanted:
                     wanted[(qkey, chunk)] = (model, rank)
+    return wanted
+
+
+def extend_pool(
+    judged: pd.DataFrame,
+    rankings: Mapping[str, Mapping[str, Sequence[str]]],
+    voters: Sequence[Judge],
+    texts: Mapping[str, str],
+    *,
+    depth: int = 10,
+    week: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> tuple[pd.DataFrame, PoolStats]:
+    """Judge every (query, chunk) some model ranks in its top ``depth`` that ``judged`` lacks.
+
+    ``judged`` holds the eval sets and earlier pools (columns query, query_key, chunk_id, grade);
+    ``rankings`` is model -> query_key -> ranked chunk ids; ``voters`` are the judge's votes (the
+    first decides the grade, all of them the ``relevant`` majority, as for eval sets). Returns the
+    new rows (``POOL_COLUMNS``) and what it cost.
+    """
+    wanted = missing_pairs(judged, rankings, depth)
+    stats = PoolStats()
+    if not wanted or not voters:
+        return pd.DataFrame(columns=POOL_COLUMNS), stats
+    query_text = dict(zip(judged["query_key"], judged["query"]))
     keys = list(wanted)
     requests = [JudgeRequest(query_text[q], c, texts[c], wanted[(q, c)][1]) for q, c in keys]
-    judgements = judge.judge(requests) if requests else []
-    rows = [
-        {
-            "query": query_text[q], "query_key": q, "chunk_id": c, "rank": wanted[(q, c)][1],
-            "grade": j.grade, "relevant": j.grade is not None and j.grade >= RELEVANT_GRADE,
-            "judged_for": wanted[(q, c)][0],
-        }
-        for (q, c), j in zip(keys, judgements)
-    ]
-    return pd.DataFrame(rows, columns=["query", "query_key", "chunk_id", "rank", "grade", "relevant", "judged_for"])
+    if progress:
+        progress(f"pooling: judging {len(requests)} unjudged pairs from the compared models' top {depth} "
+                 f"({len(voters)} votes each)")
+    votes = [[j.grade for j in voter.judge(requests, progress=progress)] for voter in voters]
+    rows = pd.DataFrame({
+        "week": week, "query": [query_text[q] for q, _ in keys], "query_key": [q for q, _ in keys],
+        "chunk_id": [c for _, c in keys], "rank": [wanted[k][1] for k in keys],
+        "grade": pd.array(votes[0], dtype="Int64"), "judged_for": [wanted[k][0] for k in keys],
+    })
+    rows["relevant"] = rows["grade"].fillna(-1).astype(int) >= RELEVANT_GRADE
+    labelled = rows["grade"].notna()
+    confirmed = confirm_by_majority(rows[labelled].reset_index(drop=True),
+                                    [[g for g, ok in zip(v, labelled) if ok] for v in votes[1:]])
+    rows.loc[labelled, "relevant"] = confirmed["relevant"].to_numpy()
+    rows.loc[labelled, "votes"] = confirmed["votes"].to_numpy()
+    stats.pairs_added = int(labelled.sum())
+    stats.judge_requests = len(requests) * len(voters)
+    stats.by_model = rows["judged_for"].value_counts().to_dict()
+    return rows[POOL_COLUMNS], stats
 
 
-def pooled_qrels(eval_sets: pd.DataFrame, extra: pd.DataFrame) -> tuple[dict[str, str], dict[str, set[str]]]:
-    """Queries and relevant chunks of the eval sets plus the extended pool."""
-    both = pd.concat([eval_sets[["query", "query_key", "chunk_id", "relevant"]],
-                      extra[["query", "query_key", "chunk_id", "relevant"]]], ignore_index=True)
-    queries = dict(zip(both["query_key"], both["query"]))
-    qrels = {q: set(g.loc[g["relevant"].astype(bool), "chunk_id"]) for q, g in both.groupby("query_key")}
-    return queries, qrels
+def pooled_suite(judged: pd.DataFrame) -> tuple[dict[str, str], dict[str, set[str]], dict[str, set[str]]]:
+    """(queries, relevant chunks, judged chunks) per eval query from eval sets plus pools."""
+    rows = judged[judged["grade"].notna()]
+    queries = dict(zip(judged["query_key"], judged["query"]))
+    qrels = {q: set(g.loc[g["relevant"].astype(bool), "chunk_id"]) for q, g in rows.groupby("query_key")}
+    pool = {q: set(g["chunk_id"]) for q, g in rows.groupby("query_key")}
+    return {q: queries[q] for q in qrels}, qrels, pool

@@ -1,23 +1,16 @@
-"""Champion / challenger: which model serves, the gate that decides, and the promotion itself.
+"""Champion / challenger: which model serves, and the promotion itself (the gate that decides
+is ``flywheel.lib.evaluation.gate``).
 
 Registry aliases (MLflow): every new version gets ``challenger``; ``champion`` is the version in
 production and moves only when the gate passes; the champion it replaces keeps the alias
 ``previous-champion`` (roll back with ``set_alias(name, "champion", <that version>)``). Before the
 first promotion there is no ``champion`` alias and the configured base model serves.
-
-The gate (``gate_decision``): on every eval set to date, a paired bootstrap of the per-query
-NDCG@10 difference challenger - champion; promote only when the 95% interval's low end is above
-``-margin`` (a regression larger than the margin is excluded) and the same holds against the base.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pandas as pd
-
-from flywheel.lib.evaluation import metrics as evaluation
 from flywheel.lib.registry.tracking import Tracker
 
 CHAMPION = "champion"
@@ -43,68 +36,6 @@ def serving_model(tracker: Tracker, embedder_name: str, base_model: str) -> tupl
     return tracker.download_embedder(embedder_name, version), f"v{version}"
 
 
-@dataclass
-class GateDecision:
-    promote: bool
-    reason: str
-    champion_label: str
-    challenger_ndcg: float
-    champion_ndcg: float
-    base_ndcg: float
-    vs_champion: dict
-    vs_base: dict
-    margin: float
-    queries: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def gate_decision(
-    per_query: pd.DataFrame,
-    suite: str,
-    *,
-    margin: float,
-    champion_label: str,
-    challenger: str = "challenger",
-    champion: str = "champion",
-    base: str = "base",
-    metric: str = "ndcg@10",
-    seed: int = 0,
-) -> GateDecision:
-    """Decide from long-form per-query results (columns model, suite, query_id, <metric>)."""
-    rows = per_query[per_query["suite"] == suite]
-
-    def col(model: str) -> pd.Series:
-        return rows[rows["model"] == model].set_index("query_id")[metric]
-
-    ch = col(challenger)
-    if ch.empty:
-        return GateDecision(False, f"no per-query results for the challenger on '{suite}'", champion_label,
-                            float("nan"), float("nan"), float("nan"), {}, {}, margin, 0)
-    cp = col(champion).reindex(ch.index)
-    bs = col(base).reindex(ch.index)
-    vs_champion = evaluation.paired_bootstrap(cp.to_numpy(), ch.to_numpy(), seed=seed)
-    vs_base = evaluation.paired_bootstrap(bs.to_numpy(), ch.to_numpy(), seed=seed)
-    ok_champion = vs_champion["ci_low"] > -margin
-    ok_base = vs_base["ci_low"] > -margin
-    promote = bool(ok_champion and ok_base)
-    n = len(ch)
-    if promote:
-        reason = (f"challenger NDCG@10 {ch.mean():.4f} vs champion ({champion_label}) {cp.mean():.4f} on {n} eval queries: "
-                  f"change {vs_champion['delta']:+.4f}, 95% CI [{vs_champion['ci_low']:+.4f}, {vs_champion['ci_high']:+.4f}] "
-                  f"excludes a regression larger than {margin}; vs base CI low {vs_base['ci_low']:+.4f}")
-    elif not ok_champion:
-        reason = (f"challenger NDCG@10 {ch.mean():.4f} vs champion ({champion_label}) {cp.mean():.4f} on {n} eval queries: "
-                  f"95% CI of the change [{vs_champion['ci_low']:+.4f}, {vs_champion['ci_high']:+.4f}] does not exclude "
-                  f"a regression larger than {margin}")
-    else:
-        reason = (f"challenger NDCG@10 {ch.mean():.4f} vs base {bs.mean():.4f} on {n} eval queries: 95% CI of the change "
-                  f"[{vs_base['ci_low']:+.4f}, {vs_base['ci_high']:+.4f}] does not exclude a regression larger than {margin}")
-    return GateDecision(promote, reason, champion_label, float(ch.mean()), float(cp.mean()), float(bs.mean()),
-                        vs_champion, vs_base, margin, n)
-
-
 def promote(tracker: Tracker, registered_name: str, version: str) -> dict:
     """Move ``champion`` to ``version``; the replaced champion becomes ``previous-champion``."""
     previous = tracker.alias_version(registered_name, CHAMPION)
@@ -112,3 +43,58 @@ def promote(tracker: Tracker, registered_name: str, version: str) -> dict:
         tracker.set_alias(registered_name, PREVIOUS, previous)
     tracker.set_alias(registered_name, CHAMPION, str(version))
     return {"registered_model": registered_name, "champion": str(version), "previous_champion": previous}
+
+
+def retire(tracker: Tracker, registered_name: str) -> str | None:
+    """No version of this model serves any more (e.g. no reranker passes the gate): the champion
+    alias is removed and kept as ``previous-champion``. Returns the retired version."""
+    previous = tracker.alias_version(registered_name, CHAMPION)
+    if previous is not None:
+        tracker.set_alias(registered_name, PREVIOUS, previous)
+        tracker.delete_alias(registered_name, CHAMPION)
+    return previous
+
+
+def read_serving(path: Path) -> dict:
+    """What serves now: {"embedder": {...} | None, "reranker": {...} | None} (empty before any promotion)."""
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {"embedder": None, "reranker": None}
+
+
+def changes(record: dict, serving: dict) -> list[str]:
+    """What a week's decision record changes in the serving pipeline (empty: nothing to promote)."""
+    out = []
+    if record["promote"]:
+        out.append(f"first stage -> challenger v{record['challenger_version']}")
+    if record["serving_reranker_is_new"]:
+        out.append(f"reranker -> v{record['reranker_version']}")
+    elif record["serving_reranker"] is None and serving.get("reranker"):
+        out.append(f"reranker v{serving['reranker']['version']} retired")
+    return out
+
+
+def promote_week(tracker: Tracker, record: dict, embedder: dict, reranker: dict, serving_path: Path, *,
+                 embedder_name: str, reranker_name: str, write_serving_table) -> dict:
+    """Carry out a week's decisions, component by component, and record the serving pipeline.
+
+    ``embedder`` / ``reranker`` are the week's run infos; ``write_serving_table(table)`` copies a
+    corpus table to the serving one. Returns what moved."""
+    import json
+
+    from flywheel.lib import store
+
+    serving = read_serving(serving_path)
+    moved = {"embedder": None, "reranker": None, "reranker_retired": None}
+    if record["promote"]:
+        moved["embedder"] = promote(tracker, embedder_name, embedder["version"])
+        write_serving_table(embedder["lancedb_table"])
+        serving["embedder"] = {k: embedder[k] for k in ("version", "model_dir", "lancedb_table", "week")}
+    if record["serving_reranker_is_new"]:
+        moved["reranker"] = promote(tracker, reranker_name, reranker["version"])
+        serving["reranker"] = {k: reranker[k] for k in reranker if k != "mlflow_run_id"}
+    elif record["serving_reranker"] is None and serving.get("reranker"):
+        moved["reranker_retired"] = retire(tracker, reranker_name)
+        serving["reranker"] = None
+    store.atomic_write_bytes(serving_path, json.dumps(serving, indent=2).encode())
+    return {**moved, "serving": serving}

@@ -147,3 +147,6 @@ class Tracker:
 
     def set_alias(self, registered_name: str, alias: str, version: str) -> None:
         self._client().set_registered_model_alias(registered_name, alias, version)
+
+    def delete_alias(self, registered_name: str, alias: str) -> None:
+        self._client().delete_registered_model_alias(registered_name, alias)

@@ -1,0 +1,145 @@
+"""Every path the flywheel writes, from (asset, week): one object owns the storage layout.
+
+Everything lives under ``PathsSettings.home`` (logs may live elsewhere: ``log_dir``). Assets,
+checks, the CLI, the backfill and the benchmarks ask a :class:`Layout` for a path; nothing
+rebuilds one by hand. Asset names are the constants below, used for asset keys and folders alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from flywheel.config import PathsSettings
+
+# asset names: the keys in the Dagster graph and the folders under assets/
+RAW_LOGS = "raw_logs"
+QUARANTINE = "raw_logs_quarantine"
+RELEVANCE_LABELS = "relevance_labels"
+EVAL_SET = "eval_set"
+FEWSHOT_SET = "fewshot_set"
+FINETUNE_SET = "finetune_set"
+TRAINED_MODEL = "trained_model"
+TRAINED_RERANKER = "trained_reranker"
+BENCHMARK_REPORT = "benchmark_report"
+CHAMPION = "champion"
+
+# model kinds: registry entries and folders under models/
+EMBEDDER = "embedder"
+RERANKER = "reranker"
+
+SERVING_TABLE = "serving"
+
+
+def week_key(week: date | str) -> str:
+    return week if isinstance(week, str) else week.isoformat()
+
+
+@dataclass(frozen=True)
+class Layout:
+    home: Path
+    log_dir: Path
+
+    @classmethod
+    def of(cls, paths: PathsSettings) -> "Layout":
+        return cls(home=Path(paths.home), log_dir=Path(paths.log_dir))
+
+    # -- asset tables ------------------------------------------------------------------------
+    @property
+    def assets_dir(self) -> Path:
+        return self.home / "assets"
+
+    def asset(self, name: str, week: date | str) -> Path:
+        """The Parquet file of one asset's week: re-materializing the week replaces exactly it."""
+        return self.assets_dir / name / f"{week_key(week)}.parquet"
+
+    def weeks_written(self, name: str, *, up_to: date | str | None = None) -> list[str]:
+        """The weeks for which an asset has a file, oldest first, optionally up to a week."""
+        folder = self.assets_dir / name
+        if not folder.exists():
+            return []
+        weeks = sorted(p.stem for p in folder.glob("*.parquet") if not p.name.startswith("."))
+        return [w for w in weeks if up_to is None or w <= week_key(up_to)]
+
+    # -- models -----------------------------------------------------------------------------
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def model_dir(self, kind: str, week: str, run_id: str) -> Path:
+        """One folder per week *and* run: re-materializing never overwrites a serving version."""
+        return self.models_dir / kind / f"{week}-{run_id[:8]}"
+
+    def run_info(self, kind: str, week: str) -> Path:
+        """What trained_model / trained_reranker recorded for a week (MLflow run, version, folder)."""
+        return self.models_dir / kind / f"{week}.json"
+
+    def training_rows(self, week: str) -> Path:
+        return self.models_dir / "training_rows" / f"{week}.parquet"
+
+    # -- reports ----------------------------------------------------------------------------
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    def report(self, week: str, suffix: str = ".md") -> Path:
+        """benchmark-<week>.md / .html, or benchmark-<week>-<name> for a figure (suffix '-x.png')."""
+        return self.reports_dir / f"benchmark-{week}{suffix}"
+
+    def per_query(self, week: str) -> Path:
+        """Per-query results the report computed (long form), which the gate decides from."""
+        return self.report(week, "-per-query.parquet")
+
+    def decision(self, week: str) -> Path:
+        return self.report(week, "-decision.json")
+
+    def trend(self, suffix: str = ".json") -> Path:
+        return self.reports_dir / f"trend{suffix}"
+
+    @property
+    def serving_record(self) -> Path:
+        """The serving pipeline (embedder and reranker versions, folders, settings) after the last promotion."""
+        return self.home / "serving.json"
+
+    # -- stores -----------------------------------------------------------------------------
+    @property
+    def lancedb_dir(self) -> Path:
+        return self.home / "lancedb"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.cache_dir / "judge_cache.sqlite"
+
+    @property
+    def mining_cache(self) -> Path:
+        return self.cache_dir / "mining"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def screenshots_dir(self) -> Path:
+        return self.home / "screenshots"
+
+    # -- simulation and backfill state --------------------------------------------------------
+    @property
+    def simulation_marker(self) -> Path:
+        return self.log_dir / "simulation.json"
+
+    @property
+    def backfill_state(self) -> Path:
+        return self.log_dir / "backfill.json"

@@ -1,0 +1,110 @@
+"""The weekly report's words: the decision first, then the evidence, then the measurements.
+
+``week_report`` turns a :class:`~flywheel.lib.evaluation.weekly.WeekBenchmark` into the Markdown
+report (with its figures), the decision record the gate and the promotion read, and the metrics
+logged to MLflow and shown in the Dagster UI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flywheel.lib.evaluation.benchmark import Report, build_report, p50, p95
+from flywheel.lib.evaluation.gate import Z_ALPHA, Z_POWER
+from flywheel.lib.evaluation.weekly import EVAL_SUITE, TEST_SUITE, Candidates, WeekBenchmark
+
+RULE = ("A candidate replaces what serves when its mean NDCG@10 change over the incumbent on the pooled eval sets "
+        "to date is positive and the paired-bootstrap 95% CI of the change excludes a regression larger than "
+        "the margin (a first stage must also not be worse than the base by more than the margin). "
+        "Non-inferiority alone would promote ties; superiority alone would refuse truly better models "
+        "while the eval sets are small.")
+
+
+@dataclass
+class WeekReport:
+    report: Report
+    decision: str  # the first line
+    record: dict  # decision record (JSON) the gate check and the champion asset read
+    metrics: dict[str, float]
+
+
+def decision_line(week: str, wb: WeekBenchmark, cand: Candidates) -> str:
+    f = wb.first_stage
+    first = (f"first stage: PROMOTE challenger v{cand.challenger['version']} (replacing {cand.champion_label})"
+             if f.promote else f"first stage: KEEP {cand.champion_label} (challenger v{cand.challenger['version']} not promoted)")
+    if wb.reranker is None:
+        rer = "reranker: NONE serves (no reranker beats its first stage alone)"
+    elif wb.serving_reranker and wb.serving_reranker.endswith("+reranker"):
+        rer = f"reranker: SERVE new reranker v{cand.reranker['version']}"
+    else:
+        rer = f"reranker: KEEP serving reranker v{cand.serving_reranker['version']}"
+    return f"Week {week}: {first}; {rer}."
+
+
+def _evidence(wb: WeekBenchmark, week_label_calls: int) -> list[str]:
+    f, p = wb.first_stage, wb.pool
+    share = p.judge_requests / week_label_calls if week_label_calls else float("nan")
+    lines = [
+        f"- First stage: {f.reason}.",
+        *[f"- Reranker: {d.reason}." for d in wb.reranker_decisions],
+        f"- Evidence: {f.queries} eval queries from {len(wb.eval_weeks)} weekly eval sets; minimum detectable NDCG@10 "
+        f"change {f.vs_incumbent.mde:.4f} (80% power, two-sided 5%: ({Z_ALPHA} + {Z_POWER}) x bootstrap SE "
+        f"{f.vs_incumbent.se:.4f}).",
+        f"- Rule: {RULE} Margin {f.margin}.",
+        f"- Pooling: every compared model's top eval chunks are judged before scoring: {p.pairs_added} pairs added this "
+        f"week ({p.judge_requests} judge requests, {share:.0%} of the week's {week_label_calls} labelling calls; "
+        f"by model: {', '.join(f'{k} {v}' for k, v in sorted(p.by_model.items())) or 'none'}). Deeper metrics "
+        f"(Recall@20/40) skip unjudged chunks below the pool depth.",
+    ]
+    if wb.test:
+        t = wb.test["first_stage"]
+        lines.append(f"- Test split (human labels, not used to decide): challenger vs champion NDCG@10 change "
+                     f"{t['delta']:+.4f} [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}].")
+    return lines
+
+
+def _metrics(wb: WeekBenchmark) -> dict[str, float]:
+    bench, out = wb.bench, {}
+    labels = {"challenger": "trained", wb.serving_first_stage + "+reranker": "reranked"}
+    for suite, key in ((EVAL_SUITE, "eval"), (TEST_SUITE, "test")):
+        for model in bench.summaries.get(suite, {}):
+            for m, v in bench.summary(suite, model).items():
+                if m != "queries":
+                    out[f"{key}_{labels.get(model, model)}_{m}"] = v
+    out["rerank_ms_p50"], out["rerank_ms_p95"] = p50(bench.rerank_ms), p95(bench.rerank_ms)
+    for model, ms in bench.latency_ms.items():
+        if "+" not in model:
+            out[f"retrieval_ms_p50_{model}"], out[f"retrieval_ms_p95_{model}"] = p50(ms), p95(ms)
+    out["gate_promote"] = float(wb.first_stage.promote)
+    out["gate_reranker_serves"] = float(wb.reranker is not None)
+    out["gate_ci_low_vs_champion"] = wb.first_stage.vs_incumbent.ci_low
+    out["gate_min_detectable_change"] = wb.first_stage.vs_incumbent.mde
+    out["pooled_pairs"], out["pooled_judge_requests"] = float(wb.pool.pairs_added), float(wb.pool.judge_requests)
+    return out
+
+
+def week_report(week: str, wb: WeekBenchmark, cand: Candidates, *, week_label_calls: int) -> WeekReport:
+    decision = decision_line(week, wb, cand)
+    models = ["base"] + (["champion"] if cand.champion_label != "base" else []) + ["challenger"] + \
+        [m for m in wb.bench.per_query if "+" in m]
+    new_rr = f"{wb.serving_first_stage}+reranker"
+    pairs = [("champion", "challenger"), ("base", "challenger"), (wb.serving_first_stage, new_rr)]
+    if wb.serving_reranker and wb.serving_reranker != new_rr:
+        pairs.append((wb.serving_first_stage, wb.serving_reranker))
+    pairs.append(("champion", wb.serving_name))
+    report = build_report(wb.bench, models, title=f"flywheel benchmark, week {week}", decision=decision,
+                          details=_evidence(wb, week_label_calls), pairs=[p for p in pairs if p[0] != p[1]])
+    record = {
+        "week": week, "champion_label": cand.champion_label, "champion_path": cand.champion_path,
+        "challenger_version": cand.challenger["version"], "reranker_version": cand.reranker["version"],
+        "promote": wb.first_stage.promote, "first_stage": wb.first_stage.as_dict(),
+        "reranker": wb.reranker.as_dict() if wb.reranker else None,
+        "reranker_decisions": [d.as_dict() for d in wb.reranker_decisions],
+        "serving_first_stage": wb.serving_first_stage, "serving_reranker": wb.serving_reranker,
+        "serving_reranker_is_new": bool(wb.serving_reranker and wb.serving_reranker.endswith("+reranker")),
+        "pool": {"pairs_added": wb.pool.pairs_added, "judge_requests": wb.pool.judge_requests,
+                 "by_model": wb.pool.by_model, "week_label_calls": week_label_calls},
+        "eval_queries": wb.first_stage.queries, "min_detectable_change": wb.first_stage.vs_incumbent.mde,
+        "test": wb.test,
+    }
+    return WeekReport(report, decision, record, _metrics(wb))

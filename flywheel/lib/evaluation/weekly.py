@@ -1,0 +1,184 @@
+"""The report stage for one week: measure every candidate, pool the judgments, decide per component.
+
+Steps (``benchmark_week``):
+1. Rank the first stages (base, champion, challenger) on the eval sets to date and the test split.
+2. Pool: judge every first stage's unjudged top ``pool_depth`` eval chunks (same votes as eval sets).
+3. Decide the first stage: challenger against the serving champion (``gate.gate_decision``).
+4. Rerank the first stage that will serve with the new reranker (and with the serving reranker, if
+   one serves), pool their top chunks, and decide the reranker against what serves now.
+5. Score everything on the pooled eval sets and on the test split; record the decision with the
+   test split's verdict beside it (what the backfill counts as gate errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from flywheel.config import GateSettings, RerankerSettings, TrainingSettings
+from flywheel.layout import Layout
+from flywheel.lib import store
+from flywheel.lib.beir import BeirDataset
+from flywheel.lib.datasets.weekly import eval_sets_to_date
+from flywheel.lib.evaluation import gate
+from flywheel.lib.evaluation.benchmark import (
+    Benchmark, ModelSpec, RerankSpec, rank_first_stages, rerank_candidates, score, test_split_suite,
+)
+from flywheel.lib.labels.judges import Judge
+from flywheel.lib.labels.pooling import POOL_COLUMNS, PoolStats, extend_pool, pooled_suite
+
+EVAL_SUITE = "eval sets to date (pooled)"
+TEST_SUITE = "test split (human labels)"
+EVAL_POOL = "eval_pool"  # pooled judgments, one file per week under assets/
+
+
+@dataclass
+class Candidates:
+    """What competes this week: paths and run records of each component."""
+
+    base_model: str
+    champion_path: str
+    champion_label: str
+    challenger: dict  # trained_model's run info
+    reranker: dict  # trained_reranker's run info
+    serving_reranker: dict | None = None  # the reranker that serves now (its run info), if any
+
+
+@dataclass
+class WeekBenchmark:
+    bench: Benchmark
+    first_stage: gate.GateDecision
+    reranker: gate.GateDecision | None  # None: no reranker serves after this week
+    reranker_decisions: list[gate.GateDecision]
+    serving_first_stage: str  # "challenger" or "champion"
+    serving_reranker: str | None  # a candidate name in bench, or None
+    pool: PoolStats
+    eval_weeks: list[str] = field(default_factory=list)
+    test: dict = field(default_factory=dict)  # test-split comparisons for the same decisions
+
+    @property
+    def long(self) -> pd.DataFrame:
+        return self.bench.long_form()
+
+    @property
+    def serving_name(self) -> str:
+        return self.serving_reranker or self.serving_first_stage
+
+
+def judged_to_date(layout: Layout, week: str) -> tuple[pd.DataFrame, list[str]]:
+    """Eval sets to date plus the pooled judgments of earlier weeks (this week's are redone)."""
+    evals, weeks = eval_sets_to_date(layout, week)
+    pools = [store.read_table(layout.asset(EVAL_POOL, w)) for w in layout.weeks_written(EVAL_POOL) if w < week]
+    cols = ["query", "query_key", "chunk_id", "grade", "relevant", "votes"]
+    frames = [evals[[c for c in cols if c in evals]]] + [p[cols] for p in pools if not p.empty]
+    return pd.concat(frames, ignore_index=True), weeks
+
+
+class _Pooler:
+    """Extends the eval suite's judgments with each new batch of rankings; keeps what it added."""
+
+    def __init__(self, judged: pd.DataFrame, voters: Sequence[Judge], texts, depth: int, week: str, progress):
+        self.judged, self.voters, self.texts, self.depth, self.week = judged, voters, texts, depth, week
+        self.progress, self.rows, self.stats = progress, [], PoolStats()
+
+    def __call__(self, rankings, suites):
+        eval_rankings = {m: r[EVAL_SUITE] for m, r in rankings.items() if EVAL_SUITE in r}
+        rows, stats = extend_pool(self.judged, eval_rankings, self.voters, self.texts, depth=self.depth,
+                                  week=self.week, progress=self.progress)
+        if not rows.empty:
+            self.rows.append(rows)
+            self.judged = pd.concat([self.judged, rows[self.judged.columns.intersection(rows.columns)]], ignore_index=True)
+        self.stats.add(stats)
+        return {**suites, EVAL_SUITE: pooled_suite(self.judged)}
+
+    @property
+    def new_rows(self) -> pd.DataFrame:
+        return pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame(columns=POOL_COLUMNS)
+
+
+def _reranker_spec(name: str, info: dict, on: str, rer: RerankerSettings) -> RerankSpec:
+    return RerankSpec(name, info["model_dir"], on=on, depth=info.get("rerank_depth", rer.depth),
+                      max_length=info.get("max_length", rer.max_length), fusion=info.get("fusion", rer.fusion),
+                      fusion_weight=info.get("fusion_weight", rer.fusion_weight))
+
+
+def _decide_reranker(long: pd.DataFrame, first: str, new: str, old: str | None, g: GateSettings,
+                     cand: Candidates) -> tuple[gate.GateDecision | None, list[gate.GateDecision]]:
+    """The new reranker against what serves now (the serving reranker, else none), and never worse
+    than its first stage alone; the serving one, if kept, must still pay on the new first stage."""
+    cmp = lambda inc, c: gate.compare(long, EVAL_SUITE, inc, c, n_resamples=g.bootstrap_samples)  # noqa: E731
+    new_label = f"reranker v{cand.reranker['version']}"
+    decisions = [gate.decide(cmp(old or first, new), cmp(first, new) if old else None, margin=g.regression_margin,
+                             component="reranker", candidate_label=new_label,
+                             incumbent_label=f"serving reranker v{cand.serving_reranker['version']}" if old else f"{first} alone")]
+    if old:
+        decisions.append(gate.decide(cmp(first, old), None, margin=g.regression_margin, component="reranker",
+                                     candidate_label=f"serving reranker v{cand.serving_reranker['version']}",
+                                     incumbent_label=f"{first} alone"))
+    chosen = next((d for d in decisions if d.promote), None)
+    return chosen, decisions
+
+
+def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates, lancedb_uri: str | Path, *,
+                   voters: Sequence[Judge], training: TrainingSettings, rer: RerankerSettings, g: GateSettings,
+                   progress: Callable[[str], None] | None = None) -> WeekBenchmark:
+    judged, eval_weeks = judged_to_date(layout, week)
+    suites = {EVAL_SUITE: pooled_suite(judged)}
+    if ds.has_test_split:
+        suites[TEST_SUITE] = test_split_suite(ds)
+    bench = Benchmark(per_query={}, queries={n: dict(s[0]) for n, s in suites.items()}, suites=suites)
+    enc = dict(max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size, device=training.device)
+    # 1-3: first stages, pooled, decided
+    firsts = [ModelSpec("base", cand.base_model), ModelSpec("champion", cand.champion_path),
+              ModelSpec("challenger", cand.challenger["model_dir"], cand.challenger["model_id"])]
+    rank_first_stages(bench, firsts, ds, lancedb_uri, progress=progress, **enc)
+    pooler = _Pooler(judged, voters, ds.corpus.text_by_id, g.pool_depth, week, progress)
+    score(bench, [m.name for m in firsts], pool=pooler)
+    first = gate.gate_decision(bench.long_form(), EVAL_SUITE, margin=g.regression_margin,
+                               champion_label=cand.champion_label, n_resamples=g.bootstrap_samples)
+    serving_first = "challenger" if first.promote else "champion"
+    # 4: rerankers on the first stage that will serve
+    new, old = f"{serving_first}+reranker", (f"{serving_first}+serving-reranker" if cand.serving_reranker else None)
+    specs = [_reranker_spec(new, cand.reranker, serving_first, rer)]
+    if old:
+        specs.append(_reranker_spec(old, cand.serving_reranker, serving_first, rer))
+    rerank_candidates(bench, specs, ds, batch_size=training.encode_batch_size, device=training.device, progress=progress)
+    # 5: score all on the pooled judgments, decide, and put the test split's verdict beside each
+    score(bench, [m.name for m in firsts] + [s.name for s in specs], pool=pooler)
+    long = bench.long_form()
+    first = gate.gate_decision(long, EVAL_SUITE, margin=g.regression_margin, champion_label=cand.champion_label,
+                               n_resamples=g.bootstrap_samples)  # re-read after the second pooling round
+    chosen, rdecisions = _decide_reranker(long, serving_first, new, old, g, cand)
+    serving_reranker = None if chosen is None else (new if chosen is rdecisions[0] else old)
+    out = WeekBenchmark(bench, first, chosen, rdecisions, serving_first, serving_reranker, pooler.stats, eval_weeks)
+    out.test = test_verdicts(long, out, g) if TEST_SUITE in bench.suites else {}
+    store.write_table(layout.asset(EVAL_POOL, week), pooler.new_rows)
+    return out
+
+
+def test_verdicts(long: pd.DataFrame, wb: WeekBenchmark, g: GateSettings) -> dict:
+    """The same comparisons on the human-labelled test split (never used to decide)."""
+    cmp = lambda inc, c: gate.compare(long, TEST_SUITE, inc, c, n_resamples=g.bootstrap_samples).as_dict()  # noqa: E731
+    old_serving = "champion" + ("+serving-reranker" if "champion+serving-reranker" in wb.bench.per_query else "")
+    return {
+        "first_stage": cmp("champion", "challenger"),
+        "challenger_vs_base": cmp("base", "challenger"),
+        "serving_after_vs_before": cmp("champion", wb.serving_name) if wb.serving_name != "champion" else None,
+        "reranker_vs_first_stage": cmp(wb.serving_first_stage, f"{wb.serving_first_stage}+reranker"),
+        "serving_before": old_serving if old_serving in wb.bench.per_query else "champion",
+    }
+
+
+def gate_error(decision_promoted: bool, test: dict | None) -> str | None:
+    """A promotion of a candidate significantly worse on the test split, or a block of one
+    significantly better, is a gate error (paired 95% CI wholly below / above zero)."""
+    if not test:
+        return None
+    if decision_promoted and test["ci_high"] < 0:
+        return "promoted a model the test split shows significantly worse"
+    if not decision_promoted and test["ci_low"] > 0:
+        return "blocked a model the test split shows significantly better"
+    return None
