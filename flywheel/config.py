@@ -191,6 +191,9 @@ class TrainingSettings(Section):
     inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
         "auto", "weights when encoding queries and the corpus: auto = bf16 where the hardware runs it natively, "
         "else fp32; int8 = dynamic quantization (CPU only)", env="FLYWHEEL_ENCODE_PRECISION")
+    inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
+        "auto", "weights when encoding queries and the corpus: auto = bf16 where the hardware runs it natively, "
+        "else fp32; int8 = dynamic quantization (CPU only)", env="FLYWHEEL_ENCODE_PRECISION")
     device: str = setting("auto", "torch device (auto: cuda if present, else cpu)", env="FLYWHEEL_DEVICE")
     shuffle_labels: bool = setting(False, "train on shuffled positives (shows that the gate stops noise)")
 
@@ -211,6 +214,9 @@ class RerankerSettings(Section):
     fusion: Literal["zscore", "rrf", "none"] = setting("zscore", "how cross-encoder scores meet the bi-encoder's")
     fusion_weight: float = setting(0.5, "the cross-encoder's share in zscore fusion", ge=0, le=1)
     depth: int = setting(40, "candidates reranked per query", ge=1, env="FLYWHEEL_RERANK_DEPTH")
+    inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
+        "auto", "weights when reranking: auto = bf16 where the hardware runs it natively, else fp32; "
+        "int8 = dynamic quantization (CPU only)", env="FLYWHEEL_RERANKER_PRECISION")
     inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
         "auto", "weights when reranking: auto = bf16 where the hardware runs it natively, else fp32; "
         "int8 = dynamic quantization (CPU only)", env="FLYWHEEL_RERANKER_PRECISION")

@@ -34,9 +34,16 @@ def resolve_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_embedder(path: str | Path, *, device: str = "auto", max_seq_length: int | None = None):
-    """A SentenceTransformer from a local folder; never reaches for a model hub."""
+def load_embedder(
+    path: str | Path, *, device: str = "auto", max_seq_length: int | None = None, precision: str = "fp32",
+):
+    """A SentenceTransformer from a local folder; never reaches for a model hub.
+
+    ``precision`` ("fp32", "bf16", "int8" or "auto"; see ``registry.inference``) is for inference
+    only: load at fp32 to train."""
     from sentence_transformers import SentenceTransformer
+
+    from flywheel.lib.registry.inference import apply_precision
 
     path = Path(path)
     if not (path / "modules.json").exists() and not (path / "config.json").exists():
@@ -46,7 +53,7 @@ def load_embedder(path: str | Path, *, device: str = "auto", max_seq_length: int
     model = SentenceTransformer(str(path), device=resolve_device(device), local_files_only=True)
     if max_seq_length:
         model.max_seq_length = max_seq_length
-    return model
+    return apply_precision(model, precision, str(model.device))
 
 
 TOWERS_FILE = "flywheel_towers.json"  # written beside a query-only fine-tune: whose documents it reads
@@ -142,11 +149,16 @@ def encode(
         meter.update(start + len(part), force=start + chunk >= len(texts))
     if not out:
         return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
-    return np.vstack(out).astype(np.float32)
+    vectors = np.vstack(out).astype(np.float32)
+    # normalised again in float32: a bf16 model normalises in bf16 (norms off by ~1e-3)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
 
 
-def corpus_table_name(model_id: str, corpus: Corpus, max_seq_length: int) -> str:
-    return f"corpus_{model_id}_{corpus.sha256[:10]}_{max_seq_length}"
+def corpus_table_name(model_id: str, corpus: Corpus, max_seq_length: int, precision: str = "fp32") -> str:
+    from flywheel.lib.registry.inference import table_suffix
+
+    return f"corpus_{model_id}_{corpus.sha256[:10]}_{max_seq_length}{table_suffix(precision)}"
 
 
 def _connect(uri: str | Path):
@@ -172,7 +184,9 @@ def ensure_corpus_table(
 ) -> str:
     """Embed the corpus with ``model`` into LanceDB unless a complete table already exists."""
     db = _connect(uri)
-    name = table_name or corpus_table_name(model_id, corpus, model.max_seq_length)
+    from flywheel.lib.registry.inference import precision_of
+
+    name = table_name or corpus_table_name(model_id, corpus, model.max_seq_length, precision_of(model))
     if name in db.list_tables().tables and db.open_table(name).count_rows() == len(corpus):
         return name
     started = time.monotonic()

@@ -92,11 +92,15 @@ def labelled_pairs(rows: pd.DataFrame, seed: int, shuffle_labels: bool = False) 
     return pairs.assign(_o=order).sort_values("_o").drop(columns="_o").reset_index(drop=True)
 
 
-def load_reranker(path: str | Path, *, device: str = "auto", max_length: int | None = None):
+def load_reranker(path: str | Path, *, device: str = "auto", max_length: int | None = None, precision: str = "fp32"):
+    """A trained CrossEncoder for inference; ``precision`` as in ``flywheel.lib.registry.inference``."""
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    model = CrossEncoder(str(path), device=index.resolve_device(device), local_files_only=True, max_length=max_length)
-    return model
+    from flywheel.lib.registry.inference import apply_precision
+
+    device = index.resolve_device(device)
+    model = CrossEncoder(str(path), device=device, local_files_only=True, max_length=max_length)
+    return apply_precision(model, precision, device)
 
 
 def train_reranker(
