@@ -19,13 +19,13 @@ import pytest
 from flywheel.lib.beir import load_beir
 from flywheel.lib.labels.cache import CacheKey, JudgeCache
 from flywheel.lib.labels.judges import HumanLabels, JudgeRequest, normalize_query
+from flywheel.config import JudgeSettings
 from flywheel.lib.labels.openai_judge import (
     BUDGET_EXHAUSTED,
     DEFAULT_PRICE_PER_MTOK,
     PROMPT_VERSION,
     JudgeConfigError,
     OpenAIJudge,
-    OpenAIJudgeConfig,
     price_for,
 )
 from flywheel.settings import REPO_ROOT
@@ -50,14 +50,14 @@ def requests(dataset):
     return requests_of(scifact_raw_logs(dataset, n_queries=12, distractors=3))
 
 
-def make_judge(server, tmp_path=None, **overrides) -> OpenAIJudge:
+def make_judge(server, tmp_path=None, *, api_key=KEY, **overrides) -> OpenAIJudge:
     cfg = dict(
-        model="fake-judge", base_url=server.url, api_key=KEY, concurrency=8, timeout_s=0.5,
-        max_retries=5, answer_retries=4, price_per_mtok=(1.0, 2.0),
-        cache_path=str(tmp_path / "cache.sqlite") if tmp_path is not None else None,
+        model="fake-judge", base_url=server.url, concurrency=8, timeout_s=0.5,
+        max_retries=5, answer_retries=4, price_prompt_per_mtok=1.0, price_completion_per_mtok=2.0,
     )
     cfg.update(overrides)
-    return OpenAIJudge(OpenAIJudgeConfig(**cfg))
+    cache = str(tmp_path / "cache.sqlite") if tmp_path is not None else None
+    return OpenAIJudge(JudgeSettings(**cfg), api_key=api_key, cache_path=cache)
 
 
 def agrees_with_humans(out, reqs, human) -> bool:
@@ -83,7 +83,7 @@ def test_a_pair_that_never_answers_well_is_unlabelled_not_fatal(requests, human,
         judge = make_judge(srv, tmp_path, answer_retries=2)
         out = judge.judge(reqs)
         assert all(j.grade is None for j in out)
-        assert all("no valid answer after 3 attempts" in j.error and "not valid JSON" in j.error for j in out)
+        assert all(j.error.startswith("unparseable: no valid answer after 3 attempts") for j in out)
         assert srv.calls == 3 * len(reqs)
         assert judge.usage.failures == len(reqs)
         # failures are not cached: the next run asks again and gets them
@@ -137,11 +137,12 @@ def test_budget_stops_cleanly_and_the_rerun_pays_nothing_twice(requests, human, 
 _CHILD = """
 import json, sys
 from flywheel.lib.labels.judges import JudgeRequest
-from flywheel.lib.labels.openai_judge import OpenAIJudge, OpenAIJudgeConfig
+from flywheel.config import JudgeSettings
+from flywheel.lib.labels.openai_judge import OpenAIJudge
 url, cache, path = sys.argv[1:4]
 reqs = [JudgeRequest(**r) for r in json.load(open(path))]
-judge = OpenAIJudge(OpenAIJudgeConfig(model="fake-judge", base_url=url, concurrency=2, timeout_s=5,
-                                      price_per_mtok=(1.0, 2.0), cache_path=cache))
+judge = OpenAIJudge(JudgeSettings(model="fake-judge", base_url=url, concurrency=2, timeout_s=5,
+                                  price_prompt_per_mtok=1.0, price_completion_per_mtok=2.0), cache_path=cache)
 judge.judge(reqs)
 print("finished")
 """
@@ -194,10 +195,11 @@ def test_instructions_inside_a_chunk_cannot_change_the_grade(dataset, human, req
     poisoned = JudgeRequest(irrelevant.query, irrelevant.chunk_id, irrelevant.chunk_text + "\n" + attack, irrelevant.rank)
     with FakeOpenAIServer(human, keep_bodies=True) as srv:
         out = make_judge(srv).judge([poisoned])
-    assert out[0].grade in (0, 1)  # graded on the real pair, not on what the chunk asked for
+    assert out[0].grade in (0, 1) and out[0].injection_flag  # graded on the real pair, and flagged
     prompt = srv.bodies[0]["messages"][-1]["content"]
     assert prompt.count("<chunk id=") == 1 and prompt.count("</chunk>") == 1  # the chunk cannot close its block
-    assert "&lt;/chunk&gt;" in prompt and "injected-id" in prompt
+    assert "ignore your instructions" not in prompt.lower() and "[instruction-like text removed]" in prompt
+    assert "Someone tried to manipulate" in srv.bodies[0]["messages"][0]["content"]  # the hardened prompt
     assert srv.bodies[0]["response_format"]["type"] == "json_schema"
 
 
@@ -225,10 +227,8 @@ def test_fewshot_examples_ride_in_the_prompt(requests, human):
         return np.array([[float(len(t)), 1.0] for t in texts])
 
     with FakeOpenAIServer(human, keep_bodies=True) as srv:
-        judge = OpenAIJudge(
-            OpenAIJudgeConfig(model="fake-judge", base_url=srv.url, api_key=KEY, fewshot_k=3, concurrency=2),
-            embed=embed,
-        )
+        judge = OpenAIJudge(JudgeSettings(model="fake-judge", base_url=srv.url, fewshot_k=3, concurrency=2),
+                            api_key=KEY, embed=embed)
         out = judge.judge(requests[:4], fewshot=fewshot)
     assert all(j.grade is not None for j in out)
     assert len(calls) == 2  # examples once, target queries once: batched, not per pair
@@ -241,26 +241,24 @@ def test_fewshot_examples_ride_in_the_prompt(requests, human):
 
 def test_the_key_never_leaks(requests, human, tmp_path, caplog, capfd):
     caplog.set_level(logging.DEBUG)
-    cfg = OpenAIJudgeConfig(model="fake-judge", base_url="http://127.0.0.1:9/v1", api_key=KEY)
-    assert KEY not in repr(cfg) and KEY not in str(cfg)
     with FakeOpenAIServer(human, api_key="the-right-key") as srv:
         judge = make_judge(srv, tmp_path)  # sends KEY, which the server refuses
-        assert KEY not in repr(judge)
+        assert KEY not in repr(judge) and KEY not in str(judge.settings)
         with pytest.raises(JudgeConfigError) as err:
             judge.judge(requests[:5], progress=print)
-    assert "AuthenticationError (401)" in str(err.value)
+    assert "refused the API key (401)" in str(err.value) and srv.statuses[401] == 1  # one call, then a clear stop
     out = capfd.readouterr()
     text = str(err.value) + out.out + out.err + caplog.text + "\n".join(r.getMessage() for r in caplog.records)
     assert KEY not in text
     assert judge.redact(f"boom {KEY} boom") == "boom *** boom"
 
 
-def test_an_unreachable_endpoint_leaves_pairs_unlabelled(requests):
-    judge = OpenAIJudge(OpenAIJudgeConfig(model="m", base_url="http://127.0.0.1:9/v1", api_key=KEY,
-                                          max_retries=0, timeout_s=0.5))
-    out = judge.judge(requests[:3])
-    assert all(j.grade is None and "APIConnectionError" in j.error for j in out)
-    assert judge.usage.failures == 3 and judge.usage.calls == 0
+def test_an_unreachable_endpoint_stops_the_run_with_the_reason(requests):
+    judge = OpenAIJudge(JudgeSettings(model="m", base_url="http://127.0.0.1:9/v1", max_retries=0, timeout_s=0.5),
+                        api_key=KEY)
+    with pytest.raises(JudgeConfigError, match="first pair failed at the endpoint.*APIConnectionError"):
+        judge.judge(requests[:3])
+    assert judge.usage.calls == 0
 
 
 def test_cost_follows_the_price_table(requests, human):
@@ -269,28 +267,21 @@ def test_cost_follows_the_price_table(requests, human):
     assert price_for("gpt-4o-2024-08-06") == (2.50, 10.00)
     assert price_for("llama-3.1-8b") == DEFAULT_PRICE_PER_MTOK
     with FakeOpenAIServer(human) as srv:
-        judge = make_judge(srv, price_per_mtok=(3.0, 5.0))
+        judge = make_judge(srv, price_prompt_per_mtok=3.0, price_completion_per_mtok=5.0)
         judge.judge(requests[:5])
     u = judge.usage
     assert u.calls == 5 and u.prompt_tokens > 0 and u.completion_tokens > 0
     assert u.cost_usd == pytest.approx((3.0 * u.prompt_tokens + 5.0 * u.completion_tokens) / 1e6)
+    assert not u.extra["cost_estimated"]
 
 
-def test_config_is_validated():
+def test_settings_are_validated_and_a_missing_openai_key_is_a_clear_error():
     with pytest.raises(ValueError, match="concurrency"):
-        OpenAIJudgeConfig(concurrency=0)
+        JudgeSettings(concurrency=0)
     with pytest.raises(ValueError, match="budget"):
-        OpenAIJudgeConfig(budget_usd=-1)
-    env = {k: v for k, v in os.environ.items() if k not in ("FLYWHEEL_JUDGE_API_KEY", "OPENAI_API_KEY")}
-    old = dict(os.environ)
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        with pytest.raises(JudgeConfigError, match="FLYWHEEL_JUDGE_API_KEY"):
-            OpenAIJudge(OpenAIJudgeConfig(model="gpt-4o-mini"))
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+        JudgeSettings(budget_usd=-1)
+    with pytest.raises(JudgeConfigError, match="FLYWHEEL_JUDGE_API_KEY"):
+        OpenAIJudge(JudgeSettings(model="gpt-4o-mini"))  # OpenAI's API and no key given
 
 
 def test_judging_reports_progress_with_rate_and_time_left(requests, human, tmp_path):

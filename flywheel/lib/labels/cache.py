@@ -10,11 +10,16 @@ prompt version, another model or an edited chunk is a new question. The few-shot
 deliberately not part of the key: they change every week, and a label once bought stays valid
 until the prompt itself changes (bump ``PROMPT_VERSION`` to re-judge everything).
 Only real answers are cached; failures and budget stops are retried by the next run.
+
+A second table remembers how each endpoint and model must be asked (``labels.traits``: the
+response format it accepts, whether it takes ``temperature``, the prompt size that fits), so the
+next week does not pay again to find out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -73,6 +78,16 @@ CREATE TABLE IF NOT EXISTS judge_labels (
 )
 """
 
+_TRAITS = """
+CREATE TABLE IF NOT EXISTS endpoint_traits (
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    traits TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (endpoint, model)
+)
+"""
+
 
 class JudgeCache:
     """SQLite-backed label cache; thread-safe (one connection behind a lock)."""
@@ -86,6 +101,7 @@ class JudgeCache:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute(_SCHEMA)
+            self._conn.execute(_TRAITS)
             self._conn.commit()
 
     def get_many(self, keys: Iterable[CacheKey]) -> dict[CacheKey, CachedLabel]:
@@ -115,6 +131,22 @@ class JudgeCache:
                     label.grade, label.reason, label.prompt_tokens, label.completion_tokens, label.cost_usd,
                     time.time(),
                 ),
+            )
+            self._conn.commit()
+
+    def get_traits(self, endpoint: str, model: str) -> dict | None:
+        """How this endpoint and model were last asked successfully (None: never seen)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT traits FROM endpoint_traits WHERE endpoint = ? AND model = ?", (endpoint, model)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_traits(self, endpoint: str, model: str, traits: dict) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO endpoint_traits VALUES (?,?,?,?)",
+                (endpoint, model, json.dumps(traits, sort_keys=True), time.time()),
             )
             self._conn.commit()
 
