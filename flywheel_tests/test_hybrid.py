@@ -102,3 +102,34 @@ def test_bm25_table_is_built_once_and_queries_are_plain_words(tmp_path):
     # query syntax characters are text, not operators; a blank query finds nothing
     hits = hybrid.bm25_search(uri, name, ['"form" -KX7Q2: (retail) AND', "  "], 5)
     assert hits[0][0][0] == KEYWORD_DOC and hits[1] == []
+
+
+def test_benchmark_evaluates_bm25_and_hybrid_candidates(tmp_path, small_beir, base_model_path):
+    from flywheel.lib.beir import load_beir
+    from flywheel.lib.evaluation.benchmark import HybridSpec, ModelSpec, run_benchmark, test_split_suite
+
+    ds = load_beir(small_beir)
+    suites = {"test": test_split_suite(ds)}
+    uri = tmp_path / "lancedb"
+    bench = run_benchmark(
+        [ModelSpec("base", base_model_path), ModelSpec("base-bf16", base_model_path, precision="bf16")],
+        ds, suites, uri, max_seq_length=64, latency_sample=3,
+        hybrids=[HybridSpec("bm25"), HybridSpec("hybrid", on="base"), HybridSpec("dense-only", on="base", bm25_weight=0.0)],
+    )
+    assert set(bench.summaries["test"]) == {"base", "base-bf16", "bm25", "hybrid", "dense-only"}
+    queries = suites["test"][0]
+    table = hybrid.bm25_table_name(ds.corpus)
+    lexical = dict(zip(queries, hybrid.bm25_search(uri, table, list(queries.values()), 100)))
+    assert bench.rankings["bm25"]["test"] == {q: [d for d, _ in h] for q, h in lexical.items()}
+    dense = {q: list(zip(bench.rankings["base"]["test"][q], bench.scores["base"]["test"][q])) for q in queries}
+    expected = hybrid.fuse_all(dense, lexical, fusion="zscore", bm25_weight=0.5)
+    assert bench.rankings["hybrid"]["test"] == {q: [d for d, _ in h] for q, h in expected.items()}
+    # weight 0 keeps the dense order (BM25-only chunks go below it)
+    for q in queries:
+        n = len(bench.rankings["base"]["test"][q])
+        assert bench.rankings["dense-only"]["test"][q][:n] == bench.rankings["base"]["test"][q]
+    # the bf16 encoder searched a corpus table of its own, and its rankings are its own
+    assert bench.rankings["base-bf16"] is not bench.rankings["base"]
+    assert any(name.endswith("_64_bf16") for name in index.table_names(uri))
+    assert len(bench.latency_ms["bm25"]) == 3 and len(bench.latency_ms["hybrid"]) == 3
+    assert bench.stages["hybrid"] == "retrieval (encode query + LanceDB search + BM25 search)"

@@ -16,6 +16,7 @@ import pandas as pd
 
 from flywheel.lib.evaluation import metrics as evaluation
 from flywheel.lib.registry import index
+from flywheel.lib.registry.inference import precision_of
 from flywheel.lib.beir import BeirDataset
 
 # model -> suite -> query id -> ranked ids, and the suites; returns the suites with judgments extended
@@ -34,6 +35,7 @@ class ModelSpec:
     name: str
     path: str
     model_id: str | None = None
+    precision: str = "fp32"  # of the query and corpus encoders (see flywheel.lib.registry.inference)
 
 
 @dataclass
@@ -45,6 +47,17 @@ class RerankSpec:
     max_length: int = 128
     fusion: str = "rrf"  # see flywheel.lib.training.reranker.rerank
     fusion_weight: float = 0.5
+    precision: str = "fp32"  # see flywheel.lib.registry.inference
+
+
+@dataclass
+class HybridSpec:
+    """A keyword first stage: BM25 alone (``on=None``), or BM25 fused with a ModelSpec's ranking."""
+
+    name: str  # e.g. "bm25", "hybrid"
+    on: str | None = None  # the ModelSpec name whose dense top 100 is fused with BM25's
+    fusion: str = "zscore"  # see flywheel.lib.registry.hybrid.fuse
+    bm25_weight: float = 0.5
 
 
 @dataclass
@@ -58,6 +71,7 @@ class Benchmark:
     suites: dict[str, tuple] = field(default_factory=dict)  # suite -> (queries, qrels[, judged pool])
     rankings: dict[str, dict[str, dict[str, list[str]]]] = field(default_factory=dict)  # model -> suite -> qid -> ids
     scores: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)  # first stages' scores
+    stages: dict[str, str] = field(default_factory=dict)  # candidate -> what its latency times
 
     def summary(self, suite: str, model: str) -> dict:
         return self.summaries[suite][model]
@@ -82,6 +96,7 @@ def run_benchmark(
     lancedb_uri: str | Path,
     *,
     rerankers: list[RerankSpec] = (),
+    hybrids: list[HybridSpec] = (),
     max_seq_length: int = 256,
     batch_size: int = 64,
     device: str = "auto",
@@ -94,9 +109,11 @@ def run_benchmark(
     bench = Benchmark(per_query={}, queries={name: dict(s[0]) for name, s in suites.items()}, suites=dict(suites))
     rank_first_stages(bench, models, ds, lancedb_uri, max_seq_length=max_seq_length, batch_size=batch_size,
                       device=device, latency_sample=latency_sample, progress=progress)
+    if hybrids:
+        rank_hybrids(bench, hybrids, ds, lancedb_uri, latency_sample=latency_sample, progress=progress)
     if rerankers:
         rerank_candidates(bench, rerankers, ds, batch_size=batch_size, device=device, progress=progress)
-    score(bench, [m.name for m in models] + [r.name for r in rerankers], pool=pool)
+    score(bench, [m.name for m in models] + [h.name for h in hybrids] + [r.name for r in rerankers], pool=pool)
     return bench
 
 
@@ -109,20 +126,21 @@ def rank_first_stages(bench: Benchmark, models: list[ModelSpec], ds: BeirDataset
     timed_queries = [q for s in bench.suites.values() for q in s[0].values()]
     for spec in models:
         model_id = spec.model_id or index.model_fingerprint(spec.path)
-        if model_id in by_id:
-            first = by_id[model_id]
+        bench.stages[spec.name] = "retrieval (encode query + LanceDB search)"
+        if (model_id, spec.precision) in by_id:
+            first = by_id[(model_id, spec.precision)]
             bench.rankings[spec.name], bench.scores[spec.name] = bench.rankings[first], bench.scores[first]
             bench.latency_ms[spec.name] = bench.latency_ms[first]
             continue
-        by_id[model_id] = spec.name
-        model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length)
+        by_id[(model_id, spec.precision)] = spec.name
+        model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length, precision=spec.precision)
         corpus_id = index.corpus_encoder_id(spec.path)  # a query-only fine-tune reads its base's table
         bench.scores[spec.name] = {}
         bench.rankings[spec.name] = evaluation.rank_model_on(
             model, corpus_id, ds.corpus, lancedb_uri, bench.suites, batch_size=batch_size, progress=progress,
             scores_out=bench.scores[spec.name],
         )
-        table = index.corpus_table_name(corpus_id, ds.corpus, model.max_seq_length)
+        table = index.corpus_table_name(corpus_id, ds.corpus, model.max_seq_length, precision_of(model))
         bench.latency_ms[spec.name] = evaluation.retrieval_latency_ms(
             model, timed_queries, lancedb_uri, table, sample=latency_sample
         )
@@ -135,7 +153,8 @@ def rerank_candidates(bench: Benchmark, rerankers: list[RerankSpec], ds: BeirDat
 
     texts = ds.corpus.text_by_id
     for rspec in rerankers:
-        ce = load_reranker(rspec.path, device=device, max_length=rspec.max_length)
+        ce = load_reranker(rspec.path, device=device, max_length=rspec.max_length, precision=rspec.precision)
+        bench.stages[rspec.name] = "rerank (cross-encoder)"
         bench.rankings[rspec.name] = {}
         for suite, s in bench.suites.items():
             reranked, ms = rerank(ce, s[0], bench.rankings[rspec.on][suite], texts, depth=rspec.depth,
@@ -144,6 +163,39 @@ def rerank_candidates(bench: Benchmark, rerankers: list[RerankSpec], ds: BeirDat
             bench.rankings[rspec.name][suite] = reranked
             bench.rerank_ms.extend(ms)
             bench.latency_ms.setdefault(rspec.name, []).extend(ms)
+
+
+def rank_hybrids(bench: Benchmark, specs: list[HybridSpec], ds: BeirDataset, lancedb_uri: str | Path, *,
+                 latency_sample: int = 50, progress: Callable[[str], None] | None = None) -> None:
+    """BM25 (LanceDB's full-text index) alone, or fused per query with a dense first stage's top
+    100 (its scores are in ``bench.scores``). A hybrid's latency is its dense stage's plus BM25's,
+    timed on the same queries."""
+    from flywheel.lib.registry import hybrid
+
+    table = hybrid.ensure_bm25_table(lancedb_uri, ds.corpus, progress=progress)
+    depth = evaluation.SEARCH_DEPTH
+    lexical = {suite: dict(zip(s[0], hybrid.bm25_search(lancedb_uri, table, list(s[0].values()), depth)))
+               for suite, s in bench.suites.items()}
+    timed = [q for s in bench.suites.values() for q in s[0].values()][:latency_sample]
+    bm25_ms = hybrid.bm25_latency_ms(lancedb_uri, table, timed, depth)
+    for spec in specs:
+        fused = {}
+        for suite in bench.suites:
+            if spec.on is None:
+                fused[suite] = lexical[suite]
+                continue
+            ranks, scores = bench.rankings[spec.on][suite], bench.scores[spec.on][suite]
+            dense = {qid: list(zip(ranks[qid], scores[qid])) for qid in ranks}
+            fused[suite] = hybrid.fuse_all(dense, lexical[suite], fusion=spec.fusion, bm25_weight=spec.bm25_weight,
+                                           k=depth)
+        bench.rankings[spec.name] = {s: {q: [d for d, _ in h] for q, h in f.items()} for s, f in fused.items()}
+        bench.scores[spec.name] = {s: {q: [v for _, v in h] for q, h in f.items()} for s, f in fused.items()}
+        if spec.on is None:
+            bench.latency_ms[spec.name] = bm25_ms
+            bench.stages[spec.name] = "retrieval (BM25 search)"
+        else:
+            bench.latency_ms[spec.name] = [a + b for a, b in zip(bench.latency_ms[spec.on], bm25_ms)]
+            bench.stages[spec.name] = "retrieval (encode query + LanceDB search + BM25 search)"
 
 
 def score(bench: Benchmark, names: list[str], *, pool: Pool | None = None) -> None:
@@ -284,7 +336,7 @@ def build_report(
                   "| model | stage | p50 ms | p95 ms | queries timed |", "|---|---|---|---|---|"]
         for m in timed:
             v = bench.latency_ms[m]
-            stage = "rerank (cross-encoder)" if "+" in m else "retrieval (encode query + LanceDB search)"
+            stage = bench.stages.get(m) or ("rerank (cross-encoder)" if "+" in m else "retrieval (encode query + LanceDB search)")
             lines.append(f"| {m} | {stage} | {p50(v):.1f} | {p95(v):.1f} | {len(v)} |")
         lines.append("")
     return Report(markdown="\n".join(lines), figures=figures)

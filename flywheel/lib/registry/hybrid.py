@@ -139,3 +139,17 @@ def hybrid_search(
     dense = index.search(uri, vector_table, index.encode(model, list(queries), task="query"), k)
     lexical = bm25_search(uri, bm25_table, queries, k)
     return [fuse(d, l, fusion=fusion, bm25_weight=bm25_weight, k=k) for d, l in zip(dense, lexical)]
+
+
+def bm25_latency_ms(uri, table: str, queries: Sequence[str], k: int = 100) -> list[float]:
+    """Milliseconds per BM25 search, one query at a time (as an app calls it), after a warm-up."""
+    queries = [q for q in queries if q.strip()]
+    if not queries:
+        return []
+    bm25_search(uri, table, queries[:1], k)
+    times = []
+    for q in queries:
+        started = time.perf_counter()
+        bm25_search(uri, table, [q], k)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
