@@ -1,5 +1,5 @@
 """The flywheel over weeks: simulate each week served by the champion of its time, run the
-weekly job, let the gate decide, and write the trend report.
+weekly job, let the gate decide, and write the trend report with the gate's accuracy.
 
 Week by week (not all logs first) because real traffic is retrieved by whatever model serves:
 a promotion changes what next week's logs contain. Resumable: weeks already finished (their
@@ -9,40 +9,29 @@ row is in ``backfill.json``) are not simulated or trained again.
 from __future__ import annotations
 
 import json
-import os
+import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+from flywheel.config import FlywheelConfig
+from flywheel.layout import RAW_LOGS, RELEVANCE_LABELS, Layout
 from flywheel.lib import store
-from flywheel.lib.simulate.traffic import SimulationConfig, simulate, week_starts
 from flywheel.lib.evaluation.trend import WeekRow, write_trend
-from flywheel.settings import Settings
+from flywheel.lib.evaluation.weekly import gate_error
+from flywheel.lib.simulate.traffic import SimulationConfig, simulate, week_starts
 
-# A lighter configuration so that 8 weeks fit in well under 90 minutes on 2 cores; the trend
-# report states it. Every value is an ordinary setting (environment variable).
-LIGHT = {
-    "FLYWHEEL_ENCODE_MAX_SEQ_LENGTH": "128",
-    "FLYWHEEL_FINETUNE_EXAMPLES": "1000",
-    "FLYWHEEL_TRAIN_TIME_BUDGET_S": "150",
-    "FLYWHEEL_RERANKER_MAX_STEPS": "10",
-    "FLYWHEEL_RERANK_DEPTH": "10",
-    "FLYWHEEL_MIN_FINETUNE_EXAMPLES": "100",
-}
+# Lighter settings so that 8 weeks fit in 90 minutes on 2 cores; the trend report states them.
+# The embedder trains with the defaults (the query-only recipe is cheap); the reranker is
+# trained for fewer steps and reranks a shallower list.
+LIGHT: dict[str, dict] = {"reranker": {"max_steps": 20, "depth": 20}}
 
 
-def light_note(env: dict[str, str]) -> str:
-    return "Configuration: " + (
-        "light backfill settings " + ", ".join(f"{k}={v}" for k, v in env.items())
-        if env else "the defaults (full training)"
-    ) + "."
-
-
-def _state_path(settings: Settings) -> Path:
-    return settings.log_dir / "backfill.json"
+def light_note(overrides: dict[str, dict]) -> str:
+    flat = [f"{section}.{k}={v}" for section, fields in overrides.items() for k, v in fields.items()]
+    return "Configuration: " + ("light backfill settings " + ", ".join(flat) if flat else "the defaults") + "."
 
 
 def _test_ndcg(per_query: pd.DataFrame, model: str) -> float:
@@ -50,107 +39,108 @@ def _test_ndcg(per_query: pd.DataFrame, model: str) -> float:
     return float(rows["ndcg@10"].mean()) if len(rows) else float("nan")
 
 
-def week_row(settings: Settings, week: str, served_by: str, poisoned: bool, seconds: float, result) -> WeekRow:
-    """Read back what the week's run decided: from its report files and the labels' metadata."""
-    reports = settings.reports_dir
-    decision_file = reports / f"benchmark-{week}-decision.json"
-    per_query_file = reports / f"benchmark-{week}-per-query.parquet"
-    labels = store.read_table(store.asset_path(settings.assets_dir, "relevance_labels", week))
-    raw = store.read_table(store.asset_path(settings.assets_dir, "raw_logs", week))
-    kappa = float("nan")
+def _kappa(result) -> float:
     for e in result.all_events:
         if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.event_specific_data.asset_check_key.name == "judge_agrees_with_reference":
             md = e.event_specific_data.metadata
-            kappa = float(md["kappa"].value) if "kappa" in md else kappa
-    if not decision_file.exists():
-        # the run stopped before the report (a failed stage or check): nothing was promoted
-        return WeekRow(week, len(raw), int(labels["grade"].notna().sum()), kappa, served_by, float("nan"),
-                       float("nan"), False, served_by, "the run stopped before the benchmark report", poisoned, seconds)
-    decision = json.loads(decision_file.read_text())
-    per_query = store.read_table(per_query_file)
-    challenger = _test_ndcg(per_query, "challenger")
-    champion_before = _test_ndcg(per_query, "champion")
-    promoted = bool(decision["promote"]) and result.success
+            if "kappa" in md:
+                return float(md["kappa"].value)
+    return float("nan")
+
+
+def week_row(layout: Layout, week: str, served_by: str, poisoned: bool, seconds: float, result) -> WeekRow:
+    """Read back what the week's run decided (its decision record and per-query results)."""
+    labels = store.read_table(layout.asset(RELEVANCE_LABELS, week))
+    raw = store.read_table(layout.asset(RAW_LOGS, week))
+    n_labels, kappa = int(labels["grade"].notna().sum()), _kappa(result)
+    if not layout.decision(week).exists():  # the run stopped before the report: nothing was promoted
+        nan = float("nan")
+        return WeekRow(week, len(raw), n_labels, kappa, served_by, nan, nan, False, served_by,
+                       "the run stopped before the benchmark report", poisoned, seconds)
+    d = json.loads(layout.decision(week).read_text())
+    per_query = store.read_table(layout.per_query(week))
+    promoted = bool(d["promote"]) and result.success
+    first, test = d["first_stage"]["vs_incumbent"], (d.get("test") or {}).get("first_stage") or {}
+    serving = "challenger" if promoted else "champion"
+    reranker = d["serving_reranker"] if result.success else None
+    nan = float("nan")
     return WeekRow(
-        week=week,
-        searches=len(raw),
-        labels=int(labels["grade"].notna().sum()),
-        judge_kappa=kappa,
-        served_by=served_by,
-        challenger_ndcg10_test=challenger,
-        champion_ndcg10_test=challenger if promoted else champion_before,
-        promoted=promoted,
-        champion=f"v{decision['challenger_version']}" if promoted else decision["champion_label"],
-        gate=decision["reason"],
-        poisoned=poisoned,
-        seconds=seconds,
+        week=week, searches=len(raw), labels=n_labels, judge_kappa=kappa, served_by=served_by,
+        challenger_ndcg10_test=_test_ndcg(per_query, "challenger"),
+        champion_ndcg10_test=_test_ndcg(per_query, serving),
+        promoted=promoted, champion=f"v{d['challenger_version']}" if promoted else d["champion_label"],
+        gate=d["first_stage"]["reason"], poisoned=poisoned, seconds=seconds,
+        eval_delta=first["delta"], eval_ci_low=first["ci_low"], eval_ci_high=first["ci_high"],
+        test_delta=test.get("delta", nan), test_ci_low=test.get("ci_low", nan), test_ci_high=test.get("ci_high", nan),
+        gate_error=gate_error(promoted, test), min_detectable_change=d["min_detectable_change"],
+        pooled_judge_requests=d["pool"]["judge_requests"], label_calls=d["pool"]["week_label_calls"],
+        reranker=(f"v{d['reranker_version']}" if d["serving_reranker_is_new"] else "kept") if reranker else "none",
+        serving_ndcg10_test=_test_ndcg(per_query, reranker or serving),
     )
 
 
-def run_backfill(
-    settings: Settings,
-    sim: SimulationConfig,
-    *,
-    light: bool,
-    run_week: Callable[[str, str], object],
-    say: Callable[[str], None] = print,
-) -> dict:
+def _resume_state(layout: Layout, wanted: dict) -> dict:
+    if layout.backfill_state.exists():
+        state = json.loads(layout.backfill_state.read_text())
+        if state["config"] != wanted:
+            raise SystemExit(f"{layout.backfill_state}: a backfill with other settings is in this home; use a fresh FLYWHEEL_HOME")
+        return state
+    if layout.log_dir.exists() and any(layout.log_dir.rglob("*.jsonl")):
+        raise SystemExit(f"{layout.log_dir} already holds logs (the demo's?): a backfill simulates week by week; "
+                         "use a fresh FLYWHEEL_HOME, e.g. FLYWHEEL_HOME=.flywheel-backfill")
+    return {"config": wanted, "rows": {}}
+
+
+def run_backfill(config: FlywheelConfig, sim: SimulationConfig, *, overrides: dict[str, dict],
+                 run_week: Callable[[str, str], object], say: Callable[[str], None] = print) -> dict:
     from flywheel.lib.registry.promotion import serving_model
     from flywheel.lib.registry.tracking import Tracker
 
+    layout = Layout.of(config.paths)
     weeks = [w.isoformat() for w in week_starts(sim.start, sim.weeks)]
-    wanted = {k: str(v) for k, v in vars(sim).items() if k not in ("log_dir", "lancedb_uri")}
-    wanted["light"] = str(light)
-    state_file = _state_path(settings)
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        if state["config"] != wanted:
-            raise SystemExit(f"{state_file}: a backfill with other settings is in this home; use a fresh FLYWHEEL_HOME")
-    elif settings.log_dir.exists() and any(settings.log_dir.rglob("*.jsonl")):
-        raise SystemExit(
-            f"{settings.log_dir} already holds logs (the demo's?): a backfill simulates week by week; "
-            "use a fresh FLYWHEEL_HOME, e.g. FLYWHEEL_HOME=.flywheel-backfill"
-        )
-    else:
-        state = {"config": wanted, "rows": {}}
-
-    from flywheel.defs.resources import resources_for
-
-    mlflow_res = resources_for(settings)["mlflow"]
-    tracker = Tracker(mlflow_res.tracking_uri, mlflow_res.artifact_root, mlflow_res.experiment)
-    started = time.monotonic()
-    rows: list[WeekRow] = []
+    wanted = {**{k: str(v) for k, v in vars(sim).items() if k not in ("log_dir", "lancedb_uri")}, "overrides": str(overrides)}
+    state = _resume_state(layout, wanted)
+    tracker = Tracker(config.paths.mlflow_uri, str(layout.mlflow_artifacts), config.gate.experiment)
+    started, rows = time.monotonic(), []
     for i, week in enumerate(weeks):
         if week in state["rows"]:
             rows.append(WeekRow(**state["rows"][week]))
             say(f"week {week}: done in an earlier run ({'promoted' if rows[-1].promoted else 'blocked'})")
             continue
         t0 = time.monotonic()
-        path, label = serving_model(tracker, mlflow_res.embedder_name, settings.base_model)
+        path, label = serving_model(tracker, config.gate.embedder_name, config.paths.base_model)
         say(f"week {week}: simulating traffic served by {label}")
         simulate(sim, only_weeks=[i], serving=(path, label), progress=say)
         result = run_week(week, "flywheel_weekly")
-        row = week_row(settings, week, label, i in sim.poison_weeks, time.monotonic() - t0, result)
+        row = week_row(layout, week, label, i in sim.poison_weeks, time.monotonic() - t0, result)
         rows.append(row)
         state["rows"][week] = asdict(row)
-        store.atomic_write_bytes(state_file, json.dumps(state, indent=2).encode())
-        say(f"week {week}: {'PROMOTED' if row.promoted else 'blocked'}; champion {row.champion} "
-            f"NDCG@10 (test) {row.champion_ndcg10_test:.4f}; {row.seconds:.0f}s")
+        store.atomic_write_bytes(layout.backfill_state, json.dumps(state, indent=2).encode())
+        say(f"week {week}: {'PROMOTED' if row.promoted else 'blocked'}; champion {row.champion} NDCG@10 (test) "
+            f"{row.champion_ndcg10_test:.4f}; reranker {row.reranker}; gate error: {row.gate_error or 'none'}; {row.seconds:.0f}s")
+    return backfill_figures(layout, weeks, rows, overrides, time.monotonic() - started)
 
-    base = float("nan")
-    last_pq = settings.reports_dir / f"benchmark-{weeks[-1]}-per-query.parquet"
-    if last_pq.exists():
-        base = _test_ndcg(store.read_table(last_pq), "base")
-    note = light_note({k: os.environ[k] for k in LIGHT if k in os.environ} if light else {})
-    paths = write_trend(rows, settings.reports_dir, base_ndcg10_test=base, config_note=note)
+
+def backfill_figures(layout: Layout, weeks: list[str], rows: list[WeekRow], overrides: dict, seconds: float) -> dict:
+    last_pq = layout.per_query(weeks[-1])
+    base = _test_ndcg(store.read_table(last_pq), "base") if last_pq.exists() else float("nan")
+    paths = write_trend(rows, layout.reports_dir, base_ndcg10_test=base, config_note=light_note(overrides))
     poisoned = [r for r in rows if r.poisoned]
+    r4 = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 4)  # noqa: E731
     return {
         "weeks": len(rows),
-        "ndcg10_by_week": {r.week: round(r.champion_ndcg10_test, 4) for r in rows},
-        "challenger_ndcg10_by_week": {r.week: round(r.challenger_ndcg10_test, 4) for r in rows},
-        "base_ndcg10": round(base, 4),
+        "ndcg10_base": r4(base),
+        "ndcg10_by_week": {r.week: r4(r.champion_ndcg10_test) for r in rows},
+        "serving_ndcg10_by_week": {r.week: r4(r.serving_ndcg10_test) for r in rows},
+        "challenger_ndcg10_by_week": {r.week: r4(r.challenger_ndcg10_test) for r in rows},
         "champion_changes": sum(r.promoted for r in rows),
+        "gate_errors": sum(bool(r.gate_error) for r in rows),
+        "gate_error_weeks": {r.week: r.gate_error for r in rows if r.gate_error},
         "poisoned_week_blocked": bool(poisoned) and all(not r.promoted for r in poisoned),
-        "wall_seconds": round(time.monotonic() - started, 1),
+        "poisoned_ci_high": r4(poisoned[-1].eval_ci_high) if poisoned else None,
+        "pooled_judge_calls": {r.week: r.pooled_judge_requests for r in rows},
+        "labelling_calls": {r.week: r.label_calls for r in rows},
+        "min_detectable_change": {r.week: r4(r.min_detectable_change) for r in rows},
+        "wall_seconds": round(seconds, 1),
         "trend_report": str(paths["md"]),
     }

@@ -73,6 +73,28 @@ def small_beir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_model_path() -> str:
-    from flywheel.settings import default_base_model
+    from flywheel.config import default_base_model
 
     return default_base_model()
+
+
+def config_for(home: Path, dataset: Path, base_model: str, **sections):
+    """A validated configuration for a test home, independent of the caller's environment:
+    ``sections`` override fields, e.g. ``training={"max_steps": 8}``."""
+    from flywheel.config import load_config
+
+    paths = {"home": str(home), "dataset": str(dataset), "base_model": base_model, **sections.pop("paths", {})}
+    return load_config({}, paths=paths, **sections)
+
+
+def small_config(home: Path, dataset: Path, base_model: str, **sections):
+    """Tiny training and datasets: every stage runs for real in seconds on the small slice."""
+    tiny = {
+        "tiers": {"start_date": "2026-09-28", "eval_queries": 3, "fewshot_examples": 30, "finetune_examples": 120},
+        "training": {"batch_size": 16, "max_seq_length": 64, "max_steps": 8, "learning_rate": 5e-5,
+                     "encode_max_seq_length": 128, "mine_range_max": 10},
+        "reranker": {"max_steps": 8, "max_length": 64, "depth": 20},
+    }
+    for name, fields in sections.items():
+        tiny[name] = {**tiny.get(name, {}), **fields}
+    return config_for(home, dataset, base_model, **tiny)

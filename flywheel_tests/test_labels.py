@@ -12,13 +12,13 @@ import pytest
 
 from flywheel.defs.labels import judge_agrees_with_reference, relevance_labels
 from flywheel.defs.partitions import weekly_partitions
-from flywheel.defs.resources import FlywheelPaths, JudgeResource
+from flywheel.defs.resources import JudgeResource, PathsResource, TiersResource
 from flywheel.lib import store
 from flywheel.lib.beir import load_beir
 from flywheel.lib.labels.fusion import FusionConfig, fuse_grade, label_source, pair_evidence
 from flywheel.lib.labels.judges import HumanLabels, SimulatedJudge, normalize_query
 from flywheel.lib.labels.weekly import LABEL_COLUMNS, agreement_with_reference, label_week
-from flywheel.settings import REPO_ROOT
+from flywheel.config import REPO_ROOT
 from flywheel.testing.fake_openai import FakeOpenAIServer, scifact_raw_logs
 
 DATASET = REPO_ROOT / "data" / "scifact"
@@ -180,7 +180,8 @@ def materialize(tmp_path, server, monkeypatch, raw: pd.DataFrame, min_kappa: flo
         partition_key=WEEK,
         instance=instance,
         resources={
-            "paths": FlywheelPaths(home=str(tmp_path), dataset_dir=str(DATASET)),
+            "paths": PathsResource(home=str(tmp_path), dataset=str(DATASET)),
+            "tiers": TiersResource(),
             "judge": JudgeResource(
                 kind="openai", model="fake-judge", base_url=server.url, api_key=dg.EnvVar("FLYWHEEL_JUDGE_API_KEY"),
                 concurrency=4, timeout_s=2.0, max_retries=2, min_kappa=min_kappa,

@@ -3,11 +3,15 @@ traffic, label and cut datasets for each, train the embedder and the reranker fo
 benchmark them, promote the challenger through the gate, and show the gate refusing a model
 trained on shuffled labels (the report still says why; the champion alias does not move).
 
-Tiny training configs (8 steps, sequence length 64) keep this fast; with 9 eval queries the
-bootstrap interval is wide, so the test gate's margin is 0.2 NDCG@10 (the default is 0.01)."""
+Tiny training configs (8 steps, sequence length 64) keep this fast. With 9 eval queries and 8
+training steps, whether the challenger is better is not something a test can rely on, so the
+whole-graph run's gate allows a tie within 0.2 NDCG@10 (``min_improvement`` -0.2, margin 0.2;
+the defaults are 0 and 0.01): these tests check the wiring, and the rule itself is tested on
+constructed per-query results in test_promotion.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import date
 
@@ -18,25 +22,15 @@ import pytest
 
 from flywheel.defs import build_definitions
 from flywheel.defs.resources import resources_for
+from flywheel.layout import Layout
 from flywheel.lib.registry import index
 from flywheel.lib import store
 from flywheel.lib.simulate.traffic import SimulationConfig, simulate, week_starts
-from flywheel.settings import Settings
+
+from conftest import small_config
 
 WEEKS = [w.isoformat() for w in week_starts(date(2026, 9, 28), 3)]
-
-
-def small_settings(home, dataset, base_model) -> Settings:
-    return Settings(
-        home=home, dataset_dir=dataset, base_model=base_model, start_date=date(2026, 9, 28),
-        eval_queries=3, fewshot_examples=30, finetune_examples=120,
-        train_batch_size=16, train_max_seq_length=64, train_max_steps=8, train_learning_rate=5e-5,
-        encode_max_seq_length=128, mine_range_max=10,
-        reranker_max_steps=8, reranker_max_length=64, rerank_depth=20,
-    )
-
-
-TEST_MARGIN = {"regression_margin": 0.2}
+LENIENT_GATE = {"regression_margin": 0.2, "min_improvement": -0.2}
 
 
 def decision_line(report: str) -> str:
@@ -60,12 +54,13 @@ def materialized(result) -> set[str]:
 @pytest.fixture(scope="module")
 def flywheel_run(tmp_path_factory, small_beir, base_model_path):
     home = tmp_path_factory.mktemp("home")
-    settings = small_settings(home, small_beir, base_model_path)
+    config = small_config(home, small_beir, base_model_path, gate=LENIENT_GATE)
+    settings = Layout.of(config.paths)
     summary = simulate(SimulationConfig(
         dataset_dir=small_beir, log_dir=settings.log_dir, lancedb_uri=settings.lancedb_dir,
-        model_path=base_model_path, start=settings.start_date, weeks=3, seed=0, encode_max_seq_length=128,
+        model_path=base_model_path, start=config.tiers.start_date, weeks=3, seed=0, encode_max_seq_length=128,
     ))
-    defs = build_definitions(resources_for(settings, paths=TEST_MARGIN))
+    defs = build_definitions(resources_for(config))
     instance = dg.DagsterInstance.ephemeral()
     labels_job = defs.resolve_job_def("weekly_labels")
     for week in WEEKS[:-1]:
@@ -73,11 +68,11 @@ def flywheel_run(tmp_path_factory, small_beir, base_model_path):
     result = defs.resolve_job_def("flywheel_weekly").execute_in_process(
         partition_key=WEEKS[-1], instance=instance, raise_on_error=False
     )
-    return settings, summary, result, instance
+    return settings, summary, result, instance, config
 
 
 def test_simulated_traffic_is_logged_for_every_week(flywheel_run):
-    settings, summary, _, _ = flywheel_run
+    settings, summary, _, _, _ = flywheel_run
     assert summary.weeks == WEEKS
     assert all(n > 0 for n in summary.searches_per_week.values())
     assert summary.repeats > 0 and summary.feedback_events > 0
@@ -85,7 +80,7 @@ def test_simulated_traffic_is_logged_for_every_week(flywheel_run):
 
 
 def test_every_stage_materializes_and_every_check_passes(flywheel_run):
-    _, _, result, _ = flywheel_run
+    _, _, result, _, _ = flywheel_run
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     assert materialized(result) == {
         "raw_logs", "relevance_labels", "eval_set", "fewshot_set", "finetune_set", "trained_model",
@@ -97,21 +92,21 @@ def test_every_stage_materializes_and_every_check_passes(flywheel_run):
 
 
 def test_datasets_draw_on_all_weeks_and_keep_eval_out_of_training(flywheel_run):
-    settings, _, _, _ = flywheel_run
-    ft = store.read_table(store.asset_path(settings.assets_dir, "finetune_set", WEEKS[-1]))
+    settings, _, _, _, config = flywheel_run
+    ft = store.read_table(settings.asset("finetune_set", WEEKS[-1]))
     assert len(ft) == 120
     assert set(ft["week"]) == set(WEEKS)  # all labelled weeks to date feed training
-    evals = pd.concat(store.read_table(store.asset_path(settings.assets_dir, "eval_set", w)) for w in WEEKS)
+    evals = pd.concat(store.read_table(settings.asset("eval_set", w)) for w in WEEKS)
     assert evals.groupby("week")["query_key"].nunique().eq(3).all()
     assert not set(ft["query_key"]) & set(evals["query_key"])
-    labels = pd.concat(store.read_table(store.asset_path(settings.assets_dir, "relevance_labels", w)) for w in WEEKS)
+    labels = pd.concat(store.read_table(settings.asset("relevance_labels", w)) for w in WEEKS)
     # every hard negative was retrieved for its query and judged irrelevant
     judged = labels.set_index(["query_key", "chunk_id"])["grade"]
     assert all(judged.loc[(q, n)].min() == 0 for q, n in zip(ft["query_key"], ft["negative_id"]))
 
 
 def test_model_is_tracked_registered_and_indexed(flywheel_run):
-    settings, _, result, _ = flywheel_run
+    settings, _, result, _, _ = flywheel_run
     mats = {
         e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
         for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
@@ -128,7 +123,7 @@ def test_model_is_tracked_registered_and_indexed(flywheel_run):
     assert "negatives_mined_negatives" in run.data.metrics and "negatives_judged_negatives" in run.data.metrics
     assert "eval_validation_cosine_ndcg@10" in run.data.metrics or "eval_validation_cosine_ndcg_at_10" in run.data.metrics
     assert md["negatives_judged"].value + md["negatives_mined"].value == len(
-        store.read_table(store.asset_path(settings.assets_dir, "finetune_set", WEEKS[-1]))
+        store.read_table(settings.asset("finetune_set", WEEKS[-1]))
     )
     version = client.get_model_version_by_alias("flywheel-embedder", "challenger")
     assert version.run_id == run_id
@@ -146,11 +141,14 @@ def test_model_is_tracked_registered_and_indexed(flywheel_run):
 
 
 def test_report_compares_base_and_trained_on_eval_sets_and_test_split(flywheel_run):
-    settings, _, result, _ = flywheel_run
+    settings, _, result, _, _ = flywheel_run
     report = (settings.reports_dir / f"benchmark-{WEEKS[-1]}.md").read_text()
-    assert decision_line(report).startswith(f"**Week {WEEKS[-1]}: PROMOTE challenger v1")
-    assert "## eval sets to date (9 queries)" in report and "test split (human labels) (15 queries)" in report
+    assert decision_line(report).startswith(f"**Week {WEEKS[-1]}: first stage: PROMOTE challenger v1")
+    assert "## eval sets to date (pooled) (9 queries)" in report and "test split (human labels) (15 queries)" in report
     assert "| base | challenger | challenger+reranker |" in report
+    # the evidence: the rule in words, the minimum detectable change, and what pooling added
+    assert "Rule: A candidate replaces what serves" in report and "minimum detectable NDCG@10 change" in report
+    assert "Pooling: every compared model's top eval chunks are judged before scoring" in report
     for metric in ("ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "recall@40", "mrr@10"):
         assert f"| {metric} |" in report
     assert "First relevant chunk" in report
@@ -175,10 +173,10 @@ def test_report_compares_base_and_trained_on_eval_sets_and_test_split(flywheel_r
 
 
 def test_rematerializing_a_week_replaces_it(flywheel_run):
-    settings, _, _, instance = flywheel_run
-    path = store.asset_path(settings.assets_dir, "finetune_set", WEEKS[-1])
+    settings, _, _, instance, config = flywheel_run
+    path = settings.asset("finetune_set", WEEKS[-1])
     before = store.read_table(path)
-    defs = build_definitions(resources_for(settings))
+    defs = build_definitions(resources_for(config))
     res = defs.resolve_job_def("flywheel_weekly").execute_in_process(
         partition_key=WEEKS[-1], instance=instance,
         asset_selection=[dg.AssetKey(k) for k in ("raw_logs", "relevance_labels", "eval_set", "finetune_set")],
@@ -188,12 +186,17 @@ def test_rematerializing_a_week_replaces_it(flywheel_run):
 
 
 def test_gate_blocks_a_model_trained_on_shuffled_labels(flywheel_run, tmp_path):
-    settings, _, _, _ = flywheel_run
+    settings, _, _, _, config = flywheel_run
     home = tmp_path / "home"
     shutil.copytree(settings.home, home)  # the registry too: v1 is the champion to beat
-    bad = settings.with_(home=home)
+    serving = json.loads((home / "serving.json").read_text())
+    (home / "serving.json").write_text(json.dumps({**serving, "reranker": None}))  # the first stage serves alone
+    # the default rule (a gain is required) with the test's wide margin; a reranker over the top 1
+    # changes nothing, so it cannot pass either: nothing may move
     resources = resources_for(
-        bad, paths=TEST_MARGIN, training={"shuffle_labels": True, "learning_rate": 1e-3, "max_steps": 20},
+        config, paths={"home": str(home), "log_dir": str(home / "logs"), "mlflow_uri": ""},
+        gate={"min_improvement": 0.0}, reranker={"depth": 1},
+        training={"shuffle_labels": True, "learning_rate": 1e-3, "max_steps": 20},
     )
     tracking = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=tracking)
@@ -211,7 +214,8 @@ def test_gate_blocks_a_model_trained_on_shuffled_labels(flywheel_run, tmp_path):
     # the report says so, and why
     report = (home / "reports" / f"benchmark-{WEEKS[-1]}.md").read_text()
     line = decision_line(report)
-    assert "NOT PROMOTED" in line and f"v{champion_before} keeps serving" in line and "regression" in line
+    assert f"first stage: KEEP v{champion_before}" in line and "reranker: NONE" in line
+    assert "challenger is not better than champion" in report
     # the champion alias did not move; the shuffled model is only a challenger
     assert client.get_model_version_by_alias("flywheel-embedder", "champion").version == champion_before
     assert client.get_model_version_by_alias("flywheel-embedder", "challenger").version != champion_before

@@ -98,16 +98,21 @@ def flywheel_env(tmp_path_factory, base_model_path) -> SimpleNamespace:
         "FLYWHEEL_TRAIN_MAX_STEPS": "3", "FLYWHEEL_TRAIN_BATCH_SIZE": "8", "FLYWHEEL_TRAIN_MAX_SEQ_LENGTH": "64",
         "FLYWHEEL_ENCODE_MAX_SEQ_LENGTH": "128", "FLYWHEEL_MINE_NEGATIVES": "0",
         "FLYWHEEL_RERANKER_MAX_STEPS": "2", "FLYWHEEL_RERANKER_MAX_LENGTH": "64", "FLYWHEEL_RERANK_DEPTH": "10",
+        # 3 training steps and 6 eval queries say nothing about quality: the UI run checks the wiring, so its
+        # gate allows a tie (the rule is tested on constructed results in test_promotion.py)
+        "FLYWHEEL_MIN_IMPROVEMENT": "-0.2", "FLYWHEEL_REGRESSION_MARGIN": "0.2",
     })
     with mock.patch.dict(os.environ, env, clear=True):
+        from flywheel.config import load_config
+        from flywheel.layout import Layout
         from flywheel.lib.simulate.traffic import SimulationConfig, simulate
-        from flywheel.settings import get_settings
 
-        settings = get_settings()
+        config = load_config()
+        settings = Layout.of(config.paths)
         summary = simulate(SimulationConfig(
-            dataset_dir=settings.dataset_dir, log_dir=settings.log_dir, lancedb_uri=settings.lancedb_dir,
+            dataset_dir=config.paths.dataset, log_dir=settings.log_dir, lancedb_uri=settings.lancedb_dir,
             model_path=base_model_path, start=date.fromisoformat(WEEKS[0]), weeks=2, seed=0, max_queries=40,
-            encode_max_seq_length=settings.encode_max_seq_length,
+            encode_max_seq_length=config.training.encode_max_seq_length,
         ))
     assert summary.weeks == WEEKS, summary
     labels = subprocess.run(
@@ -116,7 +121,7 @@ def flywheel_env(tmp_path_factory, base_model_path) -> SimpleNamespace:
     )
     assert labels.returncode == 0, labels.stdout[-3000:] + labels.stderr[-3000:]
     return SimpleNamespace(
-        env=env, root=root, mlflow_uri=settings.mlflow_tracking_uri, reports_dir=settings.reports_dir,
+        env=env, root=root, mlflow_uri=config.paths.mlflow_uri, reports_dir=settings.reports_dir,
     )
 
 

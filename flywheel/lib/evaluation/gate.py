@@ -2,7 +2,7 @@
 
 The rule (``decide``), in plain words: a candidate replaces what serves now when, on every
 (pooled) eval set to date, its mean per-query NDCG@10 change over the incumbent is positive
-*and* the paired-bootstrap 95% confidence interval of that change excludes a regression larger
+(above ``min_improvement``, default 0) *and* the paired-bootstrap 95% confidence interval of that change excludes a regression larger
 than ``margin``; a first stage must also not be worse than the base by more than the margin.
 
 Why this rule and not the two textbook ones:
@@ -94,14 +94,15 @@ def _ci(c: Comparison) -> str:
 
 
 def decide(vs_incumbent: Comparison, vs_base: Comparison | None, *, margin: float, component: str,
-           candidate_label: str, incumbent_label: str) -> GateDecision:
+           candidate_label: str, incumbent_label: str, min_improvement: float = 0.0) -> GateDecision:
     """Apply the rule (module docstring) and say why in one sentence."""
     c = vs_incumbent
     where = f"on {c.n} eval queries (minimum detectable change {c.mde:.4f})"
     if c.n == 0 or np.isnan(c.delta):
         promote, why = False, f"no paired eval results for {candidate_label} and {incumbent_label}"
-    elif c.delta <= 0:
-        promote, why = False, f"{candidate_label} is not better than {incumbent_label}: NDCG@10 change {_ci(c)} {where}"
+    elif c.delta <= min_improvement:
+        promote, why = False, (f"{candidate_label} is not better than {incumbent_label}: NDCG@10 change {_ci(c)} {where}"
+                               + (f" (required above {min_improvement:+})" if min_improvement else ""))
     elif c.ci_low <= -margin:
         promote, why = False, (f"{candidate_label} vs {incumbent_label}: NDCG@10 change {_ci(c)} {where} does not "
                                f"exclude a regression larger than {margin}")
@@ -116,9 +117,9 @@ def decide(vs_incumbent: Comparison, vs_base: Comparison | None, *, margin: floa
 
 def gate_decision(per_query: pd.DataFrame, suite: str, *, margin: float, champion_label: str,
                   challenger: str = "challenger", champion: str = "champion", base: str = "base",
-                  n_resamples: int = 2000, seed: int = 0) -> GateDecision:
+                  min_improvement: float = 0.0, n_resamples: int = 2000, seed: int = 0) -> GateDecision:
     """The first stage's decision: the challenger against the serving champion (and the base)."""
     vs_champion = compare(per_query, suite, champion, challenger, n_resamples=n_resamples, seed=seed)
     vs_base = compare(per_query, suite, base, challenger, n_resamples=n_resamples, seed=seed)
-    return decide(vs_champion, vs_base, margin=margin, component="first stage",
+    return decide(vs_champion, vs_base, margin=margin, component="first stage", min_improvement=min_improvement,
                   candidate_label=challenger, incumbent_label=f"{champion} ({champion_label})")

@@ -24,6 +24,19 @@ class WeekRow:
     gate: str  # the gate's reason, one line
     poisoned: bool = False
     seconds: float = 0.0
+    # the gate against the human-labelled test split (see flywheel.lib.evaluation.weekly.gate_error)
+    eval_delta: float = float("nan")  # challenger - champion NDCG@10 on the pooled eval sets
+    eval_ci_low: float = float("nan")
+    eval_ci_high: float = float("nan")
+    test_delta: float = float("nan")  # the same on the test split
+    test_ci_low: float = float("nan")
+    test_ci_high: float = float("nan")
+    gate_error: str | None = None
+    min_detectable_change: float = float("nan")
+    pooled_judge_requests: int = 0
+    label_calls: int = 0
+    reranker: str = "none"  # the reranker serving after the week
+    serving_ndcg10_test: float = float("nan")  # the whole serving pipeline after the week
 
 
 def render_trend(rows: list[WeekRow], *, base_ndcg10_test: float, config_note: str) -> str:
@@ -50,16 +63,31 @@ def render_trend(rows: list[WeekRow], *, base_ndcg10_test: float, config_note: s
         "",
         plots.markdown_image(png, "NDCG@10 per week"),
         "",
-        "| week | searches | labels | judge kappa | served by | challenger NDCG@10 | gate | champion after | champion NDCG@10 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| week | searches | labels | judge kappa | served by | challenger NDCG@10 | gate | champion after | champion NDCG@10 "
+        "| reranker serving | serving NDCG@10 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gate = "promoted" if r.promoted else "blocked"
         week = f"{r.week} (poisoned)" if r.poisoned else r.week
         lines.append(
             f"| {week} | {r.searches} | {r.labels} | {r.judge_kappa:.3f} | {r.served_by} | "
-            f"{r.challenger_ndcg10_test:.4f} | {gate} | {r.champion} | {r.champion_ndcg10_test:.4f} |"
+            f"{r.challenger_ndcg10_test:.4f} | {gate} | {r.champion} | {r.champion_ndcg10_test:.4f} | "
+            f"{r.reranker} | {r.serving_ndcg10_test:.4f} |"
         )
+    errors = [r for r in rows if r.gate_error]
+    lines += ["", "## Gate accuracy against the test split", "",
+              f"{len(errors)} gate errors in {len(rows)} weeks (a promotion of a challenger the human-labelled test "
+              "split shows significantly worse than the champion, or a block of one it shows significantly better; "
+              "paired bootstrap, 95%).", "",
+              "| week | gate | eval change [95% CI] | test change [95% CI] | min detectable (eval) | pooled judge requests "
+              "| labelling calls | error |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.week} | {'promoted' if r.promoted else 'blocked'} | {r.eval_delta:+.4f} [{r.eval_ci_low:+.4f}, "
+            f"{r.eval_ci_high:+.4f}] | {r.test_delta:+.4f} [{r.test_ci_low:+.4f}, {r.test_ci_high:+.4f}] | "
+            f"{r.min_detectable_change:.4f} | {r.pooled_judge_requests} | {r.label_calls} | {r.gate_error or '-'} |")
     lines += ["", "## Gate decisions", ""]
     lines += [f"- {r.week}: {'promoted' if r.promoted else 'blocked'}: {r.gate}" for r in rows]
     return "\n".join(lines)

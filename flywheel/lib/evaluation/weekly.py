@@ -107,17 +107,22 @@ def _reranker_spec(name: str, info: dict, on: str, rer: RerankerSettings) -> Rer
 
 def _decide_reranker(long: pd.DataFrame, first: str, new: str, old: str | None, g: GateSettings,
                      cand: Candidates) -> tuple[gate.GateDecision | None, list[gate.GateDecision]]:
-    """The new reranker against what serves now (the serving reranker, else none), and never worse
-    than its first stage alone; the serving one, if kept, must still pay on the new first stage."""
+    """The new reranker against what serves now (the serving reranker, else its first stage alone),
+    and not worse than its first stage alone; the serving reranker, if the new one fails, keeps
+    serving unless the eval sets show it significantly worse than its first stage alone."""
     cmp = lambda inc, c: gate.compare(long, EVAL_SUITE, inc, c, n_resamples=g.bootstrap_samples)  # noqa: E731
     new_label = f"reranker v{cand.reranker['version']}"
     decisions = [gate.decide(cmp(old or first, new), cmp(first, new) if old else None, margin=g.regression_margin,
+                             min_improvement=g.min_improvement,
                              component="reranker", candidate_label=new_label,
                              incumbent_label=f"serving reranker v{cand.serving_reranker['version']}" if old else f"{first} alone")]
-    if old:
-        decisions.append(gate.decide(cmp(first, old), None, margin=g.regression_margin, component="reranker",
-                                     candidate_label=f"serving reranker v{cand.serving_reranker['version']}",
-                                     incumbent_label=f"{first} alone"))
+    if old:  # the incumbent keeps serving unless the eval sets show it harms its first stage
+        c = cmp(first, old)
+        keep = not (c.ci_high < 0)
+        label = f"serving reranker v{cand.serving_reranker['version']}"
+        why = (f"{label} over {first} alone: NDCG@10 change {c.delta:+.4f}, 95% CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}]: "
+               + ("not shown harmful, it keeps serving" if keep else "significantly worse, it is retired"))
+        decisions.append(gate.GateDecision("reranker", keep, why, label, f"{first} alone", c, None, g.regression_margin))
     chosen = next((d for d in decisions if d.promote), None)
     return chosen, decisions
 
@@ -137,7 +142,7 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     rank_first_stages(bench, firsts, ds, lancedb_uri, progress=progress, **enc)
     pooler = _Pooler(judged, voters, ds.corpus.text_by_id, g.pool_depth, week, progress)
     score(bench, [m.name for m in firsts], pool=pooler)
-    first = gate.gate_decision(bench.long_form(), EVAL_SUITE, margin=g.regression_margin,
+    first = gate.gate_decision(bench.long_form(), EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement,
                                champion_label=cand.champion_label, n_resamples=g.bootstrap_samples)
     serving_first = "challenger" if first.promote else "champion"
     # 4: rerankers on the first stage that will serve
@@ -149,8 +154,8 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     # 5: score all on the pooled judgments, decide, and put the test split's verdict beside each
     score(bench, [m.name for m in firsts] + [s.name for s in specs], pool=pooler)
     long = bench.long_form()
-    first = gate.gate_decision(long, EVAL_SUITE, margin=g.regression_margin, champion_label=cand.champion_label,
-                               n_resamples=g.bootstrap_samples)  # re-read after the second pooling round
+    first = gate.gate_decision(long, EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement,
+                               champion_label=cand.champion_label, n_resamples=g.bootstrap_samples)  # re-read after the second pooling round
     chosen, rdecisions = _decide_reranker(long, serving_first, new, old, g, cand)
     serving_reranker = None if chosen is None else (new if chosen is rdecisions[0] else old)
     out = WeekBenchmark(bench, first, chosen, rdecisions, serving_first, serving_reranker, pooler.stats, eval_weeks)

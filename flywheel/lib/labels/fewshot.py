@@ -21,7 +21,7 @@ Embed = Callable[[list[str]], np.ndarray]
 
 
 class DefaultEmbedder:
-    """The base model (``flywheel.settings``), loaded once and only when first called."""
+    """A sentence-transformers model (default: the bundled base), loaded once, when first called."""
 
     def __init__(self, path: str | None = None):
         self._path = path
@@ -31,10 +31,10 @@ class DefaultEmbedder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         with self._lock:
             if self._model is None:
+                from flywheel.config import default_base_model
                 from flywheel.lib.registry.index import load_embedder
-                from flywheel.settings import get_settings
 
-                self._model = load_embedder(self._path or get_settings().base_model)
+                self._model = load_embedder(self._path or default_base_model())
         return np.asarray(self._model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True))
 
 
