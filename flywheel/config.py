@@ -107,6 +107,7 @@ class TiersSettings(Section):
     min_fewshot_examples: int = setting(50, "fewshot_set check: fewest examples (capped at fewshot_examples)", ge=0)
     min_finetune_examples: int = setting(200, "finetune_set check: fewest rows (capped at finetune_examples)", ge=0)
     max_quarantine_rate: float = setting(0.05, "raw_logs check: largest share of quarantined records", ge=0, le=1)
+    max_unread_log_files: int = setting(0, "raw_logs check: most files in the log folder left unread (each is listed with why)", ge=0)
     near_duplicate_jaccard: float = setting(0.8, "training queries this close to a held-out query are dropped", gt=0, le=1)
 
     @field_validator("start_date")
@@ -191,9 +192,6 @@ class TrainingSettings(Section):
     inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
         "auto", "weights when encoding queries and the corpus: auto = bf16 where the hardware runs it natively, "
         "else fp32; int8 = dynamic quantization (CPU only)", env="FLYWHEEL_ENCODE_PRECISION")
-    inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
-        "auto", "weights when encoding queries and the corpus: auto = bf16 where the hardware runs it natively, "
-        "else fp32; int8 = dynamic quantization (CPU only)", env="FLYWHEEL_ENCODE_PRECISION")
     device: str = setting("auto", "torch device (auto: cuda if present, else cpu)", env="FLYWHEEL_DEVICE")
     shuffle_labels: bool = setting(False, "train on shuffled positives (shows that the gate stops noise)")
 
@@ -217,15 +215,13 @@ class RerankerSettings(Section):
     inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
         "auto", "weights when reranking: auto = bf16 where the hardware runs it natively, else fp32; "
         "int8 = dynamic quantization (CPU only)", env="FLYWHEEL_RERANKER_PRECISION")
-    inference_precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
-        "auto", "weights when reranking: auto = bf16 where the hardware runs it natively, else fp32; "
-        "int8 = dynamic quantization (CPU only)", env="FLYWHEEL_RERANKER_PRECISION")
 
 
 class GateSettings(Section):
     """The promotion gate and what serves."""
 
     regression_margin: float = setting(0.01, "largest NDCG@10 regression the gate's CI may include", ge=0, env="FLYWHEEL_REGRESSION_MARGIN")
+    min_improvement: float = setting(0.0, "the candidate's mean NDCG@10 change must exceed this (0: any gain; negative: ties allowed)", ge=-1, le=1, env="FLYWHEEL_MIN_IMPROVEMENT")
     bootstrap_samples: int = setting(2000, "paired-bootstrap resamples", ge=100, env="FLYWHEEL_BOOTSTRAP_SAMPLES")
     pool_depth: int = setting(10, "each compared model's top-k eval chunks judged before scoring (pooling)", ge=1, env="FLYWHEEL_POOL_DEPTH")
     experiment: str = setting("flywheel", "MLflow experiment", env="FLYWHEEL_MLFLOW_EXPERIMENT")
