@@ -3,7 +3,6 @@ week's explicit feedback; a blocking check stops labels from a judge that disagr
 reference (human labels, else explicit feedback) before they can train a model."""
 
 
-import math
 
 import dagster as dg
 
@@ -13,6 +12,7 @@ from flywheel.layout import RAW_LOGS, RELEVANCE_LABELS
 from flywheel.lib import store
 from flywheel.lib.beir import load_beir
 from flywheel.lib.datasets.weekly import latest_fewshot_before
+from flywheel.lib.labels.gate import check_labels
 from flywheel.lib.labels.judges import HumanLabels, Judge, SimulatedJudge
 from flywheel.lib.labels.weekly import agreement_with_reference, label_week
 from flywheel.lib.logs.ingest import load_raw_logs
@@ -24,24 +24,16 @@ def build_judge(judge: JudgeResource, paths: PathsResource, tiers: TiersResource
     if cfg.kind == "simulated":
         # each vote errs independently
         return SimulatedJudge(load_beir(p.dataset), cfg, seed=tiers.settings().seed + 1000 * vote)
-    from flywheel.lib.labels.openai_judge import PROMPT_VERSION, OpenAIJudge, OpenAIJudgeConfig
+    from flywheel.lib.labels.openai_judge import PROMPT_VERSION, OpenAIJudge, choose_api_key
 
+    if vote:  # a re-ask at temperature 0 would mostly repeat the first answer; each vote has its own cache key
+        cfg = cfg.with_(temperature=max(cfg.temperature, cfg.eval_vote_temperature))
     return OpenAIJudge(
-        OpenAIJudgeConfig(
-            model=cfg.model,
-            base_url=cfg.base_url,
-            api_key=judge.api_key,
-            # a re-ask at temperature 0 would mostly repeat the first answer; each vote is
-            # cached under its own key
-            temperature=cfg.temperature if vote == 0 else max(cfg.temperature, cfg.eval_vote_temperature),
-            prompt_version=PROMPT_VERSION if vote == 0 else f"{PROMPT_VERSION}+vote{vote}",
-            concurrency=cfg.concurrency,
-            timeout_s=cfg.timeout_s,
-            max_retries=cfg.max_retries,
-            budget_usd=cfg.budget_usd,
-            fewshot_k=cfg.fewshot_k,
-            cache_path=str(paths.layout().judge_cache),
-        )
+        cfg,
+        # OPENAI_API_KEY goes to OpenAI's own API only; any other endpoint gets FLYWHEEL_JUDGE_API_KEY
+        api_key=choose_api_key(cfg.base_url, judge.api_key, getattr(judge, "openai_api_key", None)),
+        cache_path=str(paths.layout().judge_cache),
+        prompt_version=PROMPT_VERSION if vote == 0 else f"{PROMPT_VERSION}+vote{vote}",
     )
 
 
@@ -108,32 +100,20 @@ def relevance_labels(
 def judge_agrees_with_reference(
     context: dg.AssetCheckExecutionContext, paths: PathsResource, judge: JudgeResource
 ) -> dg.AssetCheckResult:
-    """Labels from a judge that disagrees with the reference labels must not train a model.
-
-    The reference is the week's human labels where there are any, else its explicit feedback
-    (saves, cited answers with thumbs, debiased clicks, skips; see flywheel.lib.labels.fusion).
-    """
+    """Labels must not train a model when too many pairs went unlabelled, when the judge disagrees
+    with the reference (human labels, else explicit feedback), or when agreement cannot be measured
+    (unless allowed). The rules live in ``flywheel.lib.labels.gate``."""
     labels = store.read_table(paths.layout().asset(RELEVANCE_LABELS, context.partition_key))
-    kappa, compared, reference = agreement_with_reference(labels)
-    if not compared:
-        return dg.AssetCheckResult(
-            passed=True,
-            metadata={"reference": reference, "pairs": 0},
-            description="no human labels or explicit feedback this week: nothing to compare",
-        )
-    metadata = {"kappa": dg.MetadataValue.float(float(kappa)), "min_kappa": judge.settings().min_kappa,
-                "pairs": compared, "reference": reference}
-    if math.isnan(kappa):
-        return dg.AssetCheckResult(
-            passed=True,
-            metadata=metadata,
-            description=f"the {reference} reference holds a single class over {compared} pairs: kappa undefined",
-        )
-    return dg.AssetCheckResult(
-        passed=bool(kappa >= judge.settings().min_kappa),
-        metadata=metadata,
-        description=f"Cohen's kappa vs {reference} labels {kappa:.3f} (threshold {judge.settings().min_kappa}, {compared} pairs)",
-    )
+    cfg = judge.settings()
+    result = check_labels(labels, min_kappa=cfg.min_kappa, max_unlabelled_share=cfg.max_unlabelled_share,
+                          allow_no_kappa=cfg.allow_no_kappa)
+    meta = dict(result.metadata)
+    by_reason = meta.pop("labels_by_reason")
+    meta["kappa"] = dg.MetadataValue.float(meta["kappa"])
+    meta["unlabelled_share"] = dg.MetadataValue.float(meta["unlabelled_share"])
+    meta["labels_by_reason"] = dg.MetadataValue.md(
+        "| labels | pairs |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in by_reason.items()))
+    return dg.AssetCheckResult(passed=result.passed, metadata=meta, description=result.description)
 
 
 defs = dg.Definitions(assets=[relevance_labels], asset_checks=[judge_agrees_with_reference])

@@ -68,7 +68,11 @@ def _resource_class(name: str, section: type[Section], defaults: Section, extra:
 
 
 CONFIG: FlywheelConfig = load_config()
-_EXTRA = {"judge": {"api_key": (Optional[str], Field(default=None, description=f"from ${API_KEY_ENV} (EnvVar)"))}}
+OPENAI_KEY_ENV = "OPENAI_API_KEY"  # sent only to OpenAI's own API (see lib.labels.endpoint.choose_api_key)
+_EXTRA = {"judge": {
+    "api_key": (Optional[str], Field(default=None, description=f"from ${API_KEY_ENV} (EnvVar)")),
+    "openai_api_key": (Optional[str], Field(default=None, description=f"from ${OPENAI_KEY_ENV} (EnvVar); OpenAI's API only")),
+}}
 RESOURCE_CLASSES: dict[str, type[SettingsResource]] = {
     name: _resource_class(name, cls, getattr(CONFIG, name), _EXTRA.get(name)) for name, cls in SECTIONS.items()
 }
@@ -93,6 +97,8 @@ def resources_for(config: FlywheelConfig | None = None, **overrides: dict) -> di
         if name == "judge" and os.environ.get(API_KEY_ENV):
             # Dagster keeps the variable's name in the run config, never the secret
             values["api_key"] = dg.EnvVar(API_KEY_ENV)
+        if name == "judge" and os.environ.get(OPENAI_KEY_ENV):
+            values["openai_api_key"] = dg.EnvVar(OPENAI_KEY_ENV)
         out[name] = cls(**values)
     return out
 

@@ -69,6 +69,7 @@ _OBEY_CUE = re.compile(r"\b(ignore|disregard|forget|instruction|instructions|gra
 _OBEY_GRADE = re.compile(r"\b(grade|score|rate|rated|rating|mark|label|relevance|relevant|output|respond|reply|answer|"
                          r"classify|assign|give)\b\W+(?:\w+\W+){0,8}?(?P<g>[0-3]|three|two|zero|perfect|highly relevant|"
                          r"irrelevant|relevant)\b")
+_JAILBREAK = re.compile(r"\b(ignore|disregard|forget|override)\b.{0,60}\b(instruction|prompt|rule)s?\b|\byou are now\b")
 _WORD_GRADE = {"zero": 0, "irrelevant": 0, "two": 2, "relevant": 2, "three": 3, "perfect": 3, "highly relevant": 3}
 
 
@@ -305,7 +306,7 @@ class FakeOpenAIServer:
                                        "type": "upstream_error", "code": 502}}
         if self.persona == "azure":
             v = stable_uniform("filter", self.seed, pair[0], pair[1])
-            jailbreak = obeyed_grade(query + "\n" + chunk) is not None
+            jailbreak = bool(_JAILBREAK.search(unicodedata.normalize("NFKC", query + "\n" + chunk).lower()))
             if jailbreak or v < self.filter_rate / 2:
                 status, h, body = self._error(400, "The response was filtered due to the prompt triggering Azure OpenAI's "
                                                    "content management policy. Please modify your prompt and retry.",

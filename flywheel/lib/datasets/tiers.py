@@ -36,6 +36,15 @@ def content_hash(df: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+def usable(labels: pd.DataFrame) -> pd.DataFrame:
+    """Labelled rows that may enter a dataset: graded, and not flagged for prompt injection
+    (a chunk that tells the grader what to answer never teaches or measures a model)."""
+    out = labels[labels["grade"].notna()]
+    if "injection_flag" in out.columns:
+        out = out[~out["injection_flag"].fillna(False).astype(bool)]
+    return out
+
+
 def _latest_request_per_query(labels: pd.DataFrame) -> pd.DataFrame:
     """A query asked twice keeps only its latest request's results (what users saw last)."""
     last = labels.groupby("query_key")["request_id"].max()
@@ -61,7 +70,7 @@ def build_eval_set(
     90 false "relevant" pairs of 243 with one vote, 18 of 150 with three). Candidates are
     confirmed in batches until ``n_queries`` keep a relevant chunk, so only those are paid for.
     """
-    labels = week_labels[week_labels["grade"].notna()]
+    labels = usable(week_labels)
     labels = labels[~labels["query_key"].isin(seen_before)]
     labels = _latest_request_per_query(labels)
     has_relevant = labels.groupby("query_key")["relevant"].any()
@@ -118,7 +127,7 @@ def build_fewshot_set(
     labels: pd.DataFrame, *, n_examples: int, seed: int, exclude_queries: set[str]
 ) -> pd.DataFrame:
     """``n_examples`` labelled pairs of non-held-out queries, balanced across grades."""
-    pool = labels[labels["grade"].notna()]
+    pool = usable(labels)
     pool = pool[~pool["query_key"].isin(exclude_queries)]
     pool = pool.drop_duplicates(["query_key", "chunk_id"], keep="last")
     grades = sorted(pool["grade"].dropna().astype(int).unique())
@@ -165,7 +174,7 @@ def build_finetune_set(
     Rows are filled round-robin across (query, positive) pairs so every query gets its hardest
     negative before any gets a second one.
     """
-    pool = labels[labels["grade"].notna()].copy()
+    pool = usable(labels).copy()
     excluded = pool["query_key"].isin(exclude_queries)
     excluded_n = pool.loc[excluded, "query_key"].nunique()
     pool = pool[~excluded]

@@ -31,6 +31,8 @@ LABEL_COLUMNS = [
     "clicked", "cited", "grade", "relevant", "reason", "label_source", "judge_error", "human_relevant",
     # added by label fusion
     "saved", "thumbs", "judge_grade", "feedback", "feedback_relevant",
+    # the pair held instructions aimed at the grader (labels.injection): kept out of every dataset
+    "injection_flag",
 ]
 
 PAIR_COLUMNS = [
@@ -113,6 +115,7 @@ def label_week(
     unique["judge_grade"] = pd.array([j.grade for j in judgements], dtype="Int64")
     unique["reason"] = [j.reason for j in judgements]
     unique["judge_error"] = [j.error for j in judgements]
+    unique["injection_flag"] = [bool(getattr(j, "injection_flag", False)) for j in judgements]
 
     if fusion is not None:
         evidence = pair_evidence(pairs, fusion)
@@ -129,7 +132,7 @@ def label_week(
     ))
 
     graded = unique[[
-        "query_key", "chunk_id", "grade", "judge_grade", "reason", "judge_error", "label_source",
+        "query_key", "chunk_id", "grade", "judge_grade", "reason", "judge_error", "label_source", "injection_flag",
         "feedback", "feedback_relevant",
     ]]
     labels = pairs.merge(graded, on=["query_key", "chunk_id"], how="left")
