@@ -18,9 +18,9 @@ RESULTS = [{"chunk_id": "c1", "text": "alpha", "score": 0.9, "rank": 1, "metadat
            {"chunk_id": "c2", "text": "beta", "score": 0.5, "rank": 2}]
 
 
-def _lines(log_dir):
+def _lines(log_dir, folders="*"):
     out = []
-    for f in sorted(log_dir.rglob("*.jsonl")):
+    for f in sorted(log_dir.glob(f"{folders}/*.jsonl")):
         out += [json.loads(line) for line in f.read_text("utf-8").splitlines()]
     return out
 
@@ -76,28 +76,45 @@ def test_redaction_rules(text, expected):
     assert redact(text) == expected
 
 
-def test_a_full_disk_is_counted_and_logged_never_raised(tmp_path, monkeypatch, caplog):
+def test_a_full_disk_is_counted_logged_and_paused_never_raised_nor_a_file_storm(tmp_path, monkeypatch, caplog):
+    clock = [1000.0]
+    attempts = []
+
     def full(fd, data):
+        attempts.append(fd)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    logger = SearchLogger(tmp_path)
+    monkeypatch.setattr(writer_mod, "_monotonic", lambda: clock[0])
+    monkeypatch.setattr(writer_mod, "_sleep", lambda s: None)
+    logger = SearchLogger(tmp_path, pause_s=1.0, max_pause_s=8.0)
     monkeypatch.setattr(writer_mod, "_write", full)
     with caplog.at_level(logging.ERROR, logger="flywheel.capture"):
         rid = logger.log_search("q", RESULTS, request_id="r1", timestamp=TS)
         ok = logger.log_feedback("r1", clicks=["c1"], timestamp=TS)
+        for i in range(5_000):  # a busy app on a full disk
+            logger.log_search("q", RESULTS, request_id=f"x{i}", timestamp=TS)
     assert rid == "r1" and ok is False
-    assert logger.stats["failed"] == 2 and logger.stats["written"] == 0
+    assert logger.stats["failed"] == 5_002 and logger.stats["written"] == 0
     assert "No space left" in logger.stats["last_error"]
     assert any("could not write" in r.message for r in caplog.records)
-    monkeypatch.undo()  # the disk has room again: logging resumes in a fresh file
+    assert len(attempts) == 3  # one call tried 3 times (bounded retries), the rest waited out the pause
+    assert len(list(tmp_path.rglob("*.jsonl"))) <= 1  # no file storm
+    clock[0] += 1.5  # the pause is over, but the disk is still full: the next pause doubles
+    logger.log_search("q", RESULTS, request_id="r-again", timestamp=TS)
+    clock[0] += 1.5
+    logger.log_search("q", RESULTS, request_id="r-still-paused", timestamp=TS)
+    assert len(attempts) == 6
+    monkeypatch.setattr(writer_mod, "_write", os.write)  # the disk has room again
+    clock[0] += 2.0
     logger.log_search("q2", RESULTS, request_id="r2", timestamp=TS)
     assert logger.stats["written"] == 1
     assert [r["request_id"] for r in _lines(tmp_path)] == ["r2"]
+    assert len(list(tmp_path.rglob("*.jsonl"))) == 1 and logger._writer.files_created == 1
 
 
 def test_a_short_write_abandons_the_file_so_the_torn_line_stays_last(tmp_path, monkeypatch):
     real = os.write
-    with SearchLogger(tmp_path) as logger:
+    with SearchLogger(tmp_path, retries=0, pause_s=0) as logger:
         logger.log_search("first", RESULTS, request_id="a", timestamp=TS)
         monkeypatch.setattr(writer_mod, "_write", lambda fd, data: real(fd, data[: len(data) // 2]))
         logger.log_search("second", RESULTS, request_id="b", timestamp=TS)
@@ -119,7 +136,7 @@ def test_an_unwritable_log_dir_never_breaks_the_app(tmp_path):
     assert logger.stats["failed"] == 1
 
 
-def test_bad_inputs_are_coerced_or_written_for_the_reader_to_quarantine(tmp_path):
+def test_bad_inputs_are_coerced_or_dead_lettered_with_the_reason(tmp_path):
     class Weird:
         def __str__(self):
             return "weird"
@@ -131,16 +148,15 @@ def test_bad_inputs_are_coerced_or_written_for_the_reader_to_quarantine(tmp_path
                           request_id="bad-score", timestamp=TS)
         logger.log_search(None, None, request_id="no-query", timestamp=TS)
         logger.log_feedback("coerced", thumbs=True, clicks="c", timestamp=TS)
-        assert logger.stats["failed"] == 0
-    recs = {(r["type"], r["request_id"]): r for r in _lines(tmp_path)}
+        assert logger.stats["failed"] == 0 and logger.stats["dead_lettered"] == 2 and logger.stats["written"] == 2
+    recs = {(r["type"], r["request_id"]): r for r in _lines(tmp_path, "day=*")}
     assert validate(recs[("search", "coerced")])[0]["results"][0] == {
         "chunk_id": "7", "text": "t", "score": 0.5, "rank": 1, "metadata": None}
     assert validate(recs[("feedback", "coerced")])[0]["thumbs"] == "up"
     assert recs[("feedback", "coerced")]["clicks"] == ["c"]
-    for rid, field in (("bad-score", "results[0].score"), ("no-query", "query")):
-        with pytest.raises(Exception) as exc:
-            validate(recs[("search", rid)])
-        assert exc.value.field == field
+    dead = {d["record"]["request_id"]: d for d in _lines(tmp_path, "dead-letter")}
+    assert {rid: (d["reason"], d["field"]) for rid, d in dead.items()} == {
+        "bad-score": ("wrong_type", "results[0].score"), "no-query": ("missing_field", "query")}
 
 
 def test_forked_child_writes_its_own_file(tmp_path):

@@ -1,9 +1,14 @@
-"""Importers: JSON Lines and CSV with mappings, OpenInference spans; bad rows reported, good ones kept."""
+"""Importers: JSON Lines and CSV with mappings, OpenInference spans; bad rows reported, good ones kept.
+
+Real exports (flywheel_tests/fixtures/exports, see the README there) are in test_importers_real.py.
+"""
 
 import json
 from datetime import date, datetime, timedelta, timezone
 
-from flywheel.capture.importers import import_csv, import_jsonl, import_openinference, to_datetime
+import pytest
+
+from flywheel.capture.importers import MappingError, import_csv, import_jsonl, import_openinference, to_datetime
 from flywheel.lib.logs.ingest import ingest_week, load_raw_logs
 
 WEEK = date(2026, 10, 5)
@@ -44,7 +49,7 @@ def test_jsonl_of_capture_records_passes_through_including_v0(tmp_path):
         {"schema_version": 1, "type": "feedback", "request_id": "v0", "timestamp": "2026-10-06T00:00:00Z",
          "clicks": ["a"], "saves": [], "thumbs": "up", "dwell_ms": None, "cited": []}) + "\n")
     stats = import_jsonl(src, tmp_path / "logs")
-    assert stats.imported == 2 and not stats.issues
+    assert stats.imported == 1 and stats.feedback == 1 and not stats.issues
     _, df = _ingest(tmp_path)
     assert list(df.loc["v0"].clicks) == ["a"] and df.loc["v0"].thumbs == "up"
 
@@ -73,12 +78,30 @@ def test_csv_rows_grouped_by_request_with_column_mapping(tmp_path):
 def test_csv_with_missing_columns_fails_clearly(tmp_path):
     src = tmp_path / "x.csv"
     src.write_text("a,b\n1,2\n")
-    try:
+    with pytest.raises(MappingError) as exc:
         import_csv(src, tmp_path / "logs")
-    except ValueError as exc:
-        assert "request_id" in str(exc) and "mapping" in str(exc)
-    else:
-        raise AssertionError("expected a ValueError")
+    assert "request_id" in str(exc.value) and "mapping" in str(exc.value)
+
+
+def test_a_csv_mapping_with_a_typo_imports_nothing_and_names_the_column(tmp_path):
+    src = tmp_path / "x.csv"
+    src.write_text("req,ts,q,doc,passage\na,2026-10-06T10:00:00Z,first,d1,text\n")
+    mapping = {"request_id": "req", "timestamp": "ts", "query": "q", "chunk_id": "doc", "text": "pasage"}
+    with pytest.raises(MappingError) as exc:
+        import_csv(src, tmp_path / "logs", mapping=mapping)
+    assert "'pasage' not found" in str(exc.value) and "did you mean 'passage'" in str(exc.value)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_json_mapping_path_that_never_matches_is_reported(tmp_path):
+    src = tmp_path / "old.jsonl"
+    src.write_text(json.dumps({"id": "r1", "when": TUE, "question": "q", "ctx": [{"doc": "d1", "body": "b"}]}) + "\n")
+    mapping = {"request_id": "id", "timestamp": "when", "query": "question", "results": "ctx",
+               "results.chunk_id": "doc", "results.text": "bdy"}
+    stats = import_jsonl(src, tmp_path / "logs", mapping=mapping)
+    assert stats.imported == 0
+    assert [(i.field, i.reason) for i in stats.issues] == [
+        ("results[0].text", "missing_field"), ("bdy", "mapping_never_matched")]
 
 
 def _attr(k, v):
@@ -129,10 +152,26 @@ def test_openinference_phoenix_rows_as_json_lines(tmp_path):
     src = tmp_path / "spans.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     stats = import_openinference(src, tmp_path / "logs")
-    assert stats.imported == 1 and stats.skipped == 1
-    assert [(i.line, i.field, i.reason) for i in stats.issues] == [(2, "results[0].chunk_id", "missing_field")]
+    assert stats.imported == 2 and stats.skipped == 1 and not stats.issues
     _, df = _ingest(tmp_path)
     assert [r["chunk_id"] for r in df.loc["p1"].results] == ["x", "y"]
+    # no id: a stable id from the content; no score: null, ranked by position
+    (doc,) = df.loc["p2"].results
+    assert doc["chunk_id"].startswith("content:") and doc["score"] is None and doc["rank"] == 1
+
+
+def test_one_bad_int_value_rejects_only_its_span(tmp_path):
+    good = [_attr(k, v) for k, v in {"openinference.span.kind": "RETRIEVER", "input.value": "q",
+                                     "retrieval.documents.0.document.id": "d",
+                                     "retrieval.documents.0.document.content": "D"}.items()]
+    bad = good + [{"key": "retrieval.documents.0.document.score", "value": {"intValue": "not-a-number"}}]
+    spans = [{"traceId": "t", "spanId": f"s{i}", "name": "r", "startTimeUnixNano": str(TUE * 10**9),
+              "attributes": attrs} for i, attrs in enumerate([good, bad, good])]
+    src = tmp_path / "t.json"
+    src.write_text(json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": spans}]}]}))
+    stats = import_openinference(src, tmp_path / "logs")
+    assert stats.imported == 2 and stats.lost == 1
+    assert [(i.field, i.reason) for i in stats.issues] == [("results[0].score", "wrong_type")]
 
 
 def test_timestamp_units():

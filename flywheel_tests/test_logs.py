@@ -13,11 +13,15 @@ from flywheel.defs.logs import (
     defs,
     raw_logs,
     raw_logs_new_files,
+    log_imports,
+    raw_logs_files_read,
     raw_logs_not_empty,
     raw_logs_quarantine_rate,
     raw_logs_schema_valid,
 )
-from flywheel.defs.resources import FlywheelPaths
+from flywheel.config import load_config
+from flywheel.defs.resources import resources_for
+from flywheel.layout import Layout
 from flywheel.lib.logs.ingest import (
     QUARANTINE_SCHEMA,
     RAW_LOGS_SCHEMA,
@@ -25,7 +29,6 @@ from flywheel.lib.logs.ingest import (
     load_quarantine,
     load_raw_logs,
 )
-from flywheel.lib.store import asset_path
 
 WEEK = date(2026, 10, 5)
 END = WEEK + timedelta(days=7)
@@ -161,9 +164,9 @@ def test_v0_records_are_upgraded(tmp_path):
 
 
 def test_reingest_is_idempotent_and_a_huge_line_is_skipped_without_loading(tmp_path, monkeypatch):
-    import flywheel.lib.logs.ingest as logs_mod
+    import flywheel.lib.logs.files as files_mod
 
-    monkeypatch.setattr(logs_mod, "MAX_LINE_BYTES", 4096)
+    monkeypatch.setattr(files_mod, "MAX_LINE_BYTES", 4096)
     write(tmp_path / "logs", "2026-10-06", [search("a"), search("big", query="q" * 9000), search("b")])
     s1, df1, q1 = ingest(tmp_path)
     s2, df2, q2 = ingest(tmp_path)
@@ -173,16 +176,34 @@ def test_reingest_is_idempotent_and_a_huge_line_is_skipped_without_loading(tmp_p
 
 # -- Dagster ----------------------------------------------------------------------------------
 
-CHECKS = [raw_logs_schema_valid, raw_logs_quarantine_rate, raw_logs_not_empty]
+CHECKS = [raw_logs_schema_valid, raw_logs_quarantine_rate, raw_logs_not_empty, raw_logs_files_read]
 
 
-def _materialize(tmp_path, instance=None, **paths_over):
-    paths = FlywheelPaths(home=str(tmp_path / "home"), log_dir=str(tmp_path / "logs"), **paths_over)
+class _Paths:
+    """What the tests read back: the layout of the materialized week's files."""
+
+    def __init__(self, resources):
+        self.resources = resources
+        self.layout = Layout.of(resources["paths"].settings())
+        self.assets_dir = self.layout.assets_dir
+
+
+def resources(tmp_path, **tiers):
+    return resources_for(load_config(environ={}), paths={"home": str(tmp_path / "home"), "log_dir": str(tmp_path / "logs")},
+                         tiers=tiers or None)
+
+
+def asset_path(assets_dir, name, week):
+    return assets_dir / name / f"{week.isoformat() if hasattr(week, 'isoformat') else week}.parquet"
+
+
+def _materialize(tmp_path, instance=None, **tiers):
+    res = resources(tmp_path, **tiers)
     instance = instance or dg.DagsterInstance.ephemeral()
     result = dg.materialize([raw_logs, *CHECKS], partition_key=WEEK.isoformat(), instance=instance,
-                            resources={"paths": paths}, raise_on_error=False)
+                            resources={"paths": res["paths"], "tiers": res["tiers"]}, raise_on_error=False)
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    return result, checks, instance, paths
+    return result, checks, instance, _Paths(res)
 
 
 def test_asset_writes_files_metadata_and_checks_pass(tmp_path):
@@ -194,7 +215,8 @@ def test_asset_writes_files_metadata_and_checks_pass(tmp_path):
     result, checks, _, paths = _materialize(tmp_path)
     assert result.success
     assert {k: c.passed for k, c in checks.items()} == {
-        "raw_logs_schema_valid": True, "raw_logs_quarantine_rate": True, "raw_logs_not_empty": True}
+        "raw_logs_schema_valid": True, "raw_logs_quarantine_rate": True, "raw_logs_not_empty": True,
+        "raw_logs_files_read": True}
     mat = result.asset_materializations_for_node("raw_logs")[0]
     md = mat.metadata
     assert md["read"].value == 60 and md["dagster/row_count"].value == 30 and md["feedback_joined"].value == 30
@@ -241,16 +263,17 @@ def test_schema_check_fails_on_a_file_with_the_wrong_schema(tmp_path, monkeypatc
 
 
 def test_definitions_load_with_the_paths_resource(tmp_path):
-    merged = dg.Definitions.merge(defs, dg.Definitions(resources={"paths": FlywheelPaths(home=str(tmp_path))}))
+    merged = dg.Definitions.merge(defs, dg.Definitions(resources=resources(tmp_path)))
     dg.Definitions.validate_loadable(merged)
     assert merged.resolve_asset_graph().get_all_asset_keys() == {raw_logs.key}
     assert merged.resolve_sensor_def("raw_logs_new_files") is not None
+    assert merged.resolve_sensor_def("log_imports") is not None
 
 
 def test_sensor_requests_a_rerun_only_when_files_changed_after_materialization(tmp_path):
     write(tmp_path / "logs", "2026-10-06", [search("a")])
     _, _, instance, paths = _materialize(tmp_path)
-    res = {"paths": paths}
+    res = {"paths": paths.resources["paths"]}
     first = raw_logs_new_files(dg.build_sensor_context(instance=instance, resources=res))
     assert first.run_requests == []  # the materialization already read these files
     write(tmp_path / "logs", "2026-10-08", [search("late", ts="2026-10-08T00:00:00Z")], name="late-host.jsonl")

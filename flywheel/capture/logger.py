@@ -4,62 +4,81 @@ Logging must never hurt the app: both calls catch everything, report failures th
 standard ``logging`` module (rate-limited, logger ``flywheel.capture``) and count them in
 ``stats``; the request goes on. Writes are synchronous (one ``os.write`` of a line, no fsync by
 default, tens of microseconds), so once ``log_search`` has returned its record survives a kill
-of the process. Inputs are coerced where that loses nothing (numpy scalars, ids given as ints);
-what cannot be coerced is written as given, so the raw_logs stage sets it aside with a reason
-instead of the record silently disappearing.
+of the process.
+
+Every record is checked by the same ``validate`` the reader uses, after the documented
+coercions (``schema.coerce_timestamp`` / ``coerce_id``; numpy and Decimal numbers; a rank
+missing = its position). Texts longer than the schema's limits are cut to them, and results past
+``MAX_RESULTS`` are cut (both counted in ``stats["truncated"]``). A record that still is not
+valid (an unparseable timestamp, a chunk id that is a dict...) is written to the dead-letter
+folder with the reason and field (``stats["dead_lettered"]``), so nothing disappears without a
+trace; only a write that fails (full disk) loses a record, and that is counted and logged.
+
+PII (``redact_pii=True``, the default) is removed from the query, chunk texts and result
+metadata, and user and session ids that contain PII become stable pseudonyms (see ``redact``).
+
+Fork, spawn, forkserver: the logger resets its lock in a forked child (``os.register_at_fork``)
+and pickles as its settings, so it can be handed to any ``multiprocessing`` start method.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flywheel.capture.redact import redact
-from flywheel.capture.schema import SCHEMA_VERSION, THUMBS, format_timestamp
+from flywheel.capture.redact import redact, redact_identifier, redact_metadata
+from flywheel.capture.schema import (
+    MAX_QUERY_CHARS,
+    MAX_RESULTS,
+    MAX_TEXT_CHARS,
+    SCHEMA_VERSION,
+    THUMBS,
+    RecordError,
+    coerce_id,
+    coerce_timestamp,
+    format_timestamp,
+    validate,
+)
 from flywheel.capture.writer import DayFileWriter, encode_line
 
 log = logging.getLogger("flywheel.capture")
 
-DEFAULT_MAX_TEXT_CHARS = 20_000
+
+def _now() -> str:
+    return format_timestamp(datetime.now(timezone.utc))
 
 
-def _coerce_timestamp(ts: Any) -> str | None:
-    if ts is None:
-        return format_timestamp(datetime.now(timezone.utc))
-    if isinstance(ts, datetime):
-        return format_timestamp(ts)
-    if isinstance(ts, str):
-        try:
-            return format_timestamp(datetime.fromisoformat(ts))
-        except ValueError:
-            return None
-    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts):
-        return format_timestamp(datetime.fromtimestamp(ts, tz=timezone.utc))
-    return None
+def _timestamp(ts: Any) -> str:
+    return _now() if ts is None else format_timestamp(coerce_timestamp(ts))
 
 
-def _as_str(value: Any) -> Any:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool):
-        return str(value)
-    return value  # left as is: the reader names the field
+def _id(value: Any, field: str) -> Any:
+    try:
+        return coerce_id(value, field)
+    except RecordError:
+        return _json_safe(value)  # left for validate to name
+
+
+def _opt_id(value: Any, field: str) -> Any:
+    return None if value is None else _id(value, field)
 
 
 def _as_float(value: Any) -> Any:
-    if isinstance(value, bool):
+    if value is None or isinstance(value, bool):
         return value
     try:
-        f = float(value)  # numpy floats, Decimals, ints
+        f = float(value)  # numpy floats, Decimals, ints, numeric strings
     except (TypeError, ValueError):
-        return value if isinstance(value, (str, list, dict)) else str(value)
-    return f if math.isfinite(f) else None
+        return _json_safe(value)
+    return f if math.isfinite(f) else None  # NaN / inf: no score
 
 
 def _as_int(value: Any, default: int) -> Any:
@@ -69,9 +88,9 @@ def _as_int(value: Any, default: int) -> Any:
         return value
     try:
         i = int(value)
-    except (TypeError, ValueError):
-        return value if isinstance(value, (str, list, dict)) else str(value)
-    return i if i == value else value
+    except (TypeError, ValueError, OverflowError):
+        return _json_safe(value)
+    return i if i == value else _json_safe(value)
 
 
 def _json_safe(value: Any) -> Any:
@@ -83,84 +102,102 @@ def _json_safe(value: Any) -> Any:
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        try:
+            return _json_safe(value.item())
+        except Exception:
+            pass
     return str(value)
 
 
 class _TextPolicy:
-    def __init__(self, redact_pii: bool, max_text_chars: int | None):
+    """Cuts texts to the schema's limits and redacts PII; counts both."""
+
+    def __init__(self, redact_pii: bool, max_text_chars: int | None = None):
         self.redact_pii = redact_pii
         self.max_text_chars = max_text_chars
         self.redacted = 0
         self.truncated = 0
 
-    def __call__(self, text: Any) -> Any:
-        if not isinstance(text, str):
-            return text
-        if self.max_text_chars is not None and len(text) > self.max_text_chars:
-            text = text[: self.max_text_chars]
+    def _cut(self, text: str, limit: int) -> str:
+        if self.max_text_chars is not None:
+            limit = min(limit, self.max_text_chars)
+        if len(text) > limit:
             self.truncated += 1
-        if self.redact_pii:
-            clean = redact(text)
-            if clean != text:
-                self.redacted += 1
-            return clean
+            return text[:limit]
         return text
 
+    def _clean(self, text: Any, fn) -> Any:
+        if not self.redact_pii:
+            return text
+        clean = fn(text)
+        if clean != text:
+            self.redacted += 1
+        return clean
 
-def build_search_record(
-    query: Any,
-    results: Any,
-    *,
-    request_id: str | None = None,
-    user_id: Any = None,
-    session_id: Any = None,
-    timestamp: Any = None,
-    retriever: Any = None,
-    retriever_version: Any = None,
-    text_policy=None,
-) -> dict:
-    """A v1 search record from what the app passed (coerced, optionally redacted)."""
-    text = text_policy or (lambda t: t)
-    ts = _coerce_timestamp(timestamp)
-    if ts is None:
-        log.warning("flywheel.capture: unusable timestamp %r, using the current time", timestamp)
-        ts = format_timestamp(datetime.now(timezone.utc))
-    items: Any
+    def query(self, text: Any) -> Any:
+        return self._clean(self._cut(text, MAX_QUERY_CHARS), redact) if isinstance(text, str) else _json_safe(text)
+
+    def text(self, text: Any) -> Any:
+        return self._clean(self._cut(text, MAX_TEXT_CHARS), redact) if isinstance(text, str) else _json_safe(text)
+
+    def identifier(self, value: Any) -> Any:
+        return self._clean(value, redact_identifier) if isinstance(value, str) else value
+
+    def metadata(self, meta: Any) -> Any:
+        return None if meta is None else self._clean(_json_safe(meta), redact_metadata)
+
+    def __call__(self, text: Any) -> Any:  # kept for callers that pass a plain text policy
+        return self.text(text)
+
+
+def _result_items(results: Any, policy: _TextPolicy) -> Any:
     if results is None:
-        items = []
-    elif isinstance(results, (str, bytes, Mapping)) or not isinstance(results, Sequence):
-        try:
-            items = list(results) if not isinstance(results, (str, bytes, Mapping)) else str(results)
-        except TypeError:
-            items = str(results)
-    else:
+        return []
+    if isinstance(results, (str, bytes, Mapping)):
+        return _json_safe(results) if not isinstance(results, bytes) else results.hex()
+    try:
         items = list(results)
-    if isinstance(items, list):
-        out = []
-        for i, r in enumerate(items):
-            if not isinstance(r, Mapping):
-                out.append(_json_safe(r))
-                continue
-            meta = r.get("metadata")
-            out.append({
-                "chunk_id": _as_str(r.get("chunk_id")),
-                "text": text(r.get("text")),
-                "score": _as_float(r.get("score")),
-                "rank": _as_int(r.get("rank"), i + 1),
-                "metadata": _json_safe(meta) if meta is not None else None,
-            })
-        items = out
+    except TypeError:
+        return _json_safe(results)
+    if len(items) > MAX_RESULTS:
+        policy.truncated += 1
+        items = items[:MAX_RESULTS]  # results come in rank order: the cut keeps the top
+    out = []
+    for i, r in enumerate(items):
+        if not isinstance(r, Mapping):
+            out.append(_json_safe(r))
+            continue
+        out.append({
+            "chunk_id": _id(r.get("chunk_id"), f"results[{i}].chunk_id"),
+            "text": policy.text(r.get("text")),
+            "score": _as_float(r.get("score")),
+            "rank": _as_int(r.get("rank"), i + 1),
+            "metadata": policy.metadata(r.get("metadata")),
+        })
+    return out
+
+
+def build_search_record(query: Any, results: Any, *, request_id: Any = None, user_id: Any = None,
+                        session_id: Any = None, timestamp: Any = None, retriever: Any = None,
+                        retriever_version: Any = None, text_policy: _TextPolicy | None = None) -> dict:
+    """A v1 search record from what the app passed (coerced, cut to limits, redacted).
+
+    Raises ``RecordError`` only for an unusable timestamp; other problems are left in the record
+    for ``validate`` to name.
+    """
+    policy = text_policy or _TextPolicy(False)
     return {
         "schema_version": SCHEMA_VERSION,
         "type": "search",
-        "request_id": _as_str(request_id) if request_id is not None else uuid.uuid4().hex,
-        "timestamp": ts,
-        "query": text(query if isinstance(query, str) else _json_safe(query)),
-        "user_id": _json_safe(_as_str(user_id)),
-        "session_id": _json_safe(_as_str(session_id)),
-        "retriever": _json_safe(_as_str(retriever)),
-        "retriever_version": _json_safe(_as_str(retriever_version)),
-        "results": items,
+        "request_id": _id(request_id, "request_id") if request_id is not None else uuid.uuid4().hex,
+        "timestamp": _timestamp(timestamp),
+        "query": policy.query(query),
+        "user_id": policy.identifier(_opt_id(user_id, "user_id")),
+        "session_id": policy.identifier(_opt_id(session_id, "session_id")),
+        "retriever": _json_safe(_opt_id(retriever, "retriever")),
+        "retriever_version": _json_safe(_opt_id(retriever_version, "retriever_version")),
+        "results": _result_items(results, policy),
     }
 
 
@@ -173,71 +210,82 @@ def _thumbs(value: Any) -> Any:
         return "up" if value > 0 else "down"
     if isinstance(value, str) and value.lower() in THUMBS:
         return value.lower()
-    return str(value)
+    return _json_safe(value)
 
 
-def _id_list(values: Any) -> Any:
+def _id_list(values: Any, field: str) -> Any:
     if values is None:
         return []
-    if isinstance(values, str):
-        return [values]
+    if isinstance(values, (str, bytes)):
+        values = [values]
     try:
-        return [_as_str(v) if not isinstance(v, str) else v for v in values]
+        return [_id(v, f"{field}[{i}]") for i, v in enumerate(values)]
     except TypeError:
-        return str(values)
+        return _json_safe(values)
 
 
-def build_feedback_record(
-    request_id: Any,
-    *,
-    clicks: Any = (),
-    saves: Any = (),
-    thumbs: Any = None,
-    dwell_ms: Any = None,
-    cited: Any = (),
-    timestamp: Any = None,
-) -> dict:
-    ts = _coerce_timestamp(timestamp) or format_timestamp(datetime.now(timezone.utc))
+def build_feedback_record(request_id: Any, *, clicks: Any = (), saves: Any = (), thumbs: Any = None,
+                          dwell_ms: Any = None, cited: Any = (), timestamp: Any = None) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "type": "feedback",
-        "request_id": _json_safe(_as_str(request_id)),
-        "timestamp": ts,
-        "clicks": _json_safe(_id_list(clicks)),
-        "saves": _json_safe(_id_list(saves)),
+        "request_id": _id(request_id, "request_id"),
+        "timestamp": _timestamp(timestamp),
+        "clicks": _id_list(clicks, "clicks"),
+        "saves": _id_list(saves, "saves"),
         "thumbs": _thumbs(thumbs),
-        "dwell_ms": _as_float(dwell_ms) if dwell_ms is not None else None,
-        "cited": _json_safe(_id_list(cited)),
+        "dwell_ms": _as_float(dwell_ms),
+        "cited": _id_list(cited, "cited"),
     }
+
+
+def dead_letter_line(kind: str, err: RecordError, record: Any) -> bytes:
+    """The dead-letter line for a record that could not be made valid: reason, field and the record."""
+    return encode_line({"dead_letter": 1, "kind": kind, "reason": err.reason, "field": err.field,
+                        "detail": err.detail, "written_at": _now(), "record": _json_safe(record)})
+
+
+_LIVE: "weakref.WeakSet[SearchLogger]" = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [lg._after_fork() for lg in list(_LIVE)])
 
 
 class SearchLogger:
     """Log retrievals and what users did with them; never raises, never blocks on a lock held
-    by another process. Thread-safe; fork-safe (a child writes its own files).
+    by another process or by a thread of the parent. Thread-safe, fork-safe, picklable.
 
     >>> with SearchLogger("logs/") as logger:
     ...     rid = logger.log_search("what is x?", [{"chunk_id": "c1", "text": "...", "score": 0.8, "rank": 1}])
     ...     logger.log_feedback(rid, clicks=["c1"], thumbs="up")
     """
 
-    def __init__(
-        self,
-        log_dir: str | Path,
-        *,
-        redact_pii: bool = True,
-        retriever: str | None = None,
-        retriever_version: str | None = None,
-        max_text_chars: int | None = DEFAULT_MAX_TEXT_CHARS,
-        fsync: bool = False,
-    ):
+    def __init__(self, log_dir: str | Path, *, redact_pii: bool = True, retriever: str | None = None,
+                 retriever_version: str | None = None, max_text_chars: int | None = None,
+                 fsync: bool = False, **writer_options: Any):
         self.log_dir = Path(log_dir)
         self.retriever = retriever
         self.retriever_version = retriever_version
-        self._writer = DayFileWriter(self.log_dir, fsync=fsync)
+        self._settings = {"redact_pii": redact_pii, "retriever": retriever, "retriever_version": retriever_version,
+                          "max_text_chars": max_text_chars, "fsync": fsync, **writer_options}
+        self._writer = DayFileWriter(self.log_dir, fsync=fsync, **writer_options)
         self._text = _TextPolicy(redact_pii, max_text_chars)
+        self._init_counters()
+        _LIVE.add(self)
+
+    def _init_counters(self) -> None:
         self._lock = threading.Lock()
-        self._counts = {"searches": 0, "feedback": 0, "written": 0, "failed": 0, "bytes": 0}
+        self._counts = {"searches": 0, "feedback": 0, "written": 0, "dead_lettered": 0, "failed": 0, "bytes": 0}
         self._last_error: str | None = None
+
+    def _after_fork(self) -> None:
+        self._init_counters()  # fresh lock and this process's own counts
+        self._text.redacted = self._text.truncated = 0
+
+    def __getstate__(self) -> dict:
+        return {"log_dir": str(self.log_dir), **self._settings}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        self.__init__(state.pop("log_dir"), **state)
 
     @property
     def redact_pii(self) -> bool:
@@ -252,6 +300,10 @@ class SearchLogger:
             out["last_error"] = self._last_error
             return out
 
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
     def _failed(self, what: str, exc: BaseException) -> None:
         with self._lock:
             self._counts["failed"] += 1
@@ -262,70 +314,55 @@ class SearchLogger:
             log.error("flywheel.capture: could not write a %s record (%d failed so far): %s: %s",
                       what, n, type(exc).__name__, exc)
 
-    def _write(self, record: dict, what: str) -> bool:
+    def _write(self, kind: str, build) -> bool:
+        """Build, validate and write one record; a record that is not valid goes to the dead letters."""
+        record: Any = None
         try:
-            data = encode_line(record)
-        except (TypeError, ValueError) as exc:  # not JSON-serialisable after coercion
-            self._failed(what, exc)
-            return False
+            record = build()
+            validate(record)
+            data, dead = encode_line(record), False
+        except RecordError as err:
+            data, dead = dead_letter_line(kind, err, record), True
         try:
-            self._writer.write_line(record["timestamp"][:10], data)
+            if dead:
+                self._writer.write_dead_letter(data)
+            else:
+                self._writer.write_line(record["timestamp"][:10], data)
         except Exception as exc:
-            self._failed(what, exc)
+            self._failed(kind, exc)
             return False
         with self._lock:
-            self._counts["written"] += 1
+            self._counts["dead_lettered" if dead else "written"] += 1
             self._counts["bytes"] += len(data)
-        return True
+        return not dead
 
-    def log_search(
-        self,
-        query: str,
-        results: Sequence[Mapping],
-        *,
-        request_id: str | None = None,
-        user_id: str | None = None,
-        session_id: str | None = None,
-        timestamp: datetime | None = None,
-        retriever: str | None = None,
-        retriever_version: str | None = None,
-    ) -> str:
+    def log_search(self, query: str, results: Sequence[Mapping], *, request_id: str | None = None,
+                   user_id: str | None = None, session_id: str | None = None, timestamp: Any = None,
+                   retriever: str | None = None, retriever_version: str | None = None) -> str:
         """Record one retrieval; returns its request id (generated when not given). Never raises."""
-        rid = str(request_id) if request_id is not None and request_id != "" else uuid.uuid4().hex
+        rid = uuid.uuid4().hex
         try:
-            with self._lock:
-                self._counts["searches"] += 1
-            record = build_search_record(
+            if request_id is not None and request_id != "":
+                rid = _id(request_id, "request_id")
+                rid = rid if isinstance(rid, str) else str(rid)
+            self._count("searches")
+            self._write("search", lambda: build_search_record(
                 query, results, request_id=rid, user_id=user_id, session_id=session_id,
                 timestamp=timestamp, retriever=retriever or self.retriever,
-                retriever_version=retriever_version or self.retriever_version,
-                text_policy=self._text,
-            )
-            self._write(record, "search")
+                retriever_version=retriever_version or self.retriever_version, text_policy=self._text))
         except Exception as exc:  # a bug in coercion must not reach the app either
             self._failed("search", exc)
         return rid
 
-    def log_feedback(
-        self,
-        request_id: str,
-        *,
-        clicks: Sequence[str] = (),
-        saves: Sequence[str] = (),
-        thumbs: str | None = None,
-        dwell_ms: float | None = None,
-        cited: Sequence[str] = (),
-        timestamp: datetime | None = None,
-    ) -> bool:
-        """Record what happened after a retrieval; True when written. Never raises."""
+    def log_feedback(self, request_id: str, *, clicks: Sequence[str] = (), saves: Sequence[str] = (),
+                     thumbs: str | None = None, dwell_ms: float | None = None, cited: Sequence[str] = (),
+                     timestamp: Any = None) -> bool:
+        """Record what happened after a retrieval; True when written as a valid record. Never raises."""
         try:
-            with self._lock:
-                self._counts["feedback"] += 1
-            record = build_feedback_record(
-                request_id, clicks=clicks, saves=saves, thumbs=thumbs, dwell_ms=dwell_ms,
-                cited=cited, timestamp=timestamp,
-            )
-            return self._write(record, "feedback")
+            self._count("feedback")
+            return self._write("feedback", lambda: build_feedback_record(
+                request_id, clicks=clicks, saves=saves, thumbs=thumbs, dwell_ms=dwell_ms, cited=cited,
+                timestamp=timestamp))
         except Exception as exc:
             self._failed("feedback", exc)
             return False

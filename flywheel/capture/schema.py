@@ -20,22 +20,39 @@ Version 0 is the shape of the first prototype logger (records have no ``schema_v
 ``RecordError`` naming the reason and the field, so a bad record is set aside with a clear cause.
 Timestamps are stored as UTC ISO-8601 (``...Z``); a timestamp with no UTC offset is rejected
 by the reader (it is ambiguous), while the capture API treats a naive ``datetime`` as UTC.
+A result's ``score`` may be null (retrievers that give none: the order is the ``rank``).
+
+The limits below are the only ones: the capture library, the importers and the reader all use
+them, so what capture accepts the reader accepts. ``coerce_timestamp`` and ``coerce_id`` are the
+documented coercions applied at capture and import time (never by the reader, which reads only
+what they wrote):
+
+* timestamps: an aware ``datetime`` (a naive one is UTC), ISO-8601 text in any form Python reads
+  (extended, basic ``20261006T103000Z``, week dates ``2026-W41-2``; no offset = UTC; any offset is
+  normalised to UTC), epoch numbers or numeric strings in seconds, milliseconds, microseconds or
+  nanoseconds (told apart by magnitude), numpy ``datetime64`` and integer scalars. Anything else
+  raises ``RecordError("bad_timestamp")``: it never silently becomes "now".
+* ids: ``str``; integers of any kind (``int``, ``np.int64``; anything with ``__index__``) as
+  decimal text; ``uuid.UUID`` as text; ``bytes`` as UTF-8 text when they decode to printable text,
+  else as hex. Anything else raises ``RecordError("wrong_type")``.
 """
 
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (0, 1)
 
-# limits past which a record is set aside rather than sent on to the judge
+# limits past which a record is set aside rather than sent on to the judge (write and read time)
 MAX_QUERY_CHARS = 10_000
 MAX_TEXT_CHARS = 100_000
 MAX_RESULTS = 1_000
 MAX_ID_CHARS = 512
+MAX_RANK = 1_000_000
 
 THUMBS = ("up", "down")
 
@@ -68,6 +85,68 @@ def parse_timestamp(value: Any, field: str = "timestamp") -> datetime:
     if ts.tzinfo is None:
         raise RecordError("bad_timestamp", field, f"no UTC offset: {value[:60]!r}")
     return ts.astimezone(timezone.utc)
+
+
+_EPOCH_UNITS = ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3))  # (magnitude from which, divisor): ns, us, ms
+
+
+def coerce_timestamp(value: Any, field: str = "timestamp") -> datetime:
+    """An aware UTC datetime from any documented timestamp form (module doc); raises RecordError."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    if type(value).__name__ == "datetime64":  # numpy, without importing it
+        value = str(value.astype("datetime64[us]")) if str(value) != "NaT" else None
+    if isinstance(value, str):
+        s = value.strip()
+        try:
+            value = float(s)
+        except ValueError:
+            try:
+                ts = datetime.fromisoformat(s)
+            except ValueError:
+                raise RecordError("bad_timestamp", field, f"not ISO-8601 or epoch: {s[:60]!r}") from None
+            return (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    if value is None:
+        raise RecordError("missing_field", field)
+    if isinstance(value, bool) or not hasattr(value, "__float__"):
+        raise RecordError("bad_timestamp", field, f"a {type(value).__name__} is not a timestamp")
+    v = float(value)
+    if not math.isfinite(v):
+        raise RecordError("bad_timestamp", field, f"{value!r} is not finite")
+    for magnitude, divisor in _EPOCH_UNITS:
+        if abs(v) >= magnitude:
+            v /= divisor
+            break
+    try:
+        return datetime.fromtimestamp(v, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise RecordError("bad_timestamp", field, f"epoch {value!r} out of range") from None
+
+
+def coerce_id(value: Any, field: str) -> str:
+    """Text of an id given as str, any integer type, UUID or bytes (module doc); raises RecordError."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise RecordError("missing_field", field)
+    if isinstance(value, bool):
+        raise RecordError("wrong_type", field, "a bool is not an id")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.hex()
+        return text if text.isprintable() and text.strip() else raw.hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if hasattr(value, "__index__"):
+        return str(value.__index__())
+    if isinstance(value, float) or type(value).__name__.startswith("float"):
+        f = float(value)
+        if math.isfinite(f) and f.is_integer():
+            return str(int(f))
+    raise RecordError("wrong_type", field, f"a {type(value).__name__} is not an id")
 
 
 def upgrade(rec: dict) -> dict:
@@ -231,15 +310,15 @@ def _fast_results(raw_results: list) -> list | None:
         meta = r.get("metadata")
         if not (type(cid) is str and 0 < len(cid) <= MAX_ID_CHARS and not cid.isspace()
                 and type(text) is str and len(text) <= MAX_TEXT_CHARS
-                and (type(score) is float or type(score) is int) and isfinite(score)
-                and type(rank) is int and 1 <= rank <= 1_000_000
+                and (score is None or ((type(score) is float or type(score) is int) and isfinite(score)))
+                and type(rank) is int and 1 <= rank <= MAX_RANK
                 and (meta is None or type(meta) is dict)
                 and rank not in ranks and cid not in chunk_ids):
             return None
         ranks.add(rank)
         chunk_ids.add(cid)
-        results.append({"chunk_id": cid, "text": text, "score": float(score), "rank": rank,
-                        "metadata": meta})
+        results.append({"chunk_id": cid, "text": text, "score": None if score is None else float(score),
+                        "rank": rank, "metadata": meta})
     return results
 
 
@@ -253,11 +332,12 @@ def _checked_results(raw_results: list) -> list:
             raise RecordError("wrong_type", f, "expected an object")
         chunk_id = _str(_req(r, "chunk_id", f"{f}.chunk_id"), f"{f}.chunk_id", max_chars=MAX_ID_CHARS)
         text = _str(_req(r, "text", f"{f}.text"), f"{f}.text", max_chars=MAX_TEXT_CHARS, allow_empty=True)
-        score = _number(_req(r, "score", f"{f}.score"), f"{f}.score")
+        score = r.get("score")
+        score = None if score is None else _number(score, f"{f}.score")
         rank = _req(r, "rank", f"{f}.rank")
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise RecordError("wrong_type", f"{f}.rank", f"expected an integer, got {type(rank).__name__}")
-        if rank < 1 or rank > 1_000_000:
+        if rank < 1 or rank > MAX_RANK:
             raise RecordError("invalid_value", f"{f}.rank", f"{rank} (ranks are 1-based)")
         if rank in ranks:
             raise RecordError("invalid_value", f"{f}.rank", f"rank {rank} appears twice")

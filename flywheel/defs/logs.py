@@ -2,21 +2,27 @@
 
 The logic lives in ``flywheel.lib.logs.ingest``; this module only wires it into Dagster. The checks block
 downstream stages (labels cost money) when the week is empty, its schema is off, or too much of it
-was quarantined. The sensor re-runs a week that is already materialized when its files changed
-(late files from a slow host, an import): the ingest records a fingerprint of the files it read
-(names and sizes), and the sensor compares it with the files on disk.
+was quarantined, or when files of the log folder were left unread (each is listed with why). The
+sensor re-runs a week that is already materialized when its files changed (late files from a slow
+host, an import): the ingest records a fingerprint of the files it read (names and sizes), and the
+sensor compares it with the files on disk. The ``log_imports`` sensor imports trace and log files
+dropped in ``<home>/imports/`` (the Dagster way of ``flywheel import``; see
+``flywheel.capture.importers``) into the log folder, after which the first sensor re-runs the
+weeks they changed.
 """
 
 
 import json
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
 
 from flywheel.defs.partitions import week_bounds, weekly_partitions
+from flywheel.capture.importers import IMPORTS_DIR, format_summary, import_folder, pending_imports
 from flywheel.defs.resources import PathsResource, TiersResource
+from flywheel.lib.logs.files import parse_day_folder
 from flywheel.lib.logs.ingest import (
     GRACE_DAYS,
     RAW_LOGS_SCHEMA,
@@ -87,6 +93,9 @@ def raw_logs(context: dg.AssetExecutionContext, paths: PathsResource) -> dg.Mate
         "files": stats.files,
         "bytes": stats.bytes,
         "log_fingerprint": stats.fingerprint,
+        "files_not_read": stats.files_not_read_count,
+        "files_not_read_by_reason": dg.MetadataValue.md(_md_table(("reason", "files"), stats.files_not_read_by_reason)),
+        "dead_letter_files": stats.dead_letter_files,
         "stats": dg.MetadataValue.json(stats.to_metadata()),
         "sample": dg.MetadataValue.md(_sample_md(out)),
     })
@@ -159,17 +168,28 @@ def raw_logs_not_empty(context: dg.AssetCheckExecutionContext, paths: PathsResou
     return dg.AssetCheckResult(passed=rows > 0, metadata={"rows": rows})
 
 
+@dg.asset_check(asset=raw_logs, blocking=True, partitions_def=weekly_partitions,
+                description="At most tiers.max_unread_log_files files of the log folder were left unread.")
+def raw_logs_files_read(context: dg.AssetCheckExecutionContext, tiers: TiersResource) -> dg.AssetCheckResult:
+    limit = tiers.settings().max_unread_log_files
+    meta = _latest_metadata(context.instance, context.partition_key)
+    if meta is None:
+        return dg.AssetCheckResult(passed=False, metadata={"error": "no materialization metadata"})
+    stats = meta.get("stats") or {}
+    unread = int(meta.get("files_not_read", stats.get("files_not_read_count", 0)))
+    first = dict(list((stats.get("files_not_read") or {}).items())[:20])
+    return dg.AssetCheckResult(passed=unread <= limit, metadata={
+        "files_not_read": unread, "max_unread_log_files": limit, "first_files_not_read": dg.MetadataValue.json(first)})
+
+
 def _weeks_with_logs(log_dir: Path) -> set[str]:
     """Week keys whose files (grace day included) exist under log_dir."""
     weeks = set()
     if not log_dir.is_dir():
         return weeks
     for d in log_dir.iterdir():
-        if not d.name.startswith("day="):
-            continue
-        try:
-            day = date.fromisoformat(d.name[4:])
-        except ValueError:
+        day = parse_day_folder(d.name)
+        if day is None:
             continue
         monday = day - timedelta(days=day.weekday())
         weeks.add(monday.isoformat())
@@ -205,8 +225,25 @@ def raw_logs_new_files(context: dg.SensorEvaluationContext, paths: PathsResource
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(seen, sort_keys=True))
 
 
+@dg.sensor(
+    name="log_imports",
+    minimum_interval_seconds=60,
+    description="Imports the trace/log files dropped in <home>/imports/ into the log folder; each moves to "
+                "imports/done/ with its summary.",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def log_imports(context: dg.SensorEvaluationContext, paths: PathsResource):
+    p = paths.settings()
+    folder = Path(p.home) / IMPORTS_DIR
+    if not pending_imports(folder):
+        return dg.SkipReason(f"no files waiting in {folder}")
+    for stats in import_folder(folder, p.log_dir):
+        context.log.info(format_summary(stats))
+    return dg.SkipReason("imported; raw_logs_new_files re-runs the weeks whose files changed")
+
+
 defs = dg.Definitions(
     assets=[raw_logs],
-    asset_checks=[raw_logs_schema_valid, raw_logs_quarantine_rate, raw_logs_not_empty],
-    sensors=[raw_logs_new_files],
+    asset_checks=[raw_logs_schema_valid, raw_logs_quarantine_rate, raw_logs_not_empty, raw_logs_files_read],
+    sensors=[raw_logs_new_files, log_imports],
 )

@@ -8,7 +8,9 @@ timestamps, merged feedback), not the records.
 
 Rules (also what the tests pin down):
 
-* Week files are ``<log_dir>/day=D/*.jsonl`` for the 7 days D of ``[week_start, week_end)``.
+* Week files are the log files under ``<log_dir>/day=D/`` for the 7 days D of
+  ``[week_start, week_end)`` (which names, folders and symlinks are read, and how every file that
+  is not read is reported with its reason in ``files_not_read``: see ``files``).
   Every non-blank line read is counted in ``read`` and ends up either ``valid`` or quarantined
   (``read == valid + sum(quarantined)``), with file (relative to ``log_dir``), 1-based line,
   reason, field and the start of the raw line.
@@ -31,7 +33,6 @@ Rules (also what the tests pin down):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -47,9 +48,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flywheel.capture.schema import RecordError, validate
+from flywheel.lib.logs import files as _files
+from flywheel.lib.logs.files import GRACE_DAYS, fingerprint, log_fingerprint, scan_week, week_files  # noqa: F401
 
-GRACE_DAYS = 1
-MAX_LINE_BYTES = 8 * 1024 * 1024
+MAX_FILES_LISTED = 1_000
 RAW_PREVIEW_CHARS = 500
 BATCH_ROWS = 5_000
 DUPLICATE_REASON = "duplicate_request_id"
@@ -103,6 +105,10 @@ class IngestStats:
     feedback_orphaned: int = 0
     feedback_from_grace: int = 0
     fingerprint: str = ""
+    files_not_read: dict[str, str] = field(default_factory=dict)  # path -> reason (first 1,000)
+    files_not_read_count: int = 0
+    files_not_read_by_reason: dict[str, int] = field(default_factory=dict)
+    dead_letter_files: int = 0
 
     @property
     def quarantined_total(self) -> int:
@@ -122,69 +128,8 @@ class IngestStats:
 
 # -- files ----------------------------------------------------------------------------------------
 
-def _days(start: date, end: date) -> list[date]:
-    return [start + timedelta(days=i) for i in range((end - start).days)]
-
-
-def day_files(log_dir: Path, day: date) -> list[Path]:
-    folder = Path(log_dir) / f"day={day.isoformat()}"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.name.endswith(".jsonl") and not p.name.startswith(".")
-                  and p.is_file())
-
-
-def week_files(log_dir: Path, week_start: date, week_end: date, grace_days: int = GRACE_DAYS
-               ) -> tuple[list[Path], list[Path]]:
-    """The week's day files and the grace-period files after it (read for feedback only)."""
-    week = [f for d in _days(week_start, week_end) for f in day_files(log_dir, d)]
-    grace = [f for d in _days(week_end, week_end + timedelta(days=grace_days)) for f in day_files(log_dir, d)]
-    return week, grace
-
-
-def _fingerprint(entries: list[tuple[str, int]]) -> str:
-    h = hashlib.sha256()
-    for name, size in sorted(entries):
-        h.update(f"{name}\0{size}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def log_fingerprint(log_dir: Path, week_start: date, week_end: date) -> str:
-    """What the week's ingest depends on (file names and sizes, grace day included).
-
-    Equal to ``IngestStats.fingerprint`` when no file changed since the ingest; the sensor uses it
-    to notice new or grown files for a week that is already materialized.
-    """
-    log_dir = Path(log_dir)
-    week, grace = week_files(log_dir, week_start, week_end)
-    entries = []
-    for f in week + grace:
-        try:
-            entries.append((f.relative_to(log_dir).as_posix(), f.stat().st_size))
-        except FileNotFoundError:
-            continue
-    return _fingerprint(entries)
-
-
-def _read_lines(path: Path, sizes: dict) -> Iterator[tuple[int, bytes, str]]:
-    """(line number, bytes, state) with state "ok", "no_newline" (last line) or "too_long"."""
-    with open(path, "rb") as f:
-        lineno = 0
-        while True:
-            raw = f.readline(MAX_LINE_BYTES + 1)
-            if not raw:
-                break
-            lineno += 1
-            if len(raw) > MAX_LINE_BYTES:
-                head = raw[: RAW_PREVIEW_CHARS * 4]
-                while not raw.endswith(b"\n"):  # skip the rest without holding it
-                    raw = f.readline(1 << 20)
-                    if not raw:
-                        break
-                yield lineno, head, "too_long"
-                continue
-            yield lineno, raw, "ok" if raw.endswith(b"\n") else "no_newline"
-        sizes[path] = f.tell()
+def _read_lines(path: Path, sizes: dict):
+    return _files.read_lines(path, sizes)
 
 
 def _preview(raw: bytes) -> str:
@@ -194,7 +139,7 @@ def _preview(raw: bytes) -> str:
 def _parse(raw: bytes, state: str) -> object:
     """JSON value of a line or RecordError."""
     if state == "too_long":
-        raise RecordError("line_too_long", None, f"line longer than {MAX_LINE_BYTES:,} bytes")
+        raise RecordError("line_too_long", None, f"line longer than {_files.MAX_LINE_BYTES:,} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -285,7 +230,9 @@ def ingest_week(log_dir: Path, week_start: date, week_end: date, out_path: Path,
     stats = IngestStats(week_start.isoformat(), week_end.isoformat())
     lo, hi = _utc(week_start), _utc(week_end)
     grace_hi = _utc(week_end + timedelta(days=GRACE_DAYS))
-    files, grace = week_files(log_dir, week_start, week_end)
+    scan = scan_week(log_dir, week_start, week_end)
+    files, grace = scan.week, scan.grace
+    _report_unread(scan, log_dir, stats)
     names = [f.relative_to(log_dir).as_posix() for f in files]
     sizes: dict[Path, int] = {}
     feedback: dict[str, _Feedback] = {}
@@ -333,7 +280,7 @@ def ingest_week(log_dir: Path, week_start: date, week_end: date, out_path: Path,
             _read_grace_feedback(grace, feedback, week_end, grace_hi, sizes, stats)
             stats.files = len(files) + len(grace)
             stats.bytes = sum(sizes.values())
-            stats.fingerprint = _fingerprint(
+            stats.fingerprint = fingerprint(
                 [(p.relative_to(log_dir).as_posix(), n) for p, n in sizes.items()])
             _dedupe_and_join(staging_path, stats.searches, names, feedback, out_tmp, quarantine, stats)
         quarantine.close()
@@ -346,6 +293,15 @@ def ingest_week(log_dir: Path, week_start: date, week_end: date, out_path: Path,
     stats.per_day = dict(sorted(stats.per_day.items()))
     stats.quarantined = dict(sorted(stats.quarantined.items()))
     return stats
+
+
+def _report_unread(scan, log_dir: Path, stats: IngestStats) -> None:
+    stats.files_not_read_count = len(scan.not_read)
+    stats.files_not_read = dict(list(sorted(scan.not_read.items()))[:MAX_FILES_LISTED])
+    for reason in scan.not_read.values():
+        stats.files_not_read_by_reason[reason] = stats.files_not_read_by_reason.get(reason, 0) + 1
+    dead = log_dir / "dead-letter"
+    stats.dead_letter_files = sum(1 for p in dead.iterdir() if p.is_file()) if dead.is_dir() else 0
 
 
 def _read_grace_feedback(grace: list[Path], feedback: dict, week_end: date, grace_hi: datetime,
