@@ -108,7 +108,6 @@ class TiersSettings(Section):
     min_finetune_examples: int = setting(200, "finetune_set check: fewest rows (capped at finetune_examples)", ge=0)
     max_quarantine_rate: float = setting(0.05, "raw_logs check: largest share of quarantined records", ge=0, le=1)
     max_unread_log_files: int = setting(0, "raw_logs check: most files in the log folder left unread (each is listed with why)", ge=0)
-    max_unread_log_files: int = setting(0, "raw_logs check: most files in the log folder left unread (each is listed with why)", ge=0)
     near_duplicate_jaccard: float = setting(0.8, "training queries this close to a held-out query are dropped", gt=0, le=1)
 
     @field_validator("start_date")
