@@ -39,6 +39,12 @@ def setting(default: Any, doc: str, *, env: str | None = None, **constraints: An
     return Field(default, description=doc, json_schema_extra=extra, **constraints)
 
 
+def default_of(section: type["Section"], name: str) -> Any:
+    """A field's default, for a plain function or dataclass in lib that mirrors a setting: the
+    value is read from the model, never written a second time."""
+    return section.model_fields[name].default
+
+
 class Section(BaseModel):
     """A concern's settings. Subclasses set ``env_prefix`` (after FLYWHEEL_) and ``title``."""
 
@@ -345,7 +351,10 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: Mapping[s
 
 # Variables read elsewhere on purpose: secrets (through Dagster's EnvVar, never stored in config),
 # and ones the capture library and services read in the app's own process.
-EXTRA_ENV: set[str] = {"FLYWHEEL_JUDGE_API_KEY"}
+EXTRA_ENV: set[str] = {
+    "FLYWHEEL_JUDGE_API_KEY",  # the judge's key (never stored in config, see defs/resources.py)
+    "FLYWHEEL_CHROMIUM", "FLYWHEEL_SCREENSHOTS",  # the browser test harness (flywheel/testing/ui.py)
+}
 
 
 def settings_table_markdown() -> str:

@@ -10,6 +10,7 @@ again.
 
 from __future__ import annotations
 
+from flywheel.config import TiersSettings, default_of
 import hashlib
 import re
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ def build_finetune_set(
     seed: int,
     exclude_queries: set[str],
     near_duplicate_of: Iterable[str] = (),
-    near_duplicate_jaccard: float = 0.8,
+    near_duplicate_jaccard: float = default_of(TiersSettings, "near_duplicate_jaccard"),
 ) -> tuple[pd.DataFrame, FinetuneStats]:
     """(query, positive, hard negative) triplets from every non-held-out query of the weeks given.
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from flywheel.config import RerankerSettings, default_of
 import numpy as np
 import pandas as pd
 
@@ -43,10 +44,10 @@ class RerankSpec:
     name: str  # e.g. "challenger+reranker"
     path: str  # CrossEncoder folder
     on: str  # the ModelSpec name whose ranking it reranks
-    depth: int = 40
-    max_length: int = 128
+    depth: int = default_of(RerankerSettings, "depth")
+    max_length: int = default_of(RerankerSettings, "max_length")
     fusion: str = "rrf"  # see flywheel.lib.training.reranker.rerank
-    fusion_weight: float = 0.5
+    fusion_weight: float = default_of(RerankerSettings, "fusion_weight")
     precision: str = "fp32"  # see flywheel.lib.registry.inference
 
 

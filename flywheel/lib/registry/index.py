@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from flywheel.lib.beir import Corpus
+from flywheel.lib.progress import Progress as ProgressMeter
 
 log = logging.getLogger(__name__)
 
@@ -95,33 +95,6 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
-@dataclass
-class RateLogger:
-    """Logs 'done/total, rate, time left' at most every ``every_s`` seconds."""
-
-    label: str
-    total: int
-    progress: Progress | None = None
-    every_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        self.start = time.monotonic()
-        self.last = 0.0
-
-    def update(self, done: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.progress or (not force and now - self.last < self.every_s):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = done / elapsed
-        left = (self.total - done) / rate if rate > 0 else float("nan")
-        self.progress(
-            f"{self.label}: {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%), "
-            f"{rate:.1f}/s, ~{left:.0f}s left"
-        )
-
-
 def encode(
     model,
     texts: Sequence[str],
@@ -139,7 +112,7 @@ def encode(
         raise ValueError(f"task must be 'query' or 'document', got {task!r}")
     fn = model.encode_query if task == "query" else model.encode_document
     out = []
-    meter = RateLogger(label, len(texts), progress)
+    meter = ProgressMeter(label, len(texts), progress)
     chunk = max(batch_size * 8, 1)
     for start in range(0, len(texts), chunk):
         part = list(texts[start:start + chunk])
@@ -242,9 +215,8 @@ def search(
     return results
 
 
-def set_torch_threads() -> None:
-    """Use every core we were given (torch defaults can undershoot in containers)."""
+def set_torch_threads(n: int = 0) -> None:
+    """Use ``n`` threads, or every core this process may run on (torch can undershoot in containers)."""
     import torch
 
-    n = int(os.environ.get("FLYWHEEL_TORCH_THREADS", "0")) or os.cpu_count() or 1
-    torch.set_num_threads(n)
+    torch.set_num_threads(n or len(os.sched_getaffinity(0)) or 1)

@@ -8,7 +8,6 @@ passed gate (the previous champion stays registered for rollback).
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ class Tracker:
 
         exp_id = self.experiment_id()
         # the trainer's own MLflow callback is off (report_to="none"); we log explicitly
-        os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+        mlflow.disable_system_metrics_logging()
         with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags) as run:
             yield run.info.run_id
 

@@ -19,6 +19,7 @@ the gate has to stop it.
 
 from __future__ import annotations
 
+from flywheel.config import TiersSettings, TrainingSettings, default_of
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ class SimulationConfig:
     start: date
     weeks: int = 8
     seed: int = 0
-    top_k: int = 20
+    top_k: int = default_of(TiersSettings, "top_k")
     repeat_rate: float = 0.15
     max_queries: int | None = None  # None: every train query
     # user behaviour
@@ -54,8 +55,8 @@ class SimulationConfig:
     thumbs_rate: float = 0.12
     cite_relevant: float = 0.8
     cite_noise: float = 0.1
-    encode_max_seq_length: int = 256
-    encode_batch_size: int = 64
+    encode_max_seq_length: int = default_of(TrainingSettings, "encode_max_seq_length")
+    encode_batch_size: int = default_of(TrainingSettings, "encode_batch_size")
     device: str = "auto"
     poison_weeks: tuple[int, ...] = ()  # 0-based week indices
 
