@@ -5,6 +5,7 @@
     flywheel run --week W    run the whole flywheel (or --job weekly_labels) for one week
     flywheel backfill        8 weeks in order, each served by the champion of its time; trend report
     flywheel config          every setting, its value and where it came from
+    flywheel import PATH...  traces/logs a team already has (OpenInference, OTLP, MLflow, Langfuse, ...)
     flywheel ui              the Dagster UI on the same instance the commands use
     flywheel mlflow-ui       the MLflow UI on the same tracking store
     flywheel services ...    PostgreSQL, Dagster webserver + daemon, MLflow server (service mode)
@@ -233,6 +234,19 @@ def cmd_config(args: argparse.Namespace, config: FlywheelConfig) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace, config: FlywheelConfig) -> int:
+    """Import trace/log files into the log folder; one summary per file (flywheel.capture.importers)."""
+    from flywheel.capture.importers import import_paths, totals
+
+    mapping = dict(m.split("=", 1) for m in args.map)
+    results = import_paths(args.paths, config.paths.log_dir, format=args.format, mapping=mapping or None,
+                           redact_pii=not args.keep_pii, retriever=args.retriever)
+    report = totals(results, say=print)
+    say(f"imported {report['imported']:,} of {report['retrievals']:,} retrievals from {report['files']} files "
+        f"into {config.paths.log_dir}")
+    return 0 if report["files_not_read"] == 0 else 1
+
+
 # -- UIs ------------------------------------------------------------------------------------------
 
 def cmd_ui(args: argparse.Namespace, config: FlywheelConfig) -> int:
@@ -272,6 +286,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=3000)
     mp = sub.add_parser("mlflow-ui")
     mp.add_argument("--port", type=int, default=5000)
+    ip = sub.add_parser("import", help="import traces/logs a team already has into the log folder")
+    ip.add_argument("paths", nargs="+", help="files or folders (gzip and rotated files too)")
+    ip.add_argument("--format", default="auto", choices=["auto", "capture", "jsonl", "csv", "openinference", "otlp",
+                                                         "mlflow", "langfuse", "langsmith", "phoenix"])
+    ip.add_argument("--map", action="append", default=[], metavar="FIELD=SOURCE",
+                    help="jsonl/csv: where a field lives, e.g. --map query=question --map results.chunk_id=doc")
+    ip.add_argument("--retriever", help="retriever name for records that carry none")
+    ip.add_argument("--keep-pii", action="store_true", help="do not redact (only for data that holds none)")
     for name in ("demo", "backfill", "run"):
         sub.choices[name].add_argument("--submit", action="store_true",
                                        help="queue runs on the services (`flywheel services up`) instead of in-process")
@@ -283,7 +305,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "backfill": cmd_backfill, "config": cmd_config,
-            "ui": cmd_ui, "mlflow-ui": cmd_mlflow_ui}
+            "ui": cmd_ui, "mlflow-ui": cmd_mlflow_ui, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

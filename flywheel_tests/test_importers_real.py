@@ -180,3 +180,17 @@ def test_one_bad_value_in_a_pretty_printed_stream_never_stops_the_next(tmp_path)
     stats = import_file(src, tmp_path / "logs")
     assert stats.imported == 1 and stats.issues_by_reason == {"invalid_json": 1}
     assert stats.issues[0].line > 1  # the line of the bad value, not the file's start
+
+
+def test_flywheel_import_command_prints_a_summary_per_file(tmp_path, monkeypatch, capsys):
+    from flywheel.cli import main
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path / "home"))
+    code = main(["import", str(EXPORTS / "mlflow_trace.json"), str(EXPORTS / "langchain_otlp.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "mlflow_trace.json [auto:mlflow]: imported 1 of 1 retrievals, lost 0" in out
+    assert "langchain_otlp.json [auto:openinference]: imported 2 of 2 retrievals, lost 0" in out
+    assert len(_records(tmp_path / "home" / "logs")) == 3
+    assert main(["import", str(tmp_path / "missing.json"), "--format", "langfuse"]) == 1
+    assert "file_not_read" in capsys.readouterr().out

@@ -290,3 +290,78 @@ def test_sensor_requests_a_rerun_only_when_files_changed_after_materialization(t
     write(tmp_path / "logs", "2026-10-21", [search("x", ts="2026-10-21T00:00:00Z")])
     later = raw_logs_new_files(dg.build_sensor_context(instance=instance, resources=res, cursor=again.cursor))
     assert later.run_requests == []
+
+
+# -- which files are read, and every one that is not -------------------------------------------------
+
+def test_other_log_names_gzip_rotation_bom_unpadded_and_nested_folders_are_read(tmp_path):
+    import gzip
+
+    logs = tmp_path / "logs"
+    write(logs, "2026-10-06", [search("plain")])
+    write(logs, "2026-10-06", [search("json")], name="a.json")
+    write(logs, "2026-10-06", [search("nd")], name="b.ndjson")
+    write(logs, "2026-10-06", [search("rotated")], name="app.jsonl.1")
+    (logs / "day=2026-10-06" / "c.jsonl.2.gz").write_bytes(gzip.compress(json.dumps(search("gz")).encode() + b"\n"))
+    (logs / "day=2026-10-06" / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(search("bom")).encode() + b"\n")
+    write(logs, "2026-10-7", [search("unpadded", ts="2026-10-07T10:00:00Z")])
+    nested = logs / "day=2026-10-08" / "host-b"  # a nested folder
+    nested.mkdir(parents=True)
+    (nested / "x.jsonl").write_text(json.dumps(search("nested", ts="2026-10-08T10:00:00Z")) + "\n")
+    stats, df, q = ingest(tmp_path)
+    assert sorted(df.request_id) == ["bom", "gz", "json", "nd", "nested", "plain", "rotated", "unpadded"]
+    assert stats.quarantined_total == 0 and len(q) == 0
+
+
+def test_every_file_not_read_is_reported_with_its_reason_and_outside_symlinks_are_not_followed(tmp_path):
+    logs = tmp_path / "logs"
+    write(logs, "2026-10-06", [search("a")])
+    day = logs / "day=2026-10-06"
+    (day / "notes.txt").write_text("hello")
+    (day / ".hidden.jsonl").write_text(json.dumps(search("hidden")) + "\n")
+    (day / "gone.jsonl").symlink_to(tmp_path / "missing.jsonl")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text(json.dumps(search("outside")) + "\n")
+    (day / "outside.jsonl").symlink_to(outside / "secret.jsonl")
+    (logs / "day=2026-10-09").symlink_to(outside, target_is_directory=True)
+    (day / "inside.jsonl").symlink_to(day / "host-1-abcd.jsonl")  # inside the folder: read (a duplicate)
+    (logs / "day=2026-13-45").mkdir()
+    (logs / "README").write_text("x")
+    (logs / "dead-letter").mkdir()
+    stats, df, _ = ingest(tmp_path)
+    assert sorted(df.request_id) == ["a"] and stats.duplicates == 1
+    assert stats.files_not_read == {
+        "README": "not_a_day_folder", "day=2026-10-06/.hidden.jsonl": "hidden_file",
+        "day=2026-10-06/gone.jsonl": "dangling_symlink", "day=2026-10-06/notes.txt": "unknown_extension",
+        "day=2026-10-06/outside.jsonl": "symlink_outside_log_dir", "day=2026-10-09": "symlink_outside_log_dir",
+        "day=2026-13-45": "bad_day_folder"}
+    assert stats.files_not_read_count == 7 and stats.files_not_read_by_reason["symlink_outside_log_dir"] == 2
+
+
+def test_unread_files_check_fails_above_the_threshold(tmp_path):
+    write(tmp_path / "logs", "2026-10-06", [search("a")])
+    (tmp_path / "logs" / "day=2026-10-06" / "export.csv").write_text("a,b\n")
+    result, checks, _, _ = _materialize(tmp_path)
+    assert not checks["raw_logs_files_read"].passed
+    assert checks["raw_logs_files_read"].metadata["first_files_not_read"].value == {
+        "day=2026-10-06/export.csv": "unknown_extension"}
+    md = result.asset_materializations_for_node("raw_logs")[0].metadata
+    assert md["files_not_read"].value == 1 and "unknown_extension" in md["files_not_read_by_reason"].value
+    _, checks, _, _ = _materialize(tmp_path, max_unread_log_files=1)
+    assert checks["raw_logs_files_read"].passed
+
+
+def test_the_import_sensor_imports_dropped_files(tmp_path):
+    import shutil
+
+    exports = Path(__file__).parent / "fixtures" / "exports"
+    res = resources(tmp_path)
+    inbox = tmp_path / "home" / "imports"
+    assert isinstance(log_imports(dg.build_sensor_context(resources={"paths": res["paths"]})), dg.SkipReason)
+    inbox.mkdir(parents=True)
+    shutil.copy(exports / "langfuse_observations.json", inbox)
+    log_imports(dg.build_sensor_context(resources={"paths": res["paths"]}))
+    assert (inbox / "done" / "langfuse_observations.json").exists()
+    stats, df, _ = ingest(tmp_path)
+    assert len(df) == 2 and stats.quarantined_total == 0

@@ -56,8 +56,14 @@ def _now() -> str:
     return format_timestamp(datetime.now(timezone.utc))
 
 
-def _timestamp(ts: Any) -> str:
-    return _now() if ts is None else format_timestamp(coerce_timestamp(ts))
+def _timestamp(ts: Any) -> Any:
+    """UTC ISO text; what cannot be read is kept (as text) for ``validate`` to name: never "now"."""
+    if ts is None:
+        return _now()
+    try:
+        return format_timestamp(coerce_timestamp(ts))
+    except RecordError:
+        return ts if isinstance(ts, str) else f"unreadable {type(ts).__name__}: {str(ts)[:80]}"
 
 
 def _id(value: Any, field: str) -> Any:
@@ -181,11 +187,8 @@ def _result_items(results: Any, policy: _TextPolicy) -> Any:
 def build_search_record(query: Any, results: Any, *, request_id: Any = None, user_id: Any = None,
                         session_id: Any = None, timestamp: Any = None, retriever: Any = None,
                         retriever_version: Any = None, text_policy: _TextPolicy | None = None) -> dict:
-    """A v1 search record from what the app passed (coerced, cut to limits, redacted).
-
-    Raises ``RecordError`` only for an unusable timestamp; other problems are left in the record
-    for ``validate`` to name.
-    """
+    """A v1 search record from what the app passed (coerced, cut to limits, redacted); what cannot
+    be coerced is left in the record for ``validate`` to name."""
     policy = text_policy or _TextPolicy(False)
     return {
         "schema_version": SCHEMA_VERSION,

@@ -140,3 +140,172 @@ def run_writers(
                 data = f.read_bytes()
                 lat.extend(struct.unpack(f"<{len(data) // 4}I", data))
     return StressResult(writers, events, list(acked), killed, killed_at, [p.exitcode for p in procs], seconds, lat)
+
+
+# -- fork while another thread logs ------------------------------------------------------------------
+
+def fork_while_logging(log_dir: str | Path, children: int = 50, timeout_s: float = 20.0) -> dict:
+    """Fork ``children`` processes while a thread of this process logs non-stop; each child logs one
+    search and exits. A child whose inherited lock was held by the logging thread at fork time
+    would wait forever: it counts as hung (and is killed) when it has not exited in ``timeout_s``.
+    Returns {"children", "hung", "failed", "records"} (records: the children's, read back)."""
+    import threading
+
+    from flywheel.capture import SearchLogger
+
+    logger = SearchLogger(log_dir, retriever="fork-test")
+    stop = threading.Event()
+    ts = datetime(2026, 10, 6, 12, tzinfo=timezone.utc)
+
+    def busy():
+        i = 0
+        while not stop.is_set():
+            logger.log_search(f"parent {i}", results_for(0, i), request_id=f"parent-{i}", timestamp=ts)
+            i += 1
+
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    pids = []
+    try:
+        for c in range(children):
+            pid = os.fork()
+            if pid == 0:  # child: one search, then leave without running the parent's cleanup
+                ok = logger.log_search(f"child {c}", results_for(1, c), request_id=f"child-{c}", timestamp=ts)
+                os._exit(0 if ok and logger.stats["failed"] == 0 else 3)
+            pids.append(pid)
+    finally:
+        stop.set()
+        thread.join()
+    hung = failed = 0
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        status = None
+        while status is None:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+            elif time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                status = -1
+            else:
+                time.sleep(0.005)
+        hung += status == -1
+        failed += status not in (-1, 0)
+    logger.close()
+    records = sum(1 for f in Path(log_dir).rglob("*.jsonl") for line in f.read_text("utf-8").splitlines()
+                  if '"request_id":"child-' in line)
+    return {"children": children, "hung": hung, "failed": failed, "records": records}
+
+
+# -- a logger sent to another process ------------------------------------------------------------------
+
+def _log_in_child(logger, n: int, tag: str) -> None:
+    for i in range(n):
+        logger.log_search(f"{tag} {i}", results_for(2, i), request_id=f"{tag}-{i}",
+                          timestamp=datetime(2026, 10, 6, 12, tzinfo=timezone.utc))
+    logger.close()
+
+
+def log_from_process(logger, method: str, n: int = 3, timeout_s: float = 120.0) -> int:
+    """Send ``logger`` to a process started with ``method`` (spawn, forkserver); its exit code."""
+    ctx = mp.get_context(method)
+    p = ctx.Process(target=_log_in_child, args=(logger, n, method))
+    p.start()
+    p.join(timeout_s)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        return -9
+    return p.exitcode
+
+
+# -- the type battery ---------------------------------------------------------------------------------
+
+def type_battery() -> list[tuple[str, dict]]:
+    """(case, log_search kwargs) for inputs real apps pass: numpy ids and scores, bytes, epoch
+    timestamps, offsets, None scores, over-long texts, too many results, and inputs that cannot be
+    made valid (they must land in the dead-letter folder, not vanish)."""
+    import decimal
+    import uuid as _uuid
+
+    import numpy as np
+
+    base = datetime(2026, 10, 6, 12, tzinfo=timezone.utc)
+    epoch = base.timestamp()
+
+    def res(**over):
+        r = {"chunk_id": "c1", "text": "alpha", "score": 0.5, "rank": 1}
+        r.update(over)
+        return [r]
+
+    cases = [
+        ("np_int64_chunk_id", {"results": res(chunk_id=np.int64(42))}),
+        ("np_uint32_chunk_id", {"results": res(chunk_id=np.uint32(7))}),
+        ("bytes_chunk_id", {"results": res(chunk_id=b"doc-9")}),
+        ("binary_bytes_chunk_id", {"results": res(chunk_id=b"\x00\xff\x10")}),
+        ("uuid_chunk_id", {"results": res(chunk_id=_uuid.UUID(int=5))}),
+        ("np_float32_score", {"results": res(score=np.float32(0.25))}),
+        ("decimal_score", {"results": res(score=decimal.Decimal("0.75"))}),
+        ("none_score", {"results": res(score=None)}),
+        ("nan_score", {"results": res(score=float("nan"))}),
+        ("np_rank", {"results": res(rank=np.int64(1))}),
+        ("missing_rank", {"results": [{"chunk_id": "a", "text": "t"}, {"chunk_id": "b", "text": "u"}]}),
+        ("epoch_seconds", {"timestamp": epoch}),
+        ("epoch_millis", {"timestamp": int(epoch * 1000)}),
+        ("epoch_micros_np", {"timestamp": np.int64(int(epoch * 1_000_000))}),
+        ("epoch_nanos_str", {"timestamp": str(int(epoch * 1_000_000_000))}),
+        ("offset_string", {"timestamp": "2026-10-06T23:30:00-08:00"}),
+        ("basic_iso", {"timestamp": "20261006T120000Z"}),
+        ("naive_datetime", {"timestamp": datetime(2026, 10, 6, 12)}),
+        ("np_datetime64", {"timestamp": np.datetime64("2026-10-06T12:00:00")}),
+        ("np_int64_request_id", {"request_id": np.int64(123)}),
+        ("bytes_user_id", {"user_id": b"u-1"}),
+        ("query_too_long", {"query": "q" * 25_000}),
+        ("text_too_long", {"results": res(text="t" * 150_000)}),
+        ("too_many_results", {"results": [{"chunk_id": f"c{i}", "text": "t", "score": 1.0, "rank": i + 1}
+                                          for i in range(1_500)]}),
+        # cannot be made valid: dead-lettered with the reason
+        ("unparseable_timestamp", {"timestamp": "next tuesday"}),
+        ("dict_chunk_id", {"results": res(chunk_id={"a": 1})}),
+        ("duplicate_ranks", {"results": [{"chunk_id": "a", "text": "t", "rank": 1}, {"chunk_id": "b", "text": "t", "rank": 1}]}),
+        ("none_query", {"query": None}),
+        ("results_not_a_list", {"results": 42}),
+    ]
+    out = []
+    for i, (name, kw) in enumerate(cases):
+        kw = dict(kw)
+        kw.setdefault("query", f"case {name}")
+        kw.setdefault("results", res())
+        kw.setdefault("timestamp", base)
+        kw.setdefault("request_id", f"case-{i:02d}-{name}")
+        out.append((name, kw))
+    return out
+
+
+def run_type_battery(log_dir: str | Path) -> dict:
+    """Log every battery case; count where each one went. ``lost_without_trace`` must be 0: every
+    call is a valid record, a dead letter with its reason, or a counted failure."""
+    import json
+
+    from flywheel.capture import SearchLogger, coerce_id, validate
+
+    cases = type_battery()
+    ids = [coerce_id(kw["request_id"], "request_id") for _, kw in cases]
+    with SearchLogger(log_dir) as logger:
+        for _, kw in cases:
+            kw = dict(kw)
+            logger.log_search(kw.pop("query"), kw.pop("results"), **kw)
+        stats = logger.stats
+    valid, dead = set(), {}
+    for f in Path(log_dir).glob("day=*/*.jsonl"):
+        for line in f.read_text("utf-8").splitlines():
+            rec, _ = validate(json.loads(line))  # what capture wrote, the reader accepts
+            valid.add(rec["request_id"])
+    for f in Path(log_dir).glob("dead-letter/*.jsonl"):
+        for line in f.read_text("utf-8").splitlines():
+            d = json.loads(line)
+            dead[d["record"]["request_id"]] = d["reason"]
+    lost = [i for i in ids if i not in valid and i not in dead]
+    return {"cases": len(cases), "valid": len(valid), "dead_lettered": len(dead), "failed": stats["failed"],
+            "lost_without_trace": len(lost) - stats["failed"], "dead_letter_reasons": dead, "lost_ids": lost}

@@ -54,7 +54,7 @@ SPAN_FORMATS = ("openinference", "otlp", "phoenix")
 _ROTATION = re.compile(r"(\.\d+|[.-]\d{8}(T?\d{4,6})?|\.gz|\.bz2)+$")
 
 __all__ = ["FORMATS", "IMPORTS_DIR", "ImportIssue", "ImportStats", "MappingError", "detect_value_format",
-           "format_summary", "import_csv", "import_file", "import_folder", "import_jsonl", "import_openinference",
+           "format_summary", "totals", "import_csv", "import_file", "import_folder", "import_jsonl", "import_openinference",
            "import_paths", "pending_imports", "to_datetime"]
 
 
@@ -214,6 +214,20 @@ def format_summary(stats: ImportStats) -> str:
         if stats.rejected > 10:
             lines.append(f"    ... {stats.rejected - 10:,} more")
     return "\n".join(lines)
+
+
+def totals(results: list[ImportStats], say=None) -> dict:
+    """Totals over files (and each file's summary through ``say``); the last key is per format."""
+    out = {"files": len(results), "retrievals": 0, "imported": 0, "lost": 0, "feedback": 0, "files_not_read": 0}
+    for stats in results:
+        if say:
+            say(format_summary(stats))
+        out["retrievals"] += stats.retrievals
+        out["imported"] += stats.imported
+        out["lost"] += stats.lost
+        out["feedback"] += stats.feedback
+        out["files_not_read"] += "file_not_read" in stats.issues_by_reason
+    return out
 
 
 # -- the original entry points -----------------------------------------------------------------------

@@ -68,7 +68,7 @@ def explode_results(raw_logs: pd.DataFrame) -> pd.DataFrame:
                 "chunk_id": r["chunk_id"],
                 "chunk_text": r["text"],
                 "rank": int(r["rank"]),
-                "score": float(r["score"]),
+                "score": float("nan") if r["score"] is None else float(r["score"]),  # imports may have none
                 "clicked": r["chunk_id"] in clicks,
                 "cited": r["chunk_id"] in cited,
                 "saved": r["chunk_id"] in saves,
