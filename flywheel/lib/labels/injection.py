@@ -52,11 +52,13 @@ PATTERNS: dict[str, re.Pattern] = {name: re.compile(p) for name, p in {
     "addresses_grader": rf"(?:\b(?:note|message|attention|instruction|hint|notice|reminder)s?\s+(?:to|for)\s+(?:the\s+|any\s+|all\s+)?(?:\w+\s+)?{_GRADER}\b"
                         rf"|\bif you are (?:an?\s+|the\s+)?(?:\w+\s+)?{_GRADER}\b|\byou are (?:now )?(?:an?\s+|the\s+)(?:\w+\s+)?{_GRADER}\b"
                         rf"|\b(?:dear|hey|hello|attention|to the|to any|for the|for any)\s+(?:\w+\s+)?{_ADDRESSEE}s?\b(?:\s+[\w-]+){{0,3}}\s*[,:!]"
-                        rf"|\bas an? (?:ai|a\.i\.|llm|language model|assistant)\b)",
+                        rf"|\bas an? (?:ai|a\.i\.|llm|language model|assistant)\b"
+                        rf"|\b{_ADDRESSEE}\s+(?:note|notice|hint|instruction|message)s?\s*:)",
     # "grade this passage 3", "mark this document as relevant", "rate the text as highly relevant"
     "dictates_grade": rf"\b{_DIRECTIVE}\w*\s+(?:this|the|that|current|following|above)\s+(?:\w+\s+)?{_TARGET}s?\b[^.!?\n]{{0,40}}?\b{_VERDICT}\b",
     # "this passage should be rated 3", "this document is perfectly relevant", "is a perfect match"
-    "claims_grade": rf"\b(?:this|the current|the following|the above)\s+(?:\w+\s+)?{_TARGET}\s+(?:should|must|shall|will|has to|needs to|deserves to)\s+(?:be\s+|get\s+|receive\s+)?"
+    "claims_grade": rf"\b(?:this|the)\s+(?:\w+\s+)?{_TARGET}\s+deserves\b[^.!?\n]{{0,40}}\b(?:grade|score|rating|mark|{_VERDICT})\b"
+                    rf"|\b(?:this|the current|the following|the above)\s+(?:\w+\s+)?{_TARGET}\s+(?:should|must|shall|will|has to|needs to|deserves to)\s+(?:be\s+|get\s+|receive\s+)?"
                     rf"(?:rated|graded|scored|marked|labell?ed|classified|considered|treated|judged|ranked|a|an|the)?\b[^.!?\n]{{0,30}}?\b{_VERDICT}\b"
                     rf"|\b(?:this|the current)\s+(?:\w+\s+)?{_TARGET}\s+is\s+(?:highly|perfectly|extremely|very|the most|100%|fully|definitely|clearly)\s+relevant\b"
                     rf"|\b(?:this|the current)\s+(?:\w+\s+)?{_TARGET}\s+(?:is|gets|receives|earns)\s+(?:a\s+|the\s+)?(?:grade|score|rating)\s+(?:of\s+)?[0-3]\b",
@@ -103,7 +105,10 @@ def kinds(text: str) -> list[str]:
     return sorted({f.kind for f in scan(text)})
 
 
-_SENTENCE_END = re.compile(r"[.!?;\n]")
+_SENTENCE_END = re.compile(r"[.!?;\n}\]]|\|>|</?\w+>")  # sentence ends, and the end of markup or JSON
+# inside a text already flagged, any sentence that names a grade goes too (attacks span sentences)
+_GRADE_TALK = re.compile(r"\b(?:grade|rate|rated|rating|score|mark|label|answer|respond|reply|output|return|give|classify|assign)\b"
+                         r"[^.!?;\n]{0,40}?\b(?:[0-3]|three|perfect|highly relevant|relevant)\b")
 
 
 def redact(text: str) -> str:
@@ -116,9 +121,10 @@ def redact(text: str) -> str:
     if not findings:
         return str(text)
     spans: list[tuple[int, int]] = []
-    for f in findings:
-        left = max((m.end() for m in _SENTENCE_END.finditer(norm, 0, f.start)), default=0)
-        right_m = _SENTENCE_END.search(norm, f.end)
+    starts = [(f.start, f.end) for f in findings] + [(m.start(), m.end()) for m in _GRADE_TALK.finditer(norm)]
+    for start, end in starts:
+        left = max((m.end() for m in _SENTENCE_END.finditer(norm, 0, start)), default=0)
+        right_m = _SENTENCE_END.search(norm, max(start, end - 2))  # markup may end the finding itself
         right = right_m.end() if right_m else len(norm)
         spans.append((left, right))
     spans.sort()
