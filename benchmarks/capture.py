@@ -1,12 +1,20 @@
-"""Capture + raw_logs benchmark: lossless concurrent writing under SIGKILL, latency, ingest throughput.
+"""Capture + raw_logs benchmark: lossless concurrent writing under SIGKILL, latency, ingest throughput,
+forked children, the type battery, real exports and unread files.
 
-    python benchmarks/capture.py            # ~2 minutes on 2 cores
+    python benchmarks/capture.py            # a few minutes on 2 cores
 
 1. 8 writer processes x 10,000 events through ``SearchLogger`` (one feedback per 5 searches),
    writer 0 SIGKILLed after 3,000 acknowledged events; every acknowledged event must be read back
    exactly once and every row must match what was logged. Capture latency = one ``log_search``.
 2. 1,000,000 synthetic search records (short texts, 3 results, 0.1% malformed lines) in 16 day files,
-   ingested by ``ingest_week`` in a fresh process: rows/s and that process's peak RSS.
+   ingested by ``ingest_week`` in a fresh process: rows/s (one process, so one core) and its peak RSS.
+3. 1,000 children forked (10 rounds of 100) while a thread of the parent logs non-stop: hung children.
+4. The type battery (numpy/bytes ids, epoch timestamps, offsets, limits, invalid inputs): records
+   neither written valid, nor dead-lettered, nor counted as failed.
+5. Every real export in flywheel_tests/fixtures/exports: retriever records per format (known from
+   the files), imported (read back from the log folder), lost.
+6. A log folder with every kind of file (other names, gzip, rotated, BOM, unpadded day, nested,
+   hidden, dangling and outside symlinks): files neither read nor reported by the ingest.
 Prints figures as it goes; the last line is one JSON object.
 """
 
@@ -62,7 +70,7 @@ def _ingest_in_fresh_process(log_dir: Path, out: Path, q: Path) -> dict:
 def stress(tmp: Path) -> dict:
     from flywheel.lib.logs.ingest import ingest_week, load_raw_logs
 
-    print(f"[1/2] {WRITERS} writers x {EVENTS:,} events, writer 0 SIGKILLed after {KILL_AFTER:,} ...", flush=True)
+    print(f"[1/6] {WRITERS} writers x {EVENTS:,} events, writer 0 SIGKILLed after {KILL_AFTER:,} ...", flush=True)
     log_dir = tmp / "stress-logs"
     r = run_writers(log_dir, week_start=WEEK, writers=WRITERS, events=EVENTS, kill_writer=0,
                     kill_after=KILL_AFTER, latency_dir=tmp)
@@ -155,7 +163,7 @@ def generate(log_dir: Path, n: int, seed: int = 0) -> tuple[int, int]:
 
 def ingest_benchmark(tmp: Path) -> dict:
     log_dir = tmp / "bulk-logs"
-    print(f"[2/2] generating {INGEST_RECORDS:,} records ...", flush=True)
+    print(f"[2/6] generating {INGEST_RECORDS:,} records ...", flush=True)
     t0 = time.perf_counter()
     good, bad = generate(log_dir, INGEST_RECORDS)
     size_mb = sum(p.stat().st_size for p in log_dir.rglob("*.jsonl")) / 2**20
@@ -173,11 +181,113 @@ def ingest_benchmark(tmp: Path) -> dict:
             "ingest_peak_rss_mb": round(r["rss_mb"], 1), "ingest_input_mb": round(size_mb, 1)}
 
 
+FORK_ROUNDS, FORK_CHILDREN = 10, 100
+EXPORTS = Path(__file__).resolve().parents[1] / "flywheel_tests" / "fixtures" / "exports"
+# fixture -> (format, retriever records in the file, counted by reading it)
+REAL_EXPORTS = {
+    "langchain_console.txt": ("openinference", 2), "llamaindex_spans.jsonl": ("openinference", 1),
+    "haystack_console.txt": ("openinference", 1), "langchain_otlp.json": ("otlp", 2),
+    "haystack_otlp.json": ("otlp", 1), "phoenix_span.json": ("phoenix", 1), "mlflow_trace.json": ("mlflow", 1),
+    "langfuse_observations.json": ("langfuse", 2), "langsmith_runs.jsonl": ("langsmith", 1),
+}
+
+
+def forked_children(tmp: Path) -> dict:
+    from flywheel.testing.capture_stress import fork_while_logging
+
+    print(f"[3/6] {FORK_ROUNDS * FORK_CHILDREN:,} children forked while a parent thread logs ...", flush=True)
+    hung = failed = records = 0
+    for r in range(FORK_ROUNDS):
+        out = fork_while_logging(tmp / f"fork-{r}", children=FORK_CHILDREN, timeout_s=30)
+        hung, failed, records = hung + out["hung"], failed + out["failed"], records + out["records"]
+    print(f"      hung {hung}, failed {failed}, children's records read back {records:,}", flush=True)
+    return {"forked_children": FORK_ROUNDS * FORK_CHILDREN, "forked_children_hung": hung,
+            "forked_children_failed": failed, "forked_children_records": records}
+
+
+def type_battery(tmp: Path) -> dict:
+    from flywheel.testing.capture_stress import run_type_battery
+
+    r = run_type_battery(tmp / "battery")
+    print(f"[4/6] type battery: {r['cases']} cases, {r['valid']} written valid, {r['dead_lettered']} dead-lettered "
+          f"with a reason, {r['failed']} failed, {r['lost_without_trace']} lost without a trace", flush=True)
+    return {"type_battery_cases": r["cases"], "type_battery_dead_lettered": r["dead_lettered"],
+            "records_lost_without_trace": r["lost_without_trace"]}
+
+
+def real_exports(tmp: Path) -> dict:
+    from flywheel.capture.importers import import_file
+
+    print("[5/6] real exports ...", flush=True)
+    out: dict[str, dict] = {}
+    for name, (fmt, records) in REAL_EXPORTS.items():
+        log_dir = tmp / "exports" / name
+        import_file(EXPORTS / name, log_dir, format="auto")
+        imported = sum(len(f.read_text("utf-8").splitlines()) for f in log_dir.glob("day=*/*.jsonl"))
+        agg = out.setdefault(fmt, {"records": 0, "imported": 0, "lost": 0})
+        agg["records"] += records
+        agg["imported"] += imported
+        agg["lost"] += max(0, records - imported)
+    for fmt, agg in out.items():
+        print(f"      {fmt:<14} records {agg['records']}, imported {agg['imported']}, lost {agg['lost']}", flush=True)
+    return {"real_exports": out}
+
+
+def _tricky_log_folder(log_dir: Path) -> None:
+    import gzip
+
+    rec = lambda rid, day="2026-10-06": json.dumps({  # noqa: E731
+        "schema_version": 1, "type": "search", "request_id": rid, "timestamp": f"{day}T10:00:00Z", "query": "q",
+        "results": [{"chunk_id": "c", "text": "t", "score": 1.0, "rank": 1}]}) + "\n"
+    day = log_dir / "day=2026-10-06"
+    (day / "nested").mkdir(parents=True)
+    (day / "a.jsonl").write_text(rec("a"))
+    (day / "b.json").write_text(rec("b"))
+    (day / "c.ndjson").write_text(rec("c"))
+    (day / "d.jsonl.1").write_text(rec("d"))
+    (day / "e.jsonl.gz").write_bytes(gzip.compress(rec("e").encode()))
+    (day / "f.jsonl").write_bytes(b"\xef\xbb\xbf" + rec("f").encode())
+    (day / "nested" / "g.jsonl").write_text(rec("g"))
+    (day / "notes.txt").write_text("x")
+    (day / ".h.jsonl").write_text(rec("h"))
+    (day / "gone.jsonl").symlink_to(log_dir.parent / "missing.jsonl")
+    (log_dir.parent / "outside").mkdir(exist_ok=True)
+    (log_dir.parent / "outside" / "o.jsonl").write_text(rec("o"))
+    (day / "out.jsonl").symlink_to(log_dir.parent / "outside" / "o.jsonl")
+    (log_dir / "day=2026-10-7").mkdir()
+    (log_dir / "day=2026-10-7" / "u.jsonl").write_text(rec("u", "2026-10-07"))
+    (log_dir / "stray.csv").write_text("x")
+
+
+def unread_files(tmp: Path) -> dict:
+    from flywheel.lib.logs.files import scan_week
+    from flywheel.lib.logs.ingest import ingest_week
+
+    log_dir = tmp / "tricky" / "logs"
+    log_dir.mkdir(parents=True)
+    _tricky_log_folder(log_dir)
+    stats = ingest_week(log_dir, WEEK, WEEK + timedelta(days=7), tmp / "tricky.parquet", tmp / "tricky-q.parquet")
+    scan = scan_week(log_dir, WEEK, WEEK + timedelta(days=7))
+    read = {p.relative_to(log_dir).as_posix() for p in scan.week + scan.grace}
+    reported = set(stats.files_not_read)
+    every = {p.relative_to(log_dir).as_posix() for p in log_dir.rglob("*") if p.is_file() or p.is_symlink()}
+    silent = {f for f in every if f not in read and not any(f == r or f.startswith(r + "/") for r in reported)}
+    print(f"[6/6] tricky log folder: {len(every)} files, {len(read)} read ({stats.rows} rows), "
+          f"{stats.files_not_read_count} reported unread {stats.files_not_read_by_reason}, "
+          f"{len(silent)} ignored silently {sorted(silent)}", flush=True)
+    return {"files_ignored_silently": len(silent), "files_reported_unread": stats.files_not_read_count,
+            "tricky_rows_read": stats.rows}
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flywheel-capture-bench-") as d:
         tmp = Path(d)
         result = stress(tmp)
         result.update(ingest_benchmark(tmp))
+        result.update(forked_children(tmp))
+        result.update(type_battery(tmp))
+        result.update(real_exports(tmp))
+        result.update(unread_files(tmp))
     print(json.dumps(result))
 
 
