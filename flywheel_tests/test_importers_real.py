@@ -136,9 +136,10 @@ def test_the_import_folder_moves_files_to_done_with_their_summary(tmp_path):
     assert (inbox / "done" / "mlflow_trace.json").exists()
     summary = json.loads((inbox / "done" / "mlflow_trace.json.summary.json").read_text())
     assert summary["imported"] == 1 and summary["lost"] == 0
-    # a file that could not be read is not moved: its summary says why
-    assert (inbox / "broken.csv").exists()
-    assert "request_id" in (inbox / "broken.csv.summary.json").read_text()
+    # a file whose columns do not fit goes to failed/, its summary saying why
+    assert (inbox / "failed" / "broken.csv").exists() and not (inbox / "broken.csv").exists()
+    assert "request_id" in (inbox / "failed" / "broken.csv.summary.json").read_text()
+    assert import_folder(inbox, tmp_path / "logs") == []  # nothing left waiting
 
 
 def test_capture_records_are_redacted_cleaned_and_filed_by_their_utc_day(tmp_path):

@@ -165,7 +165,8 @@ def import_paths(paths: Iterable[str | Path], log_dir: str | Path, **options: An
             results.append(import_file(path, log_dir, **options))
         except (OSError, MappingError) as exc:
             stats = ImportStats(str(path), format=options.get("format", "auto"))
-            stats.issue(0, None, "file_not_read", f"{type(exc).__name__}: {exc}")
+            reason = "mapping_does_not_fit" if isinstance(exc, MappingError) else "file_not_read"
+            stats.issue(0, None, reason, f"{type(exc).__name__}: {exc}")
             results.append(stats)
     return results
 
@@ -182,8 +183,9 @@ def pending_imports(imports_dir: str | Path) -> list[Path]:
 def import_folder(imports_dir: str | Path, log_dir: str | Path, **options: Any) -> list[ImportStats]:
     """The Dagster way: import every file dropped in ``imports_dir`` and move it to ``done/``.
 
-    Each imported file's summary is written next to it (``done/<name>.summary.json``); a file that
-    could not be read stays where it is (with a ``.summary.json`` saying why) for the next run.
+    Each imported file's summary is written next to it (``done/<name>.summary.json``); a file
+    whose columns do not fit goes to ``failed/`` with its summary; a file that could not be read
+    (an I/O error) stays where it is, with a ``.summary.json`` saying why, for the next run.
     """
     imports_dir = Path(imports_dir)
     done = imports_dir / "done"
@@ -194,9 +196,10 @@ def import_folder(imports_dir: str | Path, log_dir: str | Path, **options: Any) 
         if "file_not_read" in stats.issues_by_reason:
             path.with_name(path.name + ".summary.json").write_text(summary)
         else:
-            done.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(path), done / path.name)
-            (done / (path.name + ".summary.json")).write_text(summary)
+            dest = imports_dir / "failed" if "mapping_does_not_fit" in stats.issues_by_reason else done
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), dest / path.name)
+            (dest / (path.name + ".summary.json")).write_text(summary)
         results.append(stats)
     return results
 
@@ -226,7 +229,7 @@ def totals(results: list[ImportStats], say=None) -> dict:
         out["imported"] += stats.imported
         out["lost"] += stats.lost
         out["feedback"] += stats.feedback
-        out["files_not_read"] += "file_not_read" in stats.issues_by_reason
+        out["files_not_read"] += bool({"file_not_read", "mapping_does_not_fit"} & set(stats.issues_by_reason))
     return out
 
 

@@ -18,7 +18,6 @@ feedback to spans), retriever = span name, version = ``retriever.version`` or th
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -245,10 +244,3 @@ def _start(span: dict) -> float:
         return coerce_timestamp(span["start"]).timestamp()
     except RecordError:
         return math.inf
-
-
-def feed_json(importer: SpanImporter, line: int, value: Any) -> None:
-    """A value that may itself be a JSON string of spans (some exports double-encode)."""
-    if isinstance(value, str):
-        value = json.loads(value) if value.strip()[:1] in "{[" else value
-    importer.feed(line, value)

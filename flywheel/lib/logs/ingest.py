@@ -39,7 +39,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -129,6 +128,7 @@ class IngestStats:
 # -- files ----------------------------------------------------------------------------------------
 
 def _read_lines(path: Path, sizes: dict):
+    """(line number, bytes, state) of a log file (see ``files.read_lines``)."""
     return _files.read_lines(path, sizes)
 
 
