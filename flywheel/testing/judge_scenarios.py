@@ -59,5 +59,6 @@ def run_scenario(name: str, human, requests, *, concurrency: int = 8, cache_path
         except JudgeConfigError as e:
             stopped = str(e)
         labelled = sum(j.grade is not None for j in out)
-        return {"labelled": labelled, "missing": len(requests) - labelled, "calls": srv.calls,
+        # every HTTP request answered, refused ones (401) included
+        return {"labelled": labelled, "missing": len(requests) - labelled, "calls": sum(srv.statuses.values()),
                 "answerable": sc.answerable, "stopped": stopped, "judge": judge, "out": out}
