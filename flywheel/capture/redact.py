@@ -39,7 +39,9 @@ _NUMBERISH_RE = re.compile(r"(?<!\d[.,])(?<![\w])\+?\(?\d(?:[ .\-()/]{0,2}\d){6,
 _LOCAL_PHONE_RE = re.compile(r"\d{3}[ .\-]\d{4}")
 _SEPARATORS = re.compile(r"[ .\-()+/]")
 _ISO_DATE = re.compile(r"(?:19|20)\d\d-[01]\d-[0-3]\d")
-_SECRET_KEYS = re.compile(r"(api[_-]?key|secret|password|passwd|token|authorization|cookie|credential)", re.I)
+# a key that names a secret: "api_key", "X-Api-Key", "client_secret", "auth_token" (not "num_tokens")
+_SECRET_KEYS = re.compile(r"(?:^|[^a-z])(?:api[_-]?key|(?:secret|private)[_-]?key|secret|password|passwd|token"
+                          r"|authorization|cookie|credentials?)$", re.I)
 
 
 def _classify(match: re.Match) -> str:
