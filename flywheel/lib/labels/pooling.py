@@ -76,7 +76,8 @@ def extend_pool(
     if progress:
         progress(f"pooling: judging {len(requests)} unjudged pairs from the compared models' top {depth} "
                  f"({len(voters)} votes each)")
-    votes = [[j.grade for j in voter.judge(requests, progress=progress)] for voter in voters]
+    # a pair flagged for prompt injection counts as unjudged: it never enters an eval suite
+    votes = [[None if j.injection_flag else j.grade for j in voter.judge(requests, progress=progress)] for voter in voters]
     rows = pd.DataFrame({
         "week": week, "query": [query_text[q] for q, _ in keys], "query_key": [q for q, _ in keys],
         "chunk_id": [c for _, c in keys], "rank": [wanted[k][1] for k in keys],
