@@ -271,7 +271,8 @@ class Sink:
                 text_policy=self.text)
             validate(json.loads(encode_line(record)))
         except RecordError as err:
-            self.stats.issue(line, err.field, err.reason, err.detail)
+            rid = fields.get("request_id")
+            self.stats.issue(line, err.field, err.reason, f"record {rid}: {err.detail}" if rid else err.detail)
             return False
         self.writer.write(record)
         self.stats.imported += 1

@@ -10,8 +10,8 @@ Not read, and each one reported with its reason (never silently): files with ano
 symlinks that lead outside the log folder (``symlink_outside_log_dir``: not followed), unreadable
 entries (``unreadable``), and, at the top of the log folder, entries that are not day folders
 (``not_a_day_folder``) or day folders with an impossible date (``bad_day_folder``). The capture
-library's own ``dead-letter/`` folder and the simulator's ``simulation.json`` are expected there
-and are counted apart (``expected_entries``), not as unread.
+library's own ``dead-letter/`` folder and the flywheel's ``simulation.json`` and ``backfill.json``
+markers (``flywheel.layout``) are expected there and are listed apart (``expected``), not as unread.
 
 Lines: a UTF-8 byte-order mark at the start of a file is dropped (it would cost the first
 record); a line longer than ``MAX_LINE_BYTES`` is skipped without being held in memory.
@@ -31,7 +31,7 @@ from typing import Iterator
 
 MAX_LINE_BYTES = 8 * 1024 * 1024
 GRACE_DAYS = 1
-EXPECTED_TOP_LEVEL = frozenset({"dead-letter", "simulation.json"})
+EXPECTED_TOP_LEVEL = frozenset({"dead-letter", "simulation.json", "backfill.json"})
 _DAY_RE = re.compile(r"^day=(\d{4})-(\d{1,2})-(\d{1,2})$")
 _LOG_NAME_RE = re.compile(r"\.(jsonl|ndjson|json)((\.\d+)|([.-]\d{8}(T?\d{4,6})?))*(\.gz)?((\.\d+)|([.-]\d{8}))*$")
 
