@@ -125,3 +125,14 @@ def test_size_on_disk_counts_weights_only_and_names_a_missing_folder(tmp_path):
     assert cost.size_on_disk_mb(tmp_path) == pytest.approx(2.0)
     with pytest.raises(FileNotFoundError, match="nowhere: no such model folder"):
         cost.size_on_disk_mb(tmp_path / "nowhere")
+
+
+def test_precision_costs_measure_each_model_at_each_precision(base_model_path):
+    costs = cost.precision_costs(
+        base_model_path, TEXTS, TEXTS[:2], reranker_path=base_model_path, candidates={"statins": TEXTS[:3]},
+        precisions=("fp32", "bf16"), max_seq_length=32, rerank_max_length=32,
+    )
+    assert [(c.name, c.precision) for c in costs] == [
+        ("embedder", "fp32"), ("reranker", "fp32"), ("embedder", "bf16"), ("reranker", "bf16")]
+    assert costs[1].queries_timed == 1 and costs[1].passages_timed == 3
+    assert costs[2].weights_mb == pytest.approx(costs[0].weights_mb / 2, rel=0.05)

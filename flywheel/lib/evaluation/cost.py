@@ -144,3 +144,34 @@ def cost_table_markdown(costs: Sequence[ModelCost]) -> str:
 
 def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def precision_costs(
+    embedder_path: str | Path, passages: Sequence[str], queries: Sequence[str], *,
+    reranker_path: str | Path | None = None, candidates: Mapping[str, Sequence[str]] | None = None,
+    precisions: Sequence[str] = ("fp32", "bf16"), max_seq_length: int = 256, rerank_max_length: int = 128,
+    batch_size: int = 64, device: str = "cpu", search: Callable[[np.ndarray], object] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[ModelCost]:
+    """The same embedder (and reranker) at each precision, measured side by side in one run.
+
+    ``candidates`` maps a query (text) to the passages the reranker scores for it (e.g. a first
+    stage's top 40); a fresh copy of each model is loaded per precision."""
+    from flywheel.lib.training.reranker import load_reranker
+
+    out = []
+    for precision in precisions:
+        model = index.load_embedder(embedder_path, device=device, max_seq_length=max_seq_length, precision=precision)
+        out.append(embedder_cost("embedder", embedder_path, model, queries, passages, search=search,
+                                 batch_size=batch_size))
+        if progress:
+            progress(f"embedder at {precision}: {out[-1].passages_per_s:.1f} passages/s (seq {max_seq_length}), "
+                     f"query p50 {out[-1].query_ms_p50:.1f} ms")
+        if reranker_path is not None and candidates:
+            ce = load_reranker(reranker_path, device=device, max_length=rerank_max_length, precision=precision)
+            out.append(reranker_cost("reranker", reranker_path, ce, {q: q for q in candidates}, candidates,
+                                     batch_size=batch_size))
+            if progress:
+                progress(f"reranker at {precision}: p50 {out[-1].query_ms_p50:.0f} ms, p95 {out[-1].query_ms_p95:.0f} ms "
+                         f"per query ({max(len(c) for c in candidates.values())} candidates, seq {rerank_max_length})")
+    return out
