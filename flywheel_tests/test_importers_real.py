@@ -195,3 +195,20 @@ def test_flywheel_import_command_prints_a_summary_per_file(tmp_path, monkeypatch
     assert len(_records(tmp_path / "home" / "logs")) == 3
     assert main(["import", str(tmp_path / "missing.json"), "--format", "langfuse"]) == 1
     assert "file_not_read" in capsys.readouterr().out
+
+
+def test_nested_exports_langsmith_child_runs_and_a_langfuse_trace_with_observations(tmp_path):
+    run = json.loads((EXPORTS / "langsmith_runs.jsonl").read_text())
+    root = {**run, "id": "root", "run_type": "chain", "name": "RAG", "child_runs": [run]}
+    (tmp_path / "tree.json").write_text(json.dumps(root))
+    stats = import_file(tmp_path / "tree.json", tmp_path / "ls")
+    assert (stats.imported, stats.skipped_by_reason) == (1, {"run_type_chain": 1})
+    page = json.loads((EXPORTS / "langfuse_observations.json").read_text())
+    trace = {"id": "c5a1e2f4b3d64f6a8e9b0c1d2e3f4a5b", "timestamp": "2026-10-06T21:14:03.400Z", "userId": "u-9",
+             "sessionId": "chat-1", "observations": [{k: v for k, v in o.items() if k not in ("userId", "sessionId")}
+                                                     for o in page["data"][:2]]}
+    (tmp_path / "trace.json").write_text(json.dumps(trace))
+    stats = import_file(tmp_path / "trace.json", tmp_path / "lf")
+    assert stats.imported == 1 and stats.lost == 0
+    (rec,) = _records(tmp_path / "lf")
+    assert (rec["user_id"], rec["session_id"]) == ("u-9", "chat-1")

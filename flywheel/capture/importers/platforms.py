@@ -7,10 +7,13 @@
   trace id (or ``trace_id/span_id`` when a trace has several retriever spans); user and session
   from the trace metadata ``mlflow.trace.user`` / ``mlflow.trace.session``.
 * Langfuse: observations as the public API returns them (a page ``{"data": [...], "meta"}``, a
-  list, or one per line). Type ``RETRIEVER`` (SDK v3), or a ``SPAN`` whose output is a list of
-  documents (LangChain retrievers through the v2 callback handler). request_id = observation id.
+  list, or one per line), or traces with their ``observations`` (``GET /api/public/traces/{id}``;
+  the trace's ``userId``/``sessionId`` then apply). Type ``RETRIEVER`` (SDK v3), or a ``SPAN``
+  whose output is a list of documents (LangChain retrievers through the v2 callback handler).
+  request_id = observation id.
 * LangSmith: runs as ``Client.list_runs`` returns them (``run_type`` "retriever", inputs
-  ``query``, outputs ``documents`` or ``output``); user and session from ``extra.metadata``.
+  ``query``, outputs ``documents`` or ``output``), nested ``child_runs`` included
+  (``read_run(load_child_runs=True)``); user and session from ``extra.metadata``.
 """
 
 from __future__ import annotations
@@ -124,17 +127,23 @@ def import_mlflow(value: Any, line: int, sink: Sink, stats: ImportStats) -> None
 def is_langfuse(obj: Any) -> bool:
     if isinstance(obj, Mapping) and isinstance(obj.get("data"), list):
         return bool(obj["data"]) and is_langfuse(obj["data"][0])
+    if isinstance(obj, Mapping) and isinstance(obj.get("observations"), list) and "timestamp" in obj:
+        return True  # a trace with its observations
     if isinstance(obj, list):
         return bool(obj) and is_langfuse(obj[0])
     return isinstance(obj, Mapping) and "traceId" in obj and "startTime" in obj and "type" in obj
 
 
-def import_langfuse(value: Any, line: int, sink: Sink, stats: ImportStats) -> None:
+def import_langfuse(value: Any, line: int, sink: Sink, stats: ImportStats, trace: Mapping | None = None) -> None:
     if isinstance(value, Mapping) and isinstance(value.get("data"), list):
         value = value["data"]
+    if isinstance(value, Mapping) and isinstance(value.get("observations"), list) and "traceId" not in value:
+        for v in value["observations"]:
+            import_langfuse(v, line, sink, stats, trace=value)
+        return
     if isinstance(value, list):
         for v in value:
-            import_langfuse(v, line, sink, stats)
+            import_langfuse(v, line, sink, stats, trace)
         return
     if not is_langfuse(value):
         stats.skip("not_a_langfuse_observation")
@@ -146,8 +155,8 @@ def import_langfuse(value: Any, line: int, sink: Sink, stats: ImportStats) -> No
     meta = value.get("metadata") if isinstance(value.get("metadata"), Mapping) else {}
     fields = {
         "request_id": value.get("id"), "timestamp": value.get("startTime"), "query": _query(value.get("input")),
-        "user_id": value.get("userId") or meta.get("user_id"),
-        "session_id": value.get("sessionId") or meta.get("session_id"),
+        "user_id": value.get("userId") or meta.get("user_id") or (trace or {}).get("userId"),
+        "session_id": value.get("sessionId") or meta.get("session_id") or (trace or {}).get("sessionId"),
         "retriever": value.get("name"), "retriever_version": value.get("version"),
     }
     _emit(sink, stats, line, fields, value.get("output"), "output")
@@ -169,6 +178,8 @@ def import_langsmith(value: Any, line: int, sink: Sink, stats: ImportStats) -> N
     if not is_langsmith(value):
         stats.skip("not_a_langsmith_run")
         return
+    for child in value.get("child_runs") or []:
+        import_langsmith(child, line, sink, stats)
     if str(value.get("run_type")).lower() != "retriever":
         stats.skip(f"run_type_{str(value.get('run_type')).lower()}")
         return
