@@ -212,3 +212,21 @@ def test_nested_exports_langsmith_child_runs_and_a_langfuse_trace_with_observati
     assert stats.imported == 1 and stats.lost == 0
     (rec,) = _records(tmp_path / "lf")
     assert (rec["user_id"], rec["session_id"]) == ("u-9", "chat-1")
+
+
+def test_a_phoenix_spans_dataframe_saved_as_parquet(tmp_path):
+    import pandas as pd
+
+    span = json.loads((EXPORTS / "phoenix_span.json").read_text())
+    row = {"name": span["name"], "span_kind": span["span_kind"], "parent_id": span["parent_id"],
+           "start_time": pd.Timestamp(span["start_time"], tz="UTC"), "status_code": "OK",
+           "context.span_id": span["context"]["span_id"], "context.trace_id": span["context"]["trace_id"],
+           "attributes.input.value": span["attributes"]["input.value"],
+           "attributes.retrieval.documents": span["attributes"]["retrieval.documents"]}
+    other = {**row, "context.span_id": "llm-1", "span_kind": "LLM", "attributes.retrieval.documents": None}
+    pd.DataFrame([row, other]).to_parquet(tmp_path / "spans.parquet")
+    stats = import_file(tmp_path / "spans.parquet", tmp_path / "logs", format="phoenix")
+    assert (stats.imported, stats.lost, stats.skipped_by_reason) == (1, 0, {"span_kind_llm": 1})
+    (rec,) = _records(tmp_path / "logs")
+    assert rec["timestamp"] == "2023-09-15T14:04:07.167267Z"
+    assert [r["chunk_id"] for r in rec["results"]] == [d["document.id"] for d in span["attributes"]["retrieval.documents"]]

@@ -13,7 +13,8 @@ A team should not have to wait a week of new logging before the flywheel can sta
     auto           decided per JSON value (CSV by file name)
 
 Files are streamed (see ``common.iter_json_values``), plain, gzip or BOM-prefixed, rotated names
-included (``app.jsonl.1``, ``spans.json.2.gz``). Every input record is imported, skipped with a
+included (``app.jsonl.1``, ``spans.json.2.gz``); Parquet files (Phoenix's ``TraceDataset.save()``
+and span dataframes saved with ``to_parquet``) are read in record batches, each row a value. Every input record is imported, skipped with a
 reason (a span that is not a retrieval) or reported as an issue with file, line and field; a bad
 one never stops the good ones. Records go through the capture library's coercion, redaction and
 validator into the day file of their UTC date. I/O errors on the log directory do raise: an
@@ -137,12 +138,27 @@ def import_file(path: str | Path, log_dir: str | Path, *, format: str = "auto", 
                 head = "".join(t for _, t in zip(range(20), (x for _, x in iter_lines(path, ImportStats(str(path))))))
                 delimiter = "\t" if base_suffix(path) == ".tsv" else sniff_delimiter(head)
             import_csv_rows(job.sink, job.stats, path, mapping, delimiter)
+        elif base_suffix(path) == ".parquet":
+            for line, value in _parquet_rows(path, job.stats):
+                job.feed(line, value)
         else:
             for line, value in iter_json_values(path, job.stats):
                 job.feed(line, value)
     finally:
         stats = job.finish()
     return stats
+
+
+def _parquet_rows(path: Path, stats: ImportStats):
+    """(row number, row as a dict) of a Parquet file, a record batch at a time."""
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1_000):
+        for value in batch.to_pylist():
+            row += 1
+            stats.read += 1
+            yield row, value
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
