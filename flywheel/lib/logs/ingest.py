@@ -48,11 +48,11 @@ import pyarrow.parquet as pq
 
 from flywheel.capture.schema import RecordError, validate
 from flywheel.lib.logs import files as _files
+from flywheel.lib.logs.sinks import BATCH_ROWS, _BatchSink, _tmp_next_to
 from flywheel.lib.logs.files import GRACE_DAYS, fingerprint, log_fingerprint, scan_week, week_files  # noqa: F401
 
 MAX_FILES_LISTED = 1_000
 RAW_PREVIEW_CHARS = 500
-BATCH_ROWS = 5_000
 DUPLICATE_REASON = "duplicate_request_id"
 
 RESULT_TYPE = pa.struct([
@@ -151,46 +151,6 @@ def _parse(raw: bytes, state: str) -> object:
             raise RecordError("torn_line", None, "last line of the file is incomplete "
                               "(writer stopped mid-record)") from None
         raise RecordError("invalid_json", None, str(exc)[:200]) from None
-
-
-# -- sinks ----------------------------------------------------------------------------------------
-
-class _BatchSink:
-    """Rows (tuples in schema order) flushed to a ParquetWriter every ``BATCH_ROWS`` rows."""
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path = path
-        self.schema = schema
-        self.writer = pq.ParquetWriter(path, schema)
-        self.rows: list[tuple] = []
-        self.total = 0
-
-    def add(self, row: tuple) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= BATCH_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        columns = list(zip(*self.rows))
-        arrays = [pa.array(col, type=f.type) for col, f in zip(columns, self.schema)]
-        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
-        self.total += len(self.rows)
-        self.rows = []
-
-    def close(self) -> None:
-        self.flush()
-        if self.total == 0:
-            self.writer.write_table(self.schema.empty_table())
-        self.writer.close()
-
-
-def _tmp_next_to(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
 
 
 # -- feedback -------------------------------------------------------------------------------------
