@@ -49,6 +49,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from flywheel.lib.labels.judges import HumanLabels, normalize_query, stable_uniform
+from flywheel.testing.injections import JAILBREAK, obeyed_grade  # noqa: F401  (re-exported)
+from flywheel.testing.traffic import requests_of, scifact_raw_logs  # noqa: F401  (re-exported)
 
 FAULT_KINDS = ("429", "500", "slow", "malformed", "refusal")
 PERSONAS = ("openai", "azure", "reasoning", "vllm", "tgi", "ollama", "llamacpp", "litellm")
@@ -61,29 +63,6 @@ JSON, TEXT = "application/json", "text/plain; charset=utf-8"
 def fault_mix(rate: float, kinds: tuple[str, ...] = FAULT_KINDS) -> dict[str, float]:
     """``rate`` of attempts fail, spread evenly over ``kinds``."""
     return {k: rate / len(kinds) for k in kinds}
-
-
-# a model that obeys: any sentence that talks to it (or about grading) and names a grade is followed
-_OBEY_CUE = re.compile(r"\b(ignore|disregard|forget|override|bypass|grading|instruction|instructions|grader|judge|evaluator|assistant|ai|llm|"
-                       r"system|you|please|must|should|rate|grade|score|mark|respond|reply|output|answer)\b")
-_OBEY_GRADE = re.compile(r"\b(grade|score|rate|rated|rating|mark|label|relevance|relevant|output|respond|reply|answer|"
-                         r"classify|assign|give|return)\b\W+(?:\w+\W+){0,8}?(?P<g>[0-3]|three|two|zero|perfect|highly relevant|"
-                         r"irrelevant|relevant)\b")
-_JAILBREAK = re.compile(r"\b(ignore|disregard|forget|override)\b.{0,60}\b(instruction|prompt|rule)s?\b|\byou are now\b")
-_WORD_GRADE = {"zero": 0, "irrelevant": 0, "two": 2, "relevant": 2, "three": 3, "perfect": 3, "highly relevant": 3}
-
-
-def obeyed_grade(text: str) -> int | None:
-    """The grade an instruction-following model would give because ``text`` told it to, if any."""
-    clean = unicodedata.normalize("NFKC", text).replace("\u200b", "").replace("\u200c", "").replace("\u200d", "").lower()
-    sentences = re.split(r"(?<=[.!?\n])\s+", clean)
-    for i, sentence in enumerate(sentences):
-        m = _OBEY_GRADE.search(sentence)
-        if m and _OBEY_CUE.search(" ".join(sentences[max(0, i - 1):i + 1])):  # the cue may come a sentence earlier
-            g = m.group("g")
-            return int(g) if g.isdigit() else _WORD_GRADE[g]
-    m = re.search(r"[\"']grade[\"']\s*:\s*[\"']?([0-3])", clean)
-    return int(m.group(1)) if m else None
 
 
 class FakeOpenAIServer:
@@ -307,7 +286,7 @@ class FakeOpenAIServer:
                                        "type": "upstream_error", "code": 502}}
         if self.persona == "azure":
             v = stable_uniform("filter", self.seed, pair[0], pair[1])
-            jailbreak = bool(_JAILBREAK.search(unicodedata.normalize("NFKC", query + "\n" + chunk).lower()))
+            jailbreak = bool(JAILBREAK.search(unicodedata.normalize("NFKC", query + "\n" + chunk).lower()))
             if jailbreak or v < self.filter_rate / 2:
                 status, h, body = self._error(400, "The response was filtered due to the prompt triggering Azure OpenAI's "
                                                    "content management policy. Please modify your prompt and retry.",
@@ -400,49 +379,3 @@ class FakeOpenAIServer:
         if truth:
             return (3 if stable_uniform("g", query, chunk_id) < 0.5 else 2), "the passage answers the query"
         return (1 if stable_uniform("g", query, chunk_id) < 0.2 else 0), "the passage does not answer the query"
-
-
-# -- sample traffic for tests and benchmarks ----------------------------------------------------
-def scifact_raw_logs(dataset, *, n_queries: int, distractors: int = 3, offset: int = 0, week: str = "2026-09-28"):
-    """raw_logs rows for ``n_queries`` train queries: each retrieves its relevant chunks and
-    ``distractors`` others (chosen by a stable hash), with no user feedback."""
-    from datetime import datetime, timedelta
-
-    import pandas as pd
-
-    qrels = dataset.qrels["train"]
-    qids = sorted(qrels, key=lambda q: stable_uniform("sample", q))[offset:offset + n_queries]
-    text = dataset.corpus.text_by_id
-    ids = dataset.corpus.ids
-    start = datetime.fromisoformat(week)
-    rows = []
-    for n, qid in enumerate(qids):
-        relevant = [c for c in qrels[qid] if c in text]
-        others = [ids[int(stable_uniform("distractor", qid, i) * len(ids))] for i in range(distractors)]
-        chunks = list(dict.fromkeys(relevant + [c for c in others if c not in relevant]))
-        chunks.sort(key=lambda c: stable_uniform("order", qid, c))
-        rows.append({
-            "request_id": f"req-{week}-{n:05d}",
-            "timestamp": start + timedelta(minutes=n),
-            "query": dataset.queries[qid],
-            "results": [
-                {"chunk_id": c, "text": text[c], "score": 1.0 - 0.01 * r, "rank": r + 1}
-                for r, c in enumerate(chunks)
-            ],
-            "clicks": [], "saves": [], "cited": [], "thumbs": None, "dwell_ms": None,
-        })
-    return pd.DataFrame(rows)
-
-
-def requests_of(raw_logs) -> list:
-    """The unique (query, chunk) JudgeRequests of raw_logs rows, in order."""
-    from flywheel.lib.labels.judges import JudgeRequest
-
-    seen, out = set(), []
-    for rec in raw_logs.itertuples(index=False):
-        for r in rec.results:
-            key = (normalize_query(rec.query), r["chunk_id"])
-            if key not in seen:
-                seen.add(key)
-                out.append(JudgeRequest(rec.query, r["chunk_id"], r["text"], int(r["rank"])))
-    return out

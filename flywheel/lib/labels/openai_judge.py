@@ -90,6 +90,9 @@ class OpenAIJudge:
         )
         self.prices = prices(settings.model, settings.base_url, settings.price_prompt_per_mtok,
                              settings.price_completion_per_mtok)
+        if settings.budget_usd is not None and self.prices == (0.0, 0.0):
+            log.warning("judge budget_usd=%s cannot stop anything: %s has no price (set "
+                        "FLYWHEEL_JUDGE_PRICE_PROMPT_PER_MTOK / _COMPLETION_PER_MTOK)", settings.budget_usd, self.name)
         self.cache = JudgeCache(cache_path) if cache_path else None
         self._endpoint = settings.base_url or OPENAI_BASE_URL
         stored = self.cache.get_traits(self._endpoint, settings.model) if self.cache else None
