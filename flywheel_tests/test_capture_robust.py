@@ -124,3 +124,13 @@ def test_numpy_results_from_faiss_are_read_back_by_the_ingest(tmp_path):
     row = load_raw_logs(tmp_path / "o.parquet").iloc[0]
     assert [(r["chunk_id"], r["rank"]) for r in row.results] == [("17", 1), ("4", 2), ("99", 3)]
     assert validate(_records(tmp_path / "logs")[0])[0]["results"][0]["score"] == pytest.approx(0.9)
+
+
+def test_a_record_longer_than_the_reader_reads_is_dead_lettered_with_its_reason(tmp_path):
+    results = [{"chunk_id": f"c{i}", "text": "x" * 90_000, "score": 1.0} for i in range(120)]  # ~11 MB
+    with SearchLogger(tmp_path) as logger:
+        logger.log_search("q", results, request_id="big", timestamp=TS)
+        assert logger.stats["dead_lettered"] == 1 and logger.stats["written"] == 0
+    (dead,) = _records(tmp_path, "dead-letter/*.jsonl")
+    assert dead["reason"] == "line_too_long" and dead["record"] == {
+        "type": "search", "request_id": "big", "timestamp": "2026-10-06T12:00:00.000000Z"}

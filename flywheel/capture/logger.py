@@ -36,6 +36,7 @@ from typing import Any
 
 from flywheel.capture.redact import redact, redact_identifier, redact_metadata
 from flywheel.capture.schema import (
+    MAX_LINE_BYTES,
     MAX_QUERY_CHARS,
     MAX_RESULTS,
     MAX_TEXT_CHARS,
@@ -324,7 +325,11 @@ class SearchLogger:
             record = build()
             validate(record)
             data, dead = encode_line(record), False
+            if len(data) > MAX_LINE_BYTES:  # the reader would skip it: keep the reason, not the bulk
+                raise RecordError("line_too_long", None, f"{len(data):,} bytes > {MAX_LINE_BYTES:,}")
         except RecordError as err:
+            if err.reason == "line_too_long":
+                record = {k: record[k] for k in ("type", "request_id", "timestamp") if k in record}
             data, dead = dead_letter_line(kind, err, record), True
         try:
             if dead:

@@ -53,6 +53,7 @@ MAX_TEXT_CHARS = 100_000
 MAX_RESULTS = 1_000
 MAX_ID_CHARS = 512
 MAX_RANK = 1_000_000
+MAX_LINE_BYTES = 8 * 1024 * 1024  # one encoded record; the reader skips longer lines unread
 
 THUMBS = ("up", "down")
 

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from flywheel.capture.logger import _TextPolicy, build_search_record
-from flywheel.capture.schema import RecordError, coerce_id, coerce_timestamp, format_timestamp, validate
+from flywheel.capture.schema import (
+    MAX_LINE_BYTES,
+    RecordError,
+    coerce_id,
+    coerce_timestamp,
+    format_timestamp,
+    validate,
+)
 from flywheel.capture.writer import DayFileWriter, encode_line
 
 MAX_ISSUES_KEPT = 1_000
@@ -269,6 +276,7 @@ class Sink:
                 retriever=fields.get("retriever") or self.retriever,
                 retriever_version=fields.get("retriever_version") or self.retriever_version,
                 text_policy=self.text)
+            _check_line(encode_line(record))
             validate(json.loads(encode_line(record)))
         except RecordError as err:
             rid = fields.get("request_id")
@@ -292,6 +300,11 @@ class Sink:
             self.stats.issue(line, err.field, err.reason, err.detail)
             return
         rec["timestamp"] = format_timestamp(ts)  # the day folder follows the UTC date
+        try:
+            _check_line(encode_line(rec))
+        except RecordError as err:
+            self.stats.issue(line, err.field, err.reason, err.detail)
+            return
         if rec["type"] == "search":
             rec["query"] = self.text.query(rec["query"])
             rec["user_id"] = self.text.identifier(rec["user_id"])
@@ -307,6 +320,11 @@ class Sink:
     def close(self) -> None:
         self.stats.files_written = sorted(str(p) for p in self.writer.files())
         self.writer.close()
+
+
+def _check_line(data: bytes) -> None:
+    if len(data) > MAX_LINE_BYTES:
+        raise RecordError("line_too_long", None, f"{len(data):,} bytes > {MAX_LINE_BYTES:,}: the reader skips it")
 
 
 def _required_ts(value: Any):

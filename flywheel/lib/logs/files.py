@@ -29,7 +29,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Iterator
 
-MAX_LINE_BYTES = 8 * 1024 * 1024
+from flywheel.capture import schema
+
+MAX_LINE_BYTES = schema.MAX_LINE_BYTES  # the capture library writes none longer
 GRACE_DAYS = 1
 EXPECTED_TOP_LEVEL = frozenset({"dead-letter", "simulation.json", "backfill.json"})
 _DAY_RE = re.compile(r"^day=(\d{4})-(\d{1,2})-(\d{1,2})$")
