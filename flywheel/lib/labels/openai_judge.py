@@ -53,6 +53,7 @@ from flywheel.lib.labels.traits import Traits, adapt
 log = logging.getLogger(__name__)
 
 BUDGET_EXHAUSTED = "budget exhausted"
+CLIENT_MAX_RETRY_AFTER_S = 120  # the openai client honours a Retry-After up to this itself
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 STOP_MESSAGES = {
     "quota": "the endpoint says the quota or budget is spent ({msg}); no label can be bought until it is raised",
@@ -216,12 +217,12 @@ class OpenAIJudge:
                     return self._fail(cause.kind, f"still refused after adapting: {cause.message[:200]}")
                 if cause.kind == "content_filter":
                     return self._fail("content_filter", cause.message[:200])
-                if cause.kind == "rate_limit" and cause.retry_after_s:
-                    time.sleep(min(cause.retry_after_s, s.max_retry_wait_s))
                 attempts -= 1
                 last = ("endpoint_error" if cause.kind in ("transient", "rate_limit") else cause.kind,
                         f"{cause.status or ''} {cause.message[:200]}".strip())
-                if cause.kind in ("transient", "rate_limit"):
+                if cause.kind == "rate_limit" and (cause.retry_after_s or 0) > CLIENT_MAX_RETRY_AFTER_S:
+                    time.sleep(cause.retry_after_s)  # longer than the client waits, within max_retry_wait_s
+                elif cause.kind in ("transient", "rate_limit"):
                     attempts = 0  # the client has already retried these with backoff
                 continue
             outcome = self._read(resp, messages, estimate, traits)
