@@ -11,7 +11,7 @@ from flywheel.lib.labels.fewshot import DefaultEmbedder, FewshotSelector
 from flywheel.lib.labels.judges import HumanLabels, SimulatedJudge, cohens_kappa
 from flywheel.lib.labels.openai_judge import JudgeAnswerError, build_messages, format_pair, parse_answer
 from flywheel.lib.labels.judges import JudgeRequest
-from flywheel.settings import REPO_ROOT
+from flywheel.config import REPO_ROOT
 from flywheel.testing.fake_openai import requests_of, scifact_raw_logs
 
 DATASET = REPO_ROOT / "data" / "scifact"

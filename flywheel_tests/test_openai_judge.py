@@ -28,7 +28,7 @@ from flywheel.lib.labels.openai_judge import (
     OpenAIJudge,
     price_for,
 )
-from flywheel.settings import REPO_ROOT
+from flywheel.config import REPO_ROOT
 from flywheel.testing.fake_openai import FakeOpenAIServer, fault_mix, requests_of, scifact_raw_logs
 
 DATASET = REPO_ROOT / "data" / "scifact"
