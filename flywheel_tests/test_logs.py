@@ -9,17 +9,18 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from flywheel.capture import SearchLogger
+from flywheel.config import load_config
 from flywheel.defs.logs import (
     defs,
-    raw_logs,
-    raw_logs_new_files,
+    import_logs,
     log_imports,
+    raw_logs,
     raw_logs_files_read,
+    raw_logs_new_files,
     raw_logs_not_empty,
     raw_logs_quarantine_rate,
     raw_logs_schema_valid,
 )
-from flywheel.config import load_config
 from flywheel.defs.resources import resources_for
 from flywheel.layout import Layout
 from flywheel.lib.logs.ingest import (
@@ -352,7 +353,7 @@ def test_unread_files_check_fails_above_the_threshold(tmp_path):
     assert checks["raw_logs_files_read"].passed
 
 
-def test_the_import_sensor_imports_dropped_files(tmp_path):
+def test_the_import_sensor_starts_the_import_job_which_imports_dropped_files(tmp_path):
     import shutil
 
     exports = Path(__file__).parent / "fixtures" / "exports"
@@ -361,7 +362,11 @@ def test_the_import_sensor_imports_dropped_files(tmp_path):
     assert isinstance(log_imports(dg.build_sensor_context(resources={"paths": res["paths"]})), dg.SkipReason)
     inbox.mkdir(parents=True)
     shutil.copy(exports / "langfuse_observations.json", inbox)
-    log_imports(dg.build_sensor_context(resources={"paths": res["paths"]}))
+    request = log_imports(dg.build_sensor_context(resources={"paths": res["paths"]}))
+    assert isinstance(request, dg.RunRequest) and request.run_key.startswith("import:")
+    result = import_logs.execute_in_process(resources={"paths": res["paths"]})
+    assert result.success and result.output_for_node("import_dropped_files")["imported"] == 2
     assert (inbox / "done" / "langfuse_observations.json").exists()
+    assert isinstance(log_imports(dg.build_sensor_context(resources={"paths": res["paths"]})), dg.SkipReason)
     stats, df, _ = ingest(tmp_path)
     assert len(df) == 2 and stats.quarantined_total == 0

@@ -5,14 +5,16 @@ downstream stages (labels cost money) when the week is empty, its schema is off,
 was quarantined, or when files of the log folder were left unread (each is listed with why). The
 sensor re-runs a week that is already materialized when its files changed (late files from a slow
 host, an import): the ingest records a fingerprint of the files it read (names and sizes), and the
-sensor compares it with the files on disk. The ``log_imports`` sensor imports trace and log files
-dropped in ``<home>/imports/`` (the Dagster way of ``flywheel import``; see
-``flywheel.capture.importers``) into the log folder, after which the first sensor re-runs the
-weeks they changed.
+sensor compares it with the files on disk. The ``log_imports`` sensor starts ``import_logs`` when
+trace or log files are dropped in ``<home>/imports/`` (the Dagster way of ``flywheel import``; see
+``flywheel.capture.importers``); the job imports them into the log folder, after which the first
+sensor re-runs the weeks they changed.
 """
 
 
+import hashlib
 import json
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from flywheel.defs.partitions import week_bounds, weekly_partitions
-from flywheel.capture.importers import IMPORTS_DIR, format_summary, import_folder, pending_imports
+from flywheel.capture.importers import IMPORTS_DIR, import_folder, pending_imports, totals
 from flywheel.defs.resources import PathsResource, TiersResource
 from flywheel.lib.logs.files import parse_day_folder
 from flywheel.lib.logs.ingest import (
@@ -225,25 +227,46 @@ def raw_logs_new_files(context: dg.SensorEvaluationContext, paths: PathsResource
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(seen, sort_keys=True))
 
 
+# Dagster itself passes the beta `owners` argument when it binds resources to a job-targeted
+# sensor; nothing here uses owners, so that one internal warning is kept off the output.
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message="Parameter `owners` of initializer `SensorDefinition")
+
+
+@dg.op(description="Imports the files waiting in <home>/imports/ into the log folder; each moves to "
+                   "imports/done/ (or failed/) with its summary.")
+def import_dropped_files(context: dg.OpExecutionContext, paths: PathsResource) -> dict:
+    p = paths.settings()
+    results = import_folder(Path(p.home) / IMPORTS_DIR, p.log_dir)
+    report = totals(results, say=context.log.info)
+    context.add_output_metadata({**{k: v for k, v in report.items()},
+                                 "summaries": dg.MetadataValue.json([r.summary() for r in results])})
+    return report
+
+
+@dg.job(description="Import trace/log files dropped in <home>/imports/ (see `flywheel import`).")
+def import_logs():
+    import_dropped_files()
+
+
 @dg.sensor(
     name="log_imports",
+    job=import_logs,
     minimum_interval_seconds=60,
-    description="Imports the trace/log files dropped in <home>/imports/ into the log folder; each moves to "
-                "imports/done/ with its summary.",
+    description="Starts import_logs when files wait in <home>/imports/.",
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def log_imports(context: dg.SensorEvaluationContext, paths: PathsResource):
-    p = paths.settings()
-    folder = Path(p.home) / IMPORTS_DIR
-    if not pending_imports(folder):
+    folder = Path(paths.settings().home) / IMPORTS_DIR
+    waiting = pending_imports(folder)
+    if not waiting:
         return dg.SkipReason(f"no files waiting in {folder}")
-    for stats in import_folder(folder, p.log_dir):
-        context.log.info(format_summary(stats))
-    return dg.SkipReason("imported; raw_logs_new_files re-runs the weeks whose files changed")
+    key = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in waiting)
+    return dg.RunRequest(run_key=f"import:{hashlib.sha256(key.encode()).hexdigest()[:16]}")
 
 
 defs = dg.Definitions(
     assets=[raw_logs],
     asset_checks=[raw_logs_schema_valid, raw_logs_quarantine_rate, raw_logs_not_empty, raw_logs_files_read],
     sensors=[raw_logs_new_files, log_imports],
+    jobs=[import_logs],
 )

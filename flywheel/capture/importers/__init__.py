@@ -201,16 +201,23 @@ def import_folder(imports_dir: str | Path, log_dir: str | Path, **options: Any) 
 
     Each imported file's summary is written next to it (``done/<name>.summary.json``); a file
     whose columns do not fit goes to ``failed/`` with its summary; a file that could not be read
-    (an I/O error) stays where it is, with a ``.summary.json`` saying why, for the next run.
+    (an I/O error) stays where it is, with a ``.summary.json`` saying why, for the next run. A file
+    is first moved into ``processing/``, so two runs never import the same file; a run that
+    crashed leaves its file there (move it back to import it again).
     """
     imports_dir = Path(imports_dir)
     done = imports_dir / "done"
     results = []
-    for path in pending_imports(imports_dir):
+    for waiting in pending_imports(imports_dir):
+        path = _claim(waiting)
+        if path is None:
+            continue  # another run took it
         stats = import_paths([path], log_dir, **options)[0]
+        stats.source = str(waiting)
         summary = json.dumps(stats.summary(), indent=2)
         if "file_not_read" in stats.issues_by_reason:
-            path.with_name(path.name + ".summary.json").write_text(summary)
+            path.replace(waiting)  # back in the queue for the next run
+            waiting.with_name(waiting.name + ".summary.json").write_text(summary)
         else:
             dest = imports_dir / "failed" if "mapping_does_not_fit" in stats.issues_by_reason else done
             dest.mkdir(parents=True, exist_ok=True)
@@ -218,6 +225,17 @@ def import_folder(imports_dir: str | Path, log_dir: str | Path, **options: Any) 
             (dest / (path.name + ".summary.json")).write_text(summary)
         results.append(stats)
     return results
+
+
+def _claim(path: Path) -> Path | None:
+    """Move a waiting file into ``processing/`` (atomic): two runs never import the same file."""
+    dest = path.parent / "processing" / path.name
+    dest.parent.mkdir(exist_ok=True)
+    try:
+        path.replace(dest)
+    except FileNotFoundError:
+        return None
+    return dest
 
 
 def format_summary(stats: ImportStats) -> str:
