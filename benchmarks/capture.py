@@ -230,7 +230,27 @@ def real_exports(tmp: Path) -> dict:
         agg["lost"] += max(0, records - imported)
     for fmt, agg in out.items():
         print(f"      {fmt:<14} records {agg['records']}, imported {agg['imported']}, lost {agg['lost']}", flush=True)
-    return {"real_exports": out}
+    return {"real_exports": out, **import_throughput(tmp)}
+
+
+def import_throughput(tmp: Path, n: int = 50_000) -> dict:
+    """`flywheel import` of n capture records (3 results each): redaction, validation, day files."""
+    import time as _time
+
+    from flywheel.capture.importers import import_file
+
+    src = tmp / "import-src.jsonl"
+    with open(src, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"schema_version": 1, "type": "search", "request_id": f"i{i}",
+                                "timestamp": "2026-10-06T10:00:00Z", "query": f"what does protein {i} do in cells",
+                                "results": [{"chunk_id": f"c{k}", "text": f"passage {k} about cells", "score": 1 - k / 10,
+                                             "rank": k + 1, "metadata": None} for k in range(3)]}) + "\n")
+    t0 = _time.perf_counter()
+    stats = import_file(src, tmp / "import-logs")
+    rate = stats.imported / (_time.perf_counter() - t0)
+    print(f"      import of {n:,} capture records: {rate:,.0f} records/s, lost {stats.lost}", flush=True)
+    return {"import_records_per_s": round(rate)}
 
 
 def _tricky_log_folder(log_dir: Path) -> None:
