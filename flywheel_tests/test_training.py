@@ -1,6 +1,7 @@
 """Training pieces on their own, with tiny configs: mining with a false-negative filter, the
-negative mix, near-duplicate exclusion, the bi-encoder with early stopping and the forgetting
-guard, weight merging, and the cross-encoder reranker."""
+negative mix, near-duplicate exclusion, the bi-encoder with early stopping, the forgetting guard
+and weight merging (properties that hold by construction, never the outcome of a noisy run), the
+cross-encoder reranker, and the progress lines that replace the libraries' bars."""
 
 from __future__ import annotations
 
@@ -9,15 +10,36 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from flywheel.lib.training import forgetting
-from flywheel.lib.registry import index
+from flywheel.config import RerankerSettings, TrainingSettings
 from flywheel.lib.beir import load_beir
+from flywheel.lib.datasets.mining import MiningConfig, build_training_rows, training_rows
 from flywheel.lib.datasets.tiers import build_finetune_set, jaccard, near_duplicate_queries, query_tokens
 from flywheel.lib.labels.judges import normalize_query
-from flywheel.lib.datasets.mining import MiningConfig, build_training_rows, training_rows
-from flywheel.lib.training.reranker import RerankerConfig, labelled_pairs, load_reranker, rerank, train_reranker
-from flywheel.lib.training.embedder import TrainConfig, train_bi_encoder
+from flywheel.lib.progress import Progress
+from flywheel.lib.registry import index
+from flywheel.lib.training import forgetting
+from flywheel.lib.training.cross_encoder import RerankerConfig, head_optimizer, labelled_pairs, train_reranker
+from flywheel.lib.training.embedder import TrainConfig, split_validation, train_bi_encoder
+from flywheel.lib.training.reranker import load_reranker, rerank
+
+NO_BUDGET = 1e9  # a time budget no test run reaches: the planned steps are the steps run
+
+
+def train_cfg(base_model, out, *, seed: int = 0, run: dict | None = None, **settings) -> TrainConfig:
+    """A TrainConfig from the default settings with a few changed (shared-tower MNRL unless asked)."""
+    s = TrainingSettings().with_(**{"loss": "mnrl", "time_budget_s": NO_BUDGET, **settings})
+    return TrainConfig(settings=s, base_model=str(base_model), output_dir=out, seed=seed, **(run or {}))
+
+
+def reranker_cfg(base_model, out, *, init_model=None, **settings) -> RerankerConfig:
+    return RerankerConfig(settings=RerankerSettings().with_(**{"loss": "bce", **settings}), training=TrainingSettings(),
+                          base_model=str(base_model), output_dir=out, seed=0, init_model=init_model)
+
+
+def mining_cfg(**changes) -> MiningConfig:
+    return MiningConfig.from_settings(TrainingSettings().with_(max_seq_length=64), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +97,7 @@ def test_mined_negatives_alternate_with_judged_and_skip_judged_relevant(rows, sm
     judged = pd.DataFrame([{"query_key": normalize_query(q), "chunk_id": c, "grade": 1} for q, c in top.items()])
     out, stats = build_training_rows(
         ft, judged, base_model_path, list(ds.corpus.ids), list(ds.corpus.texts),
-        MiningConfig(range_max=10, num_negatives=3), max_seq_length=64,
+        mining_cfg(range_max=10, num_negatives=3),
     )
     assert len(out) == len(ft)  # mining never adds rows: the example count stays what finetune_set says
     assert stats["mined_negatives"] > 0 and stats["judged_negatives"] > 0
@@ -103,9 +125,8 @@ def test_mining_cache_is_per_model_not_per_base_name(rows, small_beir, base_mode
     cache = tmp_path / "cache"
     args = (rows.head(10), None)
     corpus = (list(ds.corpus.ids), list(ds.corpus.texts))
-    build_training_rows(*args, base_model_path, *corpus, MiningConfig(range_max=5), max_seq_length=64, cache_folder=str(cache))
-    build_training_rows(*args, str(tmp_path / "champion"), *corpus, MiningConfig(range_max=5), max_seq_length=64,
-                        cache_folder=str(cache))
+    build_training_rows(*args, base_model_path, *corpus, mining_cfg(range_max=5), cache_folder=str(cache))
+    build_training_rows(*args, str(tmp_path / "champion"), *corpus, mining_cfg(range_max=5), cache_folder=str(cache))
     folders = sorted(p.name for p in cache.iterdir())
     assert len(folders) == 2 and all(list((cache / f).glob("corpus_embeddings_*.npy")) for f in folders)
 
@@ -116,56 +137,111 @@ def test_training_rows_without_mining_are_the_finetune_set(rows):
     assert (out["negative_id"] == rows["negative_id"]).all()
 
 
-def test_bi_encoder_trains_with_validation_estimate_and_general_slice(rows, tmp_path, base_model_path):
-    cfg = TrainConfig(
-        base_model=base_model_path, output_dir=tmp_path / "emb", batch_size=16, max_seq_length=64,
-        max_steps=8, validation_fraction=0.2, evaluations=2, validation_distractors=50,
-    )
-    res = train_bi_encoder(rows, cfg)
+def test_bi_encoder_trains_with_validation_estimate_and_general_slice(rows, tmp_path, base_model_path, capsys):
+    cfg = train_cfg(base_model_path, tmp_path / "emb", batch_size=16, max_seq_length=64, max_steps=8,
+                    validation_fraction=0.2, run={"evaluations": 2, "validation_distractors": 50})
+    said: list[str] = []
+    res = train_bi_encoder(rows, cfg, progress=said.append)
     assert res.steps == 8 and res.estimated_seconds > 0
     assert "validation_cosine_ndcg@10" in res.validation_before and "validation_cosine_ndcg@10" in res.validation_after
     assert [h["step"] for h in res.eval_history] == [4, 8]  # validated during training (early stopping)
-    assert 0 < res.general_before <= 1 and 0 < res.general_after <= 1
+    assert 0 < res.general_before <= 1 and 0 <= res.general_after <= 1
     assert (res.model_dir / "modules.json").exists() and not list(res.model_dir.glob("*.pkl"))
     saved = json.loads((res.model_dir / "flywheel_training.json").read_text())
     assert saved["train_rows"] + saved["validation_rows"] == len(rows)
+    assert saved["config"]["loss"] == "mnrl" and saved["config"]["seed"] == 0
+    # progress comes as the project's own lines, never as the trainer's raw {'loss': ...} dicts
+    assert any(line.startswith("train: 8/8 steps (100%)") and "loss " in line for line in said), said
+    assert "{'loss'" not in capsys.readouterr().out
     # validation queries are whole training queries: none of them trains
-    from flywheel.lib.training.embedder import split_validation
-
     tr, va = split_validation(rows, 0.2, 0)
     assert not set(tr["query_key"]) & set(va["query_key"])
 
 
-def test_forgetting_guard_merges_with_the_base(rows, tmp_path, base_model_path):
-    # a model wrecked by a huge learning rate on shuffled labels forgets the general slice: merged
-    cfg = TrainConfig(
-        base_model=base_model_path, output_dir=tmp_path / "bad", batch_size=16, max_seq_length=64,
-        max_steps=6, learning_rate=5e-3, validation_fraction=0.0, shuffle_labels=True,
-        forgetting_margin=0.02, merge_alpha=0.5,
-    )
-    res = train_bi_encoder(rows, cfg)
-    assert res.general_finetuned < res.general_before - 0.02
-    assert res.merged and res.general_after > res.general_finetuned
+class _Slice:
+    """A stand-in general-slice evaluator that reports fixed NDCG@10 values, one per call."""
+
+    primary_metric = "general_cosine_ndcg@10"
+
+    def __init__(self, *values: float):
+        self.values = list(values)
+        self.calls = 0
+
+    def __call__(self, model):
+        self.calls += 1
+        return {self.primary_metric: self.values.pop(0)}
 
 
-def test_merge_alpha_zero_gives_back_the_base(base_model_path):
+def _shifted(base_model_path, by: float = 0.5):
     model = index.load_embedder(base_model_path)
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         for p in model.parameters():
-            p.add_(1.0)
-    forgetting.merge_with_base(model, base_model_path, 0.0)
-    base = index.load_embedder(base_model_path)
-    a, b = model.encode(["hello world"]), base.encode(["hello world"])
-    assert np.allclose(a, b, atol=1e-5)
+            p.add_(by)
+    return model
+
+
+def _floats(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def test_merging_with_alpha_0_gives_the_base_and_alpha_1_the_fine_tuned_weights(base_model_path):
+    base = _floats(index.load_embedder(base_model_path))
+    tuned = _shifted(base_model_path)
+    before = _floats(tuned)
+    assert forgetting.merge_with_base(tuned, base_model_path, 1.0) == len(base)
+    assert all(torch.equal(v, before[k]) for k, v in _floats(tuned).items())  # alpha 1: the fine-tuned model
+    forgetting.merge_with_base(tuned, base_model_path, 0.0)
+    assert all(torch.equal(v, base[k]) for k, v in _floats(tuned).items())  # alpha 0: exactly the base
+    half = _shifted(base_model_path)
+    forgetting.merge_with_base(half, base_model_path, 0.5)
+    assert all(torch.allclose(v, base[k] + 0.25, atol=1e-6) for k, v in _floats(half).items())  # the midpoint
+    with pytest.raises(ValueError, match="merge_alpha"):
+        forgetting.merge_with_base(half, base_model_path, 1.5)
+
+
+def test_forgetting_guard_merges_when_the_drop_exceeds_the_margin_and_not_otherwise(base_model_path):
+    assert forgetting.forgets(0.80, 0.77, margin=0.02) and not forgetting.forgets(0.80, 0.79, margin=0.02)
+    assert not forgetting.forgets(0.80, 0.78, margin=0.02)  # a drop of exactly the margin is allowed
+    assert not forgetting.forgets(float("nan"), 0.1, margin=0.02) and not forgetting.forgets(0.8, float("nan"), 0.02)
+    base = _floats(index.load_embedder(base_model_path))
+
+    kept = _shifted(base_model_path)
+    before = _floats(kept)
+    out = forgetting.guard(kept, base_model_path, _Slice(0.79), 0.80, margin=0.02, alpha=0.5)
+    assert (out.merged, out.finetuned, out.after) == (False, 0.79, 0.79)
+    assert all(torch.equal(v, before[k]) for k, v in _floats(kept).items())  # untouched
+
+    merged = _shifted(base_model_path)
+    said: list[str] = []
+    out = forgetting.guard(merged, base_model_path, _Slice(0.50, 0.75), 0.80, margin=0.02, alpha=0.5, say=said.append)
+    assert (out.merged, out.finetuned, out.after, out.tensors_merged) == (True, 0.50, 0.75, len(base))
+    assert all(torch.allclose(v, base[k] + 0.25, atol=1e-6) for k, v in _floats(merged).items())
+    assert said and "merged" in said[0]
+
+
+def test_bi_encoder_records_what_the_guard_decided(rows, tmp_path, base_model_path, monkeypatch):
+    # the general slice reports 0.80 for the base, then a fixed value for the fine-tuned model:
+    # the run merges exactly when that value is more than the margin below 0.80
+    for finetuned, merged in ((0.50, True), (0.79, False)):
+        stub = _Slice(0.80, finetuned, 0.70)
+        monkeypatch.setattr(forgetting, "general_evaluator", lambda pairs, stub=stub: stub)
+        cfg = train_cfg(base_model_path, tmp_path / f"g{merged}", batch_size=16, max_seq_length=64, max_steps=2,
+                        validation_fraction=0.0, merge_alpha=0.5)
+        res = train_bi_encoder(rows, cfg)
+        assert (res.general_before, res.general_finetuned, res.merged) == (0.80, finetuned, merged)
+        assert res.general_after == (0.70 if merged else finetuned)
+        assert json.loads((res.model_dir / "flywheel_training.json").read_text())["merged"] is merged
 
 
 def test_reranker_trains_saves_and_reranks(rows, tmp_path, base_model_path, small_beir):
     pairs = labelled_pairs(rows, seed=0)
     assert set(pairs["label"]) == {0.0, 1.0}
     assert not pairs.duplicated(["query", "chunk_id"]).any()
-    cfg = RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "rr", batch_size=16, max_length=64, max_steps=8)
-    res = train_reranker(rows, cfg)
+    cfg = reranker_cfg(base_model_path, tmp_path / "rr", batch_size=16, max_length=64, max_steps=8)
+    said: list[str] = []
+    res = train_reranker(rows, cfg, progress=said.append)
     assert res.steps == 8 and (res.model_dir / "config.json").exists()
+    assert any(line.startswith("reranker: 8/8 steps (100%)") for line in said), said
     ce = load_reranker(res.model_dir, max_length=64)
     ds = load_beir(small_beir)
     texts = ds.corpus.text_by_id
@@ -177,12 +253,16 @@ def test_reranker_trains_saves_and_reranks(rows, tmp_path, base_model_path, smal
 
 
 def test_listwise_reranker_from_another_init_and_rrf_fusion(rows, tmp_path, base_model_path):
-    cfg = RerankerConfig(base_model="/nonexistent/base", init_model=base_model_path, output_dir=tmp_path / "rr2",
-                         batch_size=8, max_length=64, max_steps=3, loss="listwise", num_negatives=1)
+    cfg = reranker_cfg("/nonexistent/base", tmp_path / "rr2", init_model=base_model_path,
+                       batch_size=8, max_length=64, max_steps=3, loss="listwise", num_negatives=1)
     res = train_reranker(rows, cfg)  # starts from init_model, never touches base_model
     assert res.steps == 3 and json.loads((res.model_dir / "flywheel_reranker.json").read_text())["config"]["loss"] == "listwise"
-    with pytest.raises(ValueError, match="unknown reranker loss"):
-        train_reranker(rows, RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "x", loss="pointwise"))
+    with pytest.raises(ValueError, match="loss"):  # the settings refuse an unknown loss at load
+        RerankerSettings().with_(loss="pointwise")
+    unchecked = RerankerConfig(settings=cfg.settings.model_copy(update={"loss": "pointwise"}), training=cfg.training,
+                               base_model=base_model_path, output_dir=tmp_path / "x", seed=0)
+    with pytest.raises(ValueError, match="unknown reranker loss"):  # and so does the trainer
+        train_reranker(rows, unchecked)
 
 
 class _Scores:
@@ -231,35 +311,35 @@ def test_zscore_fusion_weighs_how_sure_each_model_is():
 
 
 def test_gist_loss_is_guided_by_the_base(rows, tmp_path, base_model_path):
-    from flywheel.lib.training.embedder import make_loss
+    from flywheel.lib.training.losses import bi_encoder_loss
 
-    cfg = TrainConfig(base_model=base_model_path, output_dir=tmp_path / "g", loss="gist", max_seq_length=64)
+    cfg = train_cfg(base_model_path, tmp_path / "g", loss="gist", max_seq_length=64)
     model = index.load_embedder(base_model_path, max_seq_length=64)
-    loss = make_loss(model, cfg)
+    loss = bi_encoder_loss(model, cfg)
     assert type(loss).__name__ == "GISTEmbedLoss" and loss.guide is not model
+    triplet = train_cfg(base_model_path, tmp_path / "h")
+    triplet.settings = triplet.settings.model_copy(update={"loss": "triplet"})  # past the settings' own check
     with pytest.raises(ValueError, match="unknown loss"):
-        make_loss(model, TrainConfig(base_model=base_model_path, output_dir=tmp_path / "h", loss="triplet"))
+        bi_encoder_loss(model, triplet)
+    with pytest.raises(ValueError, match="corpus"):
+        bi_encoder_loss(model, train_cfg(base_model_path, tmp_path / "c", loss="corpus"))
 
 
 def test_reranker_head_learns_at_its_own_rate(base_model_path, tmp_path):
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from flywheel.lib.training.reranker import _head_optimizer
-
     ce = CrossEncoder(base_model_path, num_labels=1, max_length=64, local_files_only=True)
-    cfg = RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "h", max_steps=10, head_learning_rate=2e-3)
-    optimizer, scheduler = _head_optimizer(ce, cfg, 100)["optimizers"]
+    cfg = reranker_cfg(base_model_path, tmp_path / "h", max_steps=10, head_learning_rate=2e-3)
+    optimizer, scheduler = head_optimizer(ce, cfg, 100)["optimizers"]
     body, head = optimizer.param_groups
-    assert (body["initial_lr"], head["initial_lr"]) == (cfg.learning_rate, 2e-3)
+    assert (body["initial_lr"], head["initial_lr"]) == (cfg.settings.learning_rate, 2e-3)
     head_ids = {id(p) for p in head["params"]}
     assert {id(p) for n, p in ce.model.named_parameters() if "classifier" in n} <= head_ids
     assert len(body["params"]) > 10 * len(head["params"])  # the encoder stays in the slow group
-    assert _head_optimizer(ce, RerankerConfig(base_model=base_model_path, output_dir=tmp_path / "n",
-                                              head_learning_rate=None), 100) == {}
 
 
 def _corpus_embeddings(small_beir, base_model_path, tmp_path):
-    from flywheel.lib.training.embedder import CorpusEmbeddings
+    from flywheel.lib.training.corpus import CorpusEmbeddings
 
     ds = load_beir(small_beir)
     base = index.load_embedder(base_model_path, max_seq_length=64)
@@ -272,11 +352,9 @@ def test_corpus_loss_trains_only_the_query_encoder_and_keeps_the_corpus_table(
     rows, small_beir, base_model_path, tmp_path
 ):
     ds, table, corpus = _corpus_embeddings(small_beir, base_model_path, tmp_path)
-    cfg = TrainConfig(
-        base_model=base_model_path, output_dir=tmp_path / "q", batch_size=16, max_seq_length=64,
-        max_steps=8, validation_fraction=0.2, evaluations=2, validation_distractors=50, loss="corpus",
-        learning_rate=2e-4,
-    )
+    cfg = train_cfg(base_model_path, tmp_path / "q", batch_size=16, max_seq_length=64, max_steps=8,
+                    validation_fraction=0.2, loss="corpus", learning_rate=2e-4,
+                    run={"evaluations": 2, "validation_distractors": 50})
     res = train_bi_encoder(rows, cfg, corpus=corpus)
     assert res.steps == 8 and [h["step"] for h in res.eval_history] == [4, 8]
     losses = [h["loss"] for h in res.loss_history]
@@ -300,7 +378,7 @@ def test_corpus_loss_trains_only_the_query_encoder_and_keeps_the_corpus_table(
 
 
 def test_corpus_targets_mask_the_querys_other_relevant_chunks():
-    from flywheel.lib.training.embedder import corpus_targets
+    from flywheel.lib.training.corpus import corpus_targets
 
     rows = pd.DataFrame({
         "query_key": ["a", "a", "b", "c"], "positive_id": ["d1", "d2", "d3", "missing"],
@@ -311,13 +389,13 @@ def test_corpus_targets_mask_the_querys_other_relevant_chunks():
 
 
 def test_corpus_loss_needs_the_corpus(rows, base_model_path, tmp_path):
-    cfg = TrainConfig(base_model=base_model_path, output_dir=tmp_path / "x", loss="corpus", max_steps=1)
+    cfg = train_cfg(base_model_path, tmp_path / "x", loss="corpus", max_steps=1)
     with pytest.raises(ValueError, match="corpus embeddings"):
         train_bi_encoder(rows, cfg)
 
 
 def test_corpus_validation_skips_chunks_nobody_judged():
-    from flywheel.lib.training.embedder import CorpusEmbeddings, corpus_validation_evaluator
+    from flywheel.lib.training.evaluators import CorpusValidationEvaluator
 
     class _Fixed:  # a "model" whose query vector is fixed: the ranking is d0 (unjudged), d1, d2
         model_card_data = type("C", (), {"set_evaluation_metrics": lambda *a, **k: None})()
@@ -325,9 +403,69 @@ def test_corpus_validation_skips_chunks_nobody_judged():
         def encode_query(self, texts, **kw):
             return np.tile(np.array([1.0, 0.0], dtype=np.float32), (len(texts), 1))
 
-    corpus = CorpusEmbeddings(["d0", "d1", "d2"], np.array([[1.0, 0.0], [0.9, 0.1], [0.5, 0.5]], dtype=np.float32))
+    ids, vectors = ["d0", "d1", "d2"], np.array([[1.0, 0.0], [0.9, 0.1], [0.5, 0.5]], dtype=np.float32)
     val = pd.DataFrame({"query": ["q"], "query_key": ["q"], "positive_id": ["d1"], "negative_id": ["d2"]})
-    condensed = corpus_validation_evaluator(val, corpus)(_Fixed())
+    condensed = CorpusValidationEvaluator.from_rows(val, ids, vectors)(_Fixed())
     assert condensed["validation_cosine_ndcg@10"] == pytest.approx(1.0)  # d0 was never judged: skipped
-    judged_d0 = corpus_validation_evaluator(val, corpus, {"q": {"d0"}})(_Fixed())  # judged related: a miss
+    judged_d0 = CorpusValidationEvaluator.from_rows(val, ids, vectors, {"q": {"d0"}})(_Fixed())  # judged related: a miss
     assert judged_d0["validation_cosine_ndcg@10"] == pytest.approx(1 / np.log2(3))
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_lines_are_throttled_and_say_rate_and_time_left():
+    clock, said = _Clock(), []
+    meter = Progress("encode", 100, said.append, every_s=10.0, clock=clock)
+    clock.now += 2.0
+    assert meter.update(10) == "encode: 10/100 (10%), 5.0/s, ~18s left"  # the first update always shows
+    clock.now += 3.0
+    assert meter.update(20) is None  # 3 s after the last line: held back
+    clock.now += 10.0
+    assert meter.update(40, detail="loss 0.5000") == "encode: 40/100 (40%), 2.7/s, ~22s left, loss 0.5000"
+    assert meter.finish() == "encode: 100/100 (100%), 6.7/s, ~0s left"  # the last line always shows
+    assert said == ["encode: 10/100 (10%), 5.0/s, ~18s left", "encode: 40/100 (40%), 2.7/s, ~22s left, loss 0.5000",
+                    "encode: 100/100 (100%), 6.7/s, ~0s left"]
+    slow = Progress("train", 8, said.append, unit="steps", clock=clock)
+    clock.now += 5.0
+    assert slow.update(2) == "train: 2/8 steps (25%), 0.4/s, ~15s left"
+    assert Progress("quiet", 3, None).update(1, force=True) is None  # no say: silent
+
+
+def test_quiet_libraries_silences_load_reports_and_weight_bars(base_model_path, tmp_path, capfd):
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from sentence_transformers.cross_encoder import CrossEncoder
+    from transformers.utils import logging as hf_logging
+
+    from flywheel.lib.quiet import quiet_libraries
+
+    quiet_libraries()
+    assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    capfd.readouterr()
+    ce = CrossEncoder(base_model_path, num_labels=1, max_length=64, local_files_only=True)  # a new head: a load report
+    ce.save_pretrained(str(tmp_path / "ce"))
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "LOAD REPORT" not in text and "Loading weights" not in text and "Writing model shards" not in text, text
+
+
+def test_the_mining_decision_is_made_once_from_the_settings():
+    from flywheel.lib.training.week import mines_negatives
+
+    s = TrainingSettings()
+    assert not mines_negatives(s.with_(loss="corpus", mine_negatives=True))  # every chunk is a negative already
+    assert mines_negatives(s.with_(loss="gist", mine_negatives=True)) and mines_negatives(s.with_(loss="mnrl"))
+    assert not mines_negatives(s.with_(loss="mnrl", mine_negatives=False))
+
+
+def test_reranker_week_from_the_embedder_needs_the_embedder(rows, tmp_path, base_model_path):
+    from flywheel.lib.training.week import train_reranker_week
+
+    with pytest.raises(ValueError, match="FLYWHEEL_RERANKER_INIT=embedder"):
+        train_reranker_week(rows, RerankerSettings().with_(init="embedder"), TrainingSettings(),
+                            base_model=base_model_path, seed=0, output_dir=tmp_path / "r", embedder_dir=None)

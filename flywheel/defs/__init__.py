@@ -18,6 +18,9 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     """Every stage's definitions plus resources (the defaults, or a test's own)."""
     from flywheel.defs import datasets, labels, logs, report, schedules, training
     from flywheel.defs.resources import default_resources
+    from flywheel.lib.quiet import quiet_libraries
+
+    quiet_libraries()  # the run's logs show the stages' own progress lines, not library bars
 
     return dg.Definitions.merge(
         logs.defs,

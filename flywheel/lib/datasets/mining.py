@@ -14,21 +14,34 @@ one, then the next judged one... so the row count (the "training examples") neve
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
+
+from flywheel.config import TrainingSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class MiningConfig:
+    """How deep to mine and what to skip. The first five come from the settings
+    (``MiningConfig.from_settings``); the last two are the method's own constants."""
+
+    range_max: int  # look this deep in the model's ranking
+    relative_margin: float  # skip candidates scoring above (1 - margin) x the positive's score
+    batch_size: int  # texts per encoding batch
+    max_seq_length: int  # tokens per text while encoding for mining (the training length)
+    device: str
     range_min: int = 0  # skip the first candidates (after the positives are removed)
-    range_max: int = 30  # look this deep in the model's ranking
-    relative_margin: float = 0.05  # skip candidates scoring above (1 - margin) x the positive's score
     num_negatives: int = 3  # mined per (query, positive) before the judged-relevance filter
-    batch_size: int = 64
+
+    @classmethod
+    def from_settings(cls, s: TrainingSettings, **changes) -> "MiningConfig":
+        fields = dict(range_max=s.mine_range_max, relative_margin=s.mine_relative_margin,
+                      batch_size=s.encode_batch_size, max_seq_length=s.max_seq_length, device=s.device)
+        return cls(**{**fields, **changes})
 
 
 @dataclass
@@ -50,7 +63,7 @@ def mine(
     corpus_ids: list[str],
     corpus_texts: list[str],
     judged: pd.DataFrame | None,
-    cfg: MiningConfig = MiningConfig(),
+    cfg: MiningConfig,
     *,
     cache_folder: str | None = None,
 ) -> tuple[pd.DataFrame, dict]:
@@ -144,10 +157,8 @@ def build_training_rows(
     miner_model_path: str | None,
     corpus_ids: list[str],
     corpus_texts: list[str],
-    cfg: MiningConfig = MiningConfig(),
+    cfg: MiningConfig,
     *,
-    max_seq_length: int = 128,
-    device: str = "auto",
     cache_folder: str | None = None,
     progress=None,
 ) -> tuple[pd.DataFrame, dict]:
@@ -164,12 +175,13 @@ def build_training_rows(
     mined, info, seconds = None, {"candidates": 0, "dropped_judged_relevant": 0}, 0.0
     if miner_model_path and len(finetune_set):
         started = time.monotonic()
-        model = index.load_embedder(miner_model_path, device=device, max_seq_length=max_seq_length)
+        seq = cfg.max_seq_length
+        model = index.load_embedder(miner_model_path, device=cfg.device, max_seq_length=seq)
         if cache_folder:
             # sentence-transformers keys its embedding cache by the model card's *base* model name,
             # which a fine-tuned champion shares with the base: one folder per model's weights
-            cache_folder = str(Path(cache_folder) / f"{index.model_fingerprint(miner_model_path)}-seq{max_seq_length}")
-        say(f"mining hard negatives with {miner_model_path} over {len(corpus_texts)} chunks (seq {max_seq_length})")
+            cache_folder = str(Path(cache_folder) / f"{index.model_fingerprint(miner_model_path)}-seq{seq}")
+        say(f"mining hard negatives with {miner_model_path} over {len(corpus_texts)} chunks (seq {seq})")
         mined, info = mine(finetune_set, model, corpus_ids, corpus_texts, judged, cfg, cache_folder=cache_folder)
         seconds = time.monotonic() - started
     rows, stats = training_rows(finetune_set, mined)

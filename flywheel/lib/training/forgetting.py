@@ -10,11 +10,14 @@ setting ``merge_alpha``: 1.0 keeps the fine-tuned model, 0.0 the base.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
-from flywheel.settings import REPO_ROOT
+from flywheel.config import REPO_ROOT
 
 GENERAL_PAIRS = REPO_ROOT / "data" / "general" / "pairs.jsonl"
 
@@ -41,10 +44,43 @@ def general_evaluator(pairs: list[dict], name: str = "general"):
     )
 
 
+def general_slice_sha256(path: str | Path = GENERAL_PAIRS) -> str:
+    """The slice's content hash (recorded with each run; empty when the file is absent)."""
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
 def ndcg10(evaluator, model) -> float:
     if evaluator is None:
         return float("nan")
     return float(evaluator(model)[evaluator.primary_metric])
+
+
+def forgets(before: float, finetuned: float, margin: float) -> bool:
+    """True when the general-slice NDCG@10 fell by more than ``margin`` (NaN: unknown, never)."""
+    return before == before and finetuned == finetuned and finetuned < before - margin
+
+
+@dataclass(frozen=True)
+class GuardOutcome:
+    finetuned: float  # general-slice NDCG@10 of the fine-tuned model
+    after: float  # ... of the model kept (merged or not)
+    merged: bool
+    tensors_merged: int = 0
+
+
+def guard(model, base_model_path: str | Path, evaluator, before: float, *, margin: float, alpha: float,
+          say: Optional[Callable[[str], None]] = None) -> GuardOutcome:
+    """Merge ``model`` (in place) with the base when it forgot the general slice; else leave it."""
+    finetuned = ndcg10(evaluator, model)
+    if not forgets(before, finetuned, margin):
+        return GuardOutcome(finetuned, finetuned, False)
+    n = merge_with_base(model, base_model_path, alpha)
+    after = ndcg10(evaluator, model)
+    if say:
+        say(f"forgetting: general NDCG@10 {before:.4f} -> {finetuned:.4f}; merged {n} tensors with the base "
+            f"(alpha {alpha}): {after:.4f}")
+    return GuardOutcome(finetuned, after, True, n)
 
 
 def merge_with_base(model, base_model_path: str | Path, alpha: float) -> int:

@@ -1,0 +1,95 @@
+"""The ``corpus`` recipe's pieces: the frozen corpus, the query/document model, each row's targets.
+
+Only the query encoder trains. The model is a sentence-transformers ``Router`` whose document
+route is the base itself, frozen, so the corpus embeddings the app already serves stay valid (no
+re-embedding after training). The loss (``losses.CorpusSoftmaxLoss``) scores each query against
+every chunk of those embeddings; chunks judged relevant or related to the query are masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flywheel.lib.registry import index
+
+
+@dataclass
+class CorpusEmbeddings:
+    """The frozen document side of a query-only fine-tune: the base's corpus embeddings, as served."""
+
+    ids: list[str]
+    vectors: np.ndarray  # (chunks, dim), float32, L2-normalised
+
+
+def frozen_corpus(uri, base_model: str, corpus, *, max_seq_length: int, device: str, batch_size: int,
+                  progress=None) -> CorpusEmbeddings:
+    """The base's corpus embeddings as served (its LanceDB table, built here if missing)."""
+    base = index.load_embedder(base_model, device=device, max_seq_length=max_seq_length)
+    table = index.ensure_corpus_table(
+        uri, base, index.model_fingerprint(base_model), corpus, batch_size=batch_size, progress=progress
+    )
+    ids, vectors = index.table_vectors(uri, table)
+    if progress:
+        progress(f"corpus loss: the {len(ids)} chunks of {table} are the negatives")
+    return CorpusEmbeddings(ids, vectors)
+
+
+def related_chunks(labels: pd.DataFrame) -> dict[str, set[str]]:
+    """query_key -> chunks judged relevant or related (grade >= 1): never negatives of that query."""
+    judged = labels[labels["grade"].notna() & (labels["grade"] >= 1)]
+    return judged.groupby("query_key")["chunk_id"].agg(set).to_dict()
+
+
+def query_document_model(base_model: str, *, device: str = "auto", max_seq_length: int | None = None):
+    """A Router model: the query route is a trainable copy of the base, the document route the
+    base itself, frozen (its embeddings are the ones already in the corpus table)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Router
+
+    query = index.load_embedder(base_model, device=device, max_seq_length=max_seq_length)
+    document = index.load_embedder(base_model, device=device, max_seq_length=max_seq_length)
+    for p in document.parameters():
+        p.requires_grad_(False)
+    router = Router.for_query_document(
+        query_modules=list(query.children()), document_modules=list(document.children())
+    )
+    model = SentenceTransformer(modules=[router], device=index.resolve_device(device))
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def corpus_targets(
+    rows: pd.DataFrame, corpus_ids: list[str], related: dict[str, set[str]] | None = None
+) -> tuple[list[int], list[list[int]], int]:
+    """Per row: the positive's corpus index, and the indices to mask out of its softmax (the
+    query's other positives and every chunk judged relevant or related to it: not negatives).
+    Also the number of rows whose positive is not in the corpus (they cannot be trained on)."""
+    where = {cid: i for i, cid in enumerate(corpus_ids)}
+    positives = rows.groupby("query_key")["positive_id"].agg(set).to_dict()
+    targets, masked, missing = [], [], 0
+    for key, pos in zip(rows["query_key"], rows["positive_id"]):
+        if pos not in where:
+            missing += 1
+            targets.append(-1)
+            masked.append([])
+            continue
+        others = (positives.get(key, set()) | (related or {}).get(key, set())) - {pos}
+        targets.append(where[pos])
+        masked.append(sorted(where[c] for c in others if c in where))
+    return targets, masked, missing
+
+
+def write_towers_file(out: Path, base_model: str) -> None:
+    """Record beside a query-only model that its documents are the base's (its corpus table)."""
+    import json
+
+    (Path(out) / index.TOWERS_FILE).write_text(json.dumps({
+        "document_encoder": index.model_fingerprint(base_model),
+        "document_encoder_path": str(base_model),
+        "trained": "query",
+    }, indent=2))

@@ -1,0 +1,206 @@
+"""Fine-tune the cross-encoder reranker on the same labelled rows as the bi-encoder.
+
+It starts from a local MiniLM folder (the base, or the week's fine-tuned embedder, which already
+knows the domain): sentence-transformers' ``CrossEncoder`` adds a fresh one-logit head on top of
+the encoder. That head learns at its own, higher rate (``head_learning_rate``; see
+:func:`head_optimizer`). Two losses (``RerankerSettings.loss``):
+
+- ``listwise``: each (query, positive, hard negative) row scored against its negative and
+  ``num_negatives`` in-batch ones, cross-entropy over the list (sentence-transformers'
+  cross-encoder MultipleNegativesRankingLoss).
+- ``bce``: (query, chunk, 1/0) pairs, positives 1 and hard negatives 0, binary cross-entropy with
+  positives up-weighted by the class ratio.
+
+Scoring with a trained reranker (``load_reranker``, ``rerank``) lives in ``reranker.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from flywheel.config import RerankerSettings, TrainingSettings
+from flywheel.lib.labels.judges import stable_uniform
+from flywheel.lib.registry import index
+
+RERANKER_FILE = "flywheel_reranker.json"
+
+
+@dataclass
+class RerankerConfig:
+    """One reranker run: the reranker settings, the training settings it shares (device,
+    shuffled labels) and what belongs to this run."""
+
+    settings: RerankerSettings
+    training: TrainingSettings
+    base_model: str
+    output_dir: Path
+    seed: int
+    # weights to start from (None: base_model); only the one-logit head is new either way
+    init_model: str | None = None
+    warmup: float = 0.1  # share of the steps spent warming the learning rate up
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir).with_name(Path(self.output_dir).name + ".checkpoints")
+
+    def params(self) -> dict:
+        run = {k: v for k, v in asdict(self).items() if k not in ("settings", "training")}
+        return {**self.settings.model_dump(mode="json"), "device": self.training.device,
+                "shuffle_labels": self.training.shuffle_labels, **run, "output_dir": str(self.output_dir)}
+
+
+@dataclass
+class RerankerResult:
+    model_dir: Path
+    train_pairs: int
+    positives: int
+    negatives: int
+    steps: int
+    train_seconds: float
+    loss_history: list = field(default_factory=list)
+
+
+def labelled_pairs(rows: pd.DataFrame, seed: int, shuffle_labels: bool = False) -> pd.DataFrame:
+    """(query, text, label) from training rows: positives 1, hard negatives 0, deduplicated."""
+    pos = rows[["query", "positive_id", "positive"]].rename(columns={"positive_id": "chunk_id", "positive": "text"})
+    neg = rows[["query", "negative_id", "negative"]].rename(columns={"negative_id": "chunk_id", "negative": "text"})
+    pairs = pd.concat([pos.assign(label=1.0), neg.assign(label=0.0)], ignore_index=True)
+    # a chunk that is a positive for the query is never also its negative
+    pairs = pairs.sort_values("label", ascending=False).drop_duplicates(["query", "chunk_id"]).reset_index(drop=True)
+    if shuffle_labels:
+        pairs["label"] = pairs["label"].sample(frac=1.0, random_state=seed).to_numpy()
+    order = [stable_uniform("rerank-pairs", seed, q, c) for q, c in zip(pairs["query"], pairs["chunk_id"])]
+    return pairs.assign(_o=order).sort_values("_o").drop(columns="_o").reset_index(drop=True)
+
+
+def listwise_rows(rows: pd.DataFrame, seed: int, shuffle_labels: bool = False) -> pd.DataFrame:
+    """(query, positive, negative) rows in a stable seeded order (positives shuffled on request)."""
+    triples = rows[["query", "positive", "negative"]]
+    if shuffle_labels:
+        triples = triples.assign(positive=triples["positive"].sample(frac=1.0, random_state=seed).to_numpy())
+    order = [stable_uniform("rerank-rows", seed, q, p, n) for q, p, n in triples.itertuples(index=False)]
+    return triples.assign(_o=order).sort_values("_o").drop(columns="_o").reset_index(drop=True)
+
+
+def load_model(cfg: RerankerConfig):
+    """A local encoder with a fresh one-logit head (a query/document Router model starts the
+    cross-encoder from its query-side transformer)."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    logging.getLogger("sentence_transformers.cross_encoder.model").setLevel(logging.ERROR)  # "the head is new"
+    start = str(index.transformer_dir(cfg.init_model)) if cfg.init_model else cfg.base_model
+    return CrossEncoder(start, num_labels=1, max_length=cfg.settings.max_length,
+                        device=index.resolve_device(cfg.training.device), local_files_only=True)
+
+
+def dataset_and_loss(model, rows: pd.DataFrame, pairs: pd.DataFrame, cfg: RerankerConfig):
+    """The trainer's dataset and the loss ``cfg.settings.loss`` names."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, MultipleNegativesRankingLoss
+
+    loss = cfg.settings.loss
+    if loss == "bce":
+        n_pos = int((pairs["label"] == 1).sum())
+        n_neg = len(pairs) - n_pos
+        ds = Dataset.from_dict({c: pairs[c].tolist() for c in ("query", "text", "label")})
+        return ds, BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(max(n_neg, 1) / max(n_pos, 1)))
+    if loss == "listwise":
+        triples = listwise_rows(rows, cfg.seed, cfg.training.shuffle_labels)
+        ds = Dataset.from_dict({c: triples[c].tolist() for c in ("query", "positive", "negative")})
+        return ds, MultipleNegativesRankingLoss(model, num_negatives=cfg.settings.num_negatives)
+    raise ValueError(f"unknown reranker loss {loss!r}: use 'bce' or 'listwise'")
+
+
+def is_head(name: str) -> bool:
+    """The new scoring head's parameters (classifier, and the pooler under it)."""
+    return name.startswith(("classifier", "bert.pooler", "pooler")) or ".pooler." in name or "classifier" in name
+
+
+def head_optimizer(model, cfg: RerankerConfig, n_examples: int) -> dict:
+    """AdamW with the new head at ``head_learning_rate``, the encoder at ``learning_rate``; linear
+    warmup and decay over the run, like the trainer's own default ({} when the model has no head)."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    s = cfg.settings
+    named = list(model.model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if not is_head(n)], "lr": s.learning_rate},
+        {"params": [p for n, p in named if is_head(n)], "lr": s.head_learning_rate},
+    ]
+    if not groups[1]["params"]:
+        return {}
+    steps = s.max_steps if s.max_steps > 0 else max(1, math.ceil(n_examples / s.batch_size * s.epochs))
+    warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    return {"optimizers": (optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps))}
+
+
+def training_args(cfg: RerankerConfig, n_examples: int):
+    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
+
+    s = cfg.settings
+    return CrossEncoderTrainingArguments(
+        output_dir=str(cfg.checkpoint_dir), num_train_epochs=s.epochs, max_steps=s.max_steps,
+        per_device_train_batch_size=s.batch_size, learning_rate=s.learning_rate, warmup_steps=cfg.warmup,
+        save_strategy="no", eval_strategy="no", logging_steps=max(1, n_examples // s.batch_size // 10),
+        report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        use_cpu=index.resolve_device(cfg.training.device) == "cpu", disable_tqdm=True,
+    )
+
+
+def save_model(model, cfg: RerankerConfig, result: RerankerResult, examples: int) -> None:
+    """Save as files, with the run's config and counts beside them."""
+    out = Path(cfg.output_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(str(out))
+    shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
+    (out / RERANKER_FILE).write_text(json.dumps({
+        "config": cfg.params(), "train_examples": examples, "train_pairs": result.train_pairs,
+        "positives": result.positives, "negatives": result.negatives, "train_seconds": result.train_seconds,
+    }, indent=2, default=str))
+
+
+def train_reranker(rows: pd.DataFrame, cfg: RerankerConfig, *,
+                   progress: Callable[[str], None] | None = None) -> RerankerResult:
+    """Fine-tune a cross-encoder on training rows (query, positive(_id), negative(_id))."""
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer
+
+    from flywheel.lib.training.callbacks import ProgressLinesCallback, progress_lines
+
+    if rows.empty:
+        raise ValueError("no training rows: nothing to train the reranker on")
+    index.set_torch_threads()
+
+    # 1. Model: an encoder with a fresh one-logit head
+    model = load_model(cfg)
+    # 2. Data and 3. loss
+    pairs = labelled_pairs(rows, cfg.seed, cfg.training.shuffle_labels)
+    n_pos = int((pairs["label"] == 1).sum())
+    ds, loss = dataset_and_loss(model, rows, pairs, cfg)
+    # 4. Arguments, and the optimizer that gives the new head its own learning rate
+    trainer = CrossEncoderTrainer(model=model, args=training_args(cfg, len(ds)), train_dataset=ds, loss=loss,
+                                  **head_optimizer(model, cfg, len(ds)))
+    progress_lines(trainer, ProgressLinesCallback("reranker", progress, estimate_after=0))
+    # 5. Train
+    started = time.monotonic()
+    trainer.train()
+    result = RerankerResult(
+        model_dir=Path(cfg.output_dir), train_pairs=len(pairs), positives=n_pos, negatives=len(pairs) - n_pos,
+        steps=trainer.state.global_step, train_seconds=time.monotonic() - started,
+        loss_history=[{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+    )
+    # 6. Save as files
+    save_model(model, cfg, result, len(ds))
+    return result
