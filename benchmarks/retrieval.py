@@ -125,9 +125,8 @@ def quality(ds, uri, base: str, precisions, args, cfg) -> dict:
     return {"results": results, "weight": weight, "latency": bench.latency_ms, "queries": results["bm25"]["queries"]}
 
 
-def figures(costs: list[cost.ModelCost], q: dict, chosen: str, chosen_rr: str, precisions) -> dict:
+def quality_figures(q: dict, chosen: str, judged) -> dict:
     res, out = q["results"], {}
-    by = {(c.name, c.precision): c for c in costs}
     out["ndcg10_base"] = round(res["base-fp32"]["ndcg@10"], 4)
     out["ndcg10_bm25"] = round(res["bm25"]["ndcg@10"], 4)
     out["ndcg10_hybrid"] = round(res[f"hybrid-{chosen}"]["ndcg@10"], 4)
@@ -137,12 +136,22 @@ def figures(costs: list[cost.ModelCost], q: dict, chosen: str, chosen_rr: str, p
     out["ndcg10_hybrid_rrf"] = round(res["hybrid-rrf"]["ndcg@10"], 4)
     out["ndcg10_hybrid_calibrated"] = round(res["hybrid-calibrated"]["ndcg@10"], 4)
     out["hybrid_weight_calibrated"] = q["weight"]
-    for p in precisions:
-        if f"base-{p}" in res:
-            out[f"ndcg10_base_{p}"] = round(res[f"base-{p}"]["ndcg@10"], 4)
-            out[f"ndcg10_hybrid_{p}"] = round(res[f"hybrid-{p}"]["ndcg@10"], 4)
+    for p in judged:
+        out[f"ndcg10_base_{p}"] = round(res[f"base-{p}"]["ndcg@10"], 4)
+        out[f"ndcg10_hybrid_{p}"] = round(res[f"hybrid-{p}"]["ndcg@10"], 4)
         if f"hybrid+reranker-{p}" in res:
             out[f"ndcg10_full_{p}"] = round(res[f"hybrid+reranker-{p}"]["ndcg@10"], 4)
+    if f"ndcg10_full_{chosen}" in out:
+        out["ndcg10_full"] = out[f"ndcg10_full_{chosen}"]
+    out["bm25_ms_p50"] = round(p50(q["latency"]["bm25"]), 1)
+    out["hybrid_ms_p50"] = round(p50(q["latency"][f"hybrid-{chosen}"]), 1)
+    out["test_queries"] = q["queries"]
+    return out
+
+
+def speed_figures(costs: list[cost.ModelCost], chosen: str, chosen_rr: str, precisions) -> dict:
+    by, out = {(c.name, c.precision): c for c in costs}, {}
+    for p in precisions:
         e, r = by[("embedder", p)], by[("reranker", p)]
         out[f"encode_passages_per_s_{p}"] = round(e.passages_per_s, 1)
         out[f"query_ms_p50_{p}"] = round(e.query_ms_p50, 1)
@@ -150,15 +159,10 @@ def figures(costs: list[cost.ModelCost], q: dict, chosen: str, chosen_rr: str, p
         out[f"rerank_ms_p50_{p}"] = round(r.query_ms_p50, 1)
         out[f"rerank_ms_p95_{p}"] = round(r.query_ms_p95, 1)
         out[f"embedder_weights_mb_{p}"] = round(e.weights_mb, 1)
-    if f"hybrid+reranker-{chosen_rr}" in res:
-        out["ndcg10_full"] = out[f"ndcg10_full_{chosen_rr}"]
     out["encode_passages_per_s"] = out[f"encode_passages_per_s_{chosen}"]
     out["rerank_ms_p50"] = out[f"rerank_ms_p50_{chosen_rr}"]
-    out["bm25_ms_p50"] = round(p50(q["latency"]["bm25"]), 1)
-    out["hybrid_ms_p50"] = round(p50(q["latency"][f"hybrid-{chosen}"]), 1)
-    out.update(precision=chosen, reranker_precision=chosen_rr, test_queries=q["queries"],
-               passages_timed=by[("embedder", chosen)].passages_timed, size_on_disk_mb=round(costs[0].size_on_disk_mb, 1),
-               total_seconds=round(time.monotonic() - T0, 1))
+    out["passages_timed"] = by[("embedder", chosen)].passages_timed
+    out["size_on_disk_mb"] = round(costs[0].size_on_disk_mb, 1)
     return out
 
 
@@ -170,6 +174,7 @@ def main() -> dict:
     ap.add_argument("--quality-precisions", default="fp32,bf16",
                     help="evaluated on the whole test split (each encodes the corpus once); fp32 is always included")
     ap.add_argument("--reranker", default="", help="a trained CrossEncoder folder (quality over the hybrid)")
+    ap.add_argument("--part", choices=("all", "speed", "quality"), default="all", help="run only one half")
     args = ap.parse_args()
     quiet()
     index.set_torch_threads()
@@ -186,14 +191,17 @@ def main() -> dict:
     uri = cfg.paths.home / "lancedb"
     say(f"dataset {ds.root} ({len(ds.corpus)} passages); base {cfg.paths.base_model}; serving precision "
         f"{chosen} (encoding), {chosen_rr} (reranking)")
-    load = os.getloadavg()[0]
-    costs = speed(ds, uri, cfg.paths.base_model, args.reranker or cfg.paths.base_model, precisions, args, cfg)
-    load = max(load, os.getloadavg()[0])
-    say(f"cost side by side (1-minute load average up to {load:.1f} on {os.cpu_count()} cores while timing):\n"
-        + cost.cost_table_markdown(costs))
-    q = quality(ds, uri, cfg.paths.base_model, judged, args, cfg)
-    out = figures(costs, q, chosen, chosen_rr, precisions)
-    out["load_average_while_timing"] = round(load, 1)
+    out: dict = {}
+    if args.part in ("all", "speed"):
+        load = os.getloadavg()[0]
+        costs = speed(ds, uri, cfg.paths.base_model, args.reranker or cfg.paths.base_model, precisions, args, cfg)
+        load = max(load, os.getloadavg()[0])
+        say(f"cost side by side (1-minute load average up to {load:.1f} on {os.cpu_count()} cores while timing):\n"
+            + cost.cost_table_markdown(costs))
+        out.update(speed_figures(costs, chosen, chosen_rr, precisions), load_average_while_timing=round(load, 1))
+    if args.part in ("all", "quality"):
+        out.update(quality_figures(quality(ds, uri, cfg.paths.base_model, judged, args, cfg), chosen, judged))
+    out.update(precision=chosen, reranker_precision=chosen_rr, total_seconds=round(time.monotonic() - T0, 1))
     return out
 
 
