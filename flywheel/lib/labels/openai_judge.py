@@ -49,6 +49,7 @@ from flywheel.lib.labels.judges import JudgeRequest, Judgement, JudgeUsage
 from flywheel.lib.labels.parsing import JudgeAnswerError, parse_answer  # noqa: F401  (re-exported)
 from flywheel.lib.labels.prompts import ANSWER_SCHEMA, PROMPT_VERSION, build_messages, format_pair  # noqa: F401
 from flywheel.lib.labels.traits import Traits, adapt
+from flywheel.lib.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ class OpenAIJudge:
                                               f"FLYWHEEL_JUDGE_BASE_URL and the model; labels received so far are cached")
 
     def _run(self, jobs, results, say) -> None:
-        started, last_report, done = time.monotonic(), time.monotonic(), 0
+        meter, done = Progress(f"judge {self.name}", len(jobs), say, unit="asked"), 0
         if jobs:  # the first pair alone: it settles the endpoint's traits before the others ask
             key, idx, r, ex, hard = jobs[0]
             self._record(jobs[0], self._judge_one(r, key, ex, hard), results)
@@ -346,13 +347,9 @@ class OpenAIJudge:
             for fut in as_completed(futures):
                 self._record(futures[fut], fut.result(), results)
                 done += 1
-                if time.monotonic() - last_report >= 10.0 or done == len(jobs):
-                    last_report = time.monotonic()
-                    rate = done / max(last_report - started, 1e-9)
-                    say(f"judge {self.name}: {done}/{len(jobs)} asked ({100 * done / len(jobs):.0f}%), {rate:.1f}/s, "
-                        f"~{(len(jobs) - done) / rate if rate else 0:.0f}s left, "
-                        f"{sum(r is not None and r.grade is None for r in results)} unlabelled, "
-                        f"${self.usage.cost_usd:.4f} spent{' (estimated)' if self.usage.extra.get('usage_estimated_calls') else ''}")
+                meter.update(done, force=done == len(jobs), detail=(
+                    f"{sum(r is not None and r.grade is None for r in results)} unlabelled, "
+                    f"${self.usage.cost_usd:.4f} spent{' (estimated)' if self.usage.extra.get('usage_estimated_calls') else ''}"))
 
     def _finish(self, out: list[Judgement], todo) -> None:
         reasons: dict[str, int] = {}
