@@ -117,7 +117,7 @@ def encode(
     for start in range(0, len(texts), chunk):
         part = list(texts[start:start + chunk])
         out.append(
-            fn(part, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+            fn(part, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         )
         meter.update(start + len(part), force=start + chunk >= len(texts))
     if not out:

@@ -3,7 +3,7 @@
 The trainers run with ``disable_tqdm=True``; transformers then adds its ``PrinterCallback``, which
 prints every log as a raw ``{'loss': ...}`` dict. :func:`progress_lines` swaps it for
 :class:`ProgressLinesCallback`, which reports through the project's one progress helper
-(``flywheel.lib.progress.Progress``): "train: 40/120 steps (33%), 1.2s each, ~96s left, loss 0.81".
+(``flywheel.lib.progress.Progress``): "train: 40/120 steps (33%), 0.83/s, ~96s left, loss 0.81".
 :class:`StepTimer` measures optimizer steps (the first carries warm-up costs and is left out of
 the average); the bi-encoder's time budget is planned from it.
 """
