@@ -133,7 +133,7 @@ def _week_runner(args: argparse.Namespace, config: FlywheelConfig, overrides: di
     if getattr(args, "submit", False):
         from flywheel.services.commands import submitting_run_week
 
-        return submitting_run_week(say, _print_materializations)
+        return submitting_run_week(say, _print_materializations, overrides=overrides)
     if not overrides:
         return run_week
     from flywheel.defs.resources import resources_for
@@ -223,6 +223,11 @@ def cmd_backfill(args: argparse.Namespace, config: FlywheelConfig) -> int:
 def cmd_config(args: argparse.Namespace, config: FlywheelConfig) -> int:
     """Every setting with its value and where it came from (default, environment, command)."""
     rows = config.rows()
+    if args.markdown:
+        from flywheel.config import settings_table_markdown
+
+        print(settings_table_markdown())
+        return 0
     if args.json:
         print(json.dumps([{**r, "value": str(r["value"]), "default": str(r["default"])} for r in rows], indent=2))
         return 0
@@ -282,6 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--job", default="flywheel_weekly", choices=["flywheel_weekly", "weekly_labels"])
     cp = sub.add_parser("config", help="every setting, its value and where it came from")
     cp.add_argument("--json", action="store_true")
+    cp.add_argument("--markdown", action="store_true", help="the README's settings table")
     up = sub.add_parser("ui")
     up.add_argument("--port", type=int, default=3000)
     mp = sub.add_parser("mlflow-ui")

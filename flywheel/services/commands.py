@@ -63,13 +63,32 @@ def _supervise(stack: ServiceStack, say: Callable[[str], None]) -> int:
     return 0 if all(v in ("stopped", "not running") for v in result.values()) else 1
 
 
-def submitting_run_week(say: Callable[[str], None], print_events: Callable, *, timeout_s: float = 6 * 3600):
-    """A ``run_week(week, job)`` that queues the run on the service instance and waits for it."""
+def override_mismatch(recorded: dict[str, str], overrides: dict[str, dict] | None) -> list[str]:
+    """A command's own setting overrides (backfill's light settings) the services do not run with."""
+    from flywheel.config import SECTIONS
+
+    out = []
+    for section, fields in (overrides or {}).items():
+        for name, value in fields.items():
+            env = SECTIONS[section].env_name(name)
+            if recorded.get(env) != str(value):
+                out.append(f"{env}: services {recorded.get(env, '(unset)')!r}, this command {str(value)!r}")
+    return out
+
+
+def submitting_run_week(say: Callable[[str], None], print_events: Callable, *, overrides: dict[str, dict] | None = None,
+                        timeout_s: float = 6 * 3600):
+    """A ``run_week(week, job)`` that queues the run on the service instance and waits for it.
+
+    Runs execute with the services' settings: the command refuses when its environment's settings
+    or its own ``overrides`` differ from those the services were started with.
+    """
     stack = stack_from_env(say)
     running, extra = procs.read_state(stack.state_file)
     if not running.get("webserver") or not running["webserver"].alive():
         raise SystemExit(f"no flywheel services running for FLYWHEEL_HOME={stack.home}: start them with `flywheel services up`")
-    diff = settings_mismatch(extra.get("settings", {}), service_env_vars(), ignore=_SET_BY_SERVICES)
+    recorded = extra.get("settings", {})
+    diff = settings_mismatch(recorded, service_env_vars(), ignore=_SET_BY_SERVICES) + override_mismatch(recorded, overrides)
     if diff:
         raise SystemExit("the services run with other settings than this command (runs use the services' settings); "
                          "restart them with these settings or unset them here:\n  " + "\n  ".join(diff))
