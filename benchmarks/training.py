@@ -16,15 +16,23 @@ Labels: reuses ``$FLYWHEEL_HOME`` (default ./.flywheel) when it already holds re
 cache and report go to ``<home>/bench-training``; corpus embeddings go to ``<home>/lancedb``
 (one table per model fingerprint, so the base table is reused).
 
+Then the first stage with keyword search beside it (``first_stage_and_speed``): BM25 (LanceDB's
+full-text index), the hybrid (embedder + BM25) and the full pipeline (hybrid + reranker), each at
+the serving precision (``FLYWHEEL_ENCODE_PRECISION`` / ``FLYWHEEL_RERANKER_PRECISION``, auto: bf16
+where the CPU runs it natively) and at fp32, side by side; corpus encode rate on 500 passages both
+ways. The embedder + reranker row ("reranked") runs at the serving precision.
+
 Prints figures as it goes; the last line is one JSON object with ndcg10_/recall10_ for base,
-embedder and reranked, train_examples, train_seconds (bi-encoder trainer time), rerank_ms_p50 and
-more. Usage: python benchmarks/training.py
+embedder and reranked, ndcg10_bm25, ndcg10_hybrid, ndcg10_full, recall40_base/_embedder,
+train_examples, train_seconds (bi-encoder trainer time), rerank_ms_p50 (serving precision) and
+rerank_ms_p50_fp32, encode_passages_per_s and _fp32, and more. Usage: python benchmarks/training.py
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -39,7 +47,11 @@ from flywheel.config import load_config  # noqa: E402
 from flywheel.layout import RELEVANCE_LABELS, Layout  # noqa: E402
 from flywheel.lib.beir import load_beir  # noqa: E402
 from flywheel.lib.datasets.weekly import finetune_set_week, labels_to_date  # noqa: E402
-from flywheel.lib.evaluation.benchmark import ModelSpec, RerankSpec, p50, run_benchmark, test_split_suite  # noqa: E402
+from flywheel.lib.evaluation import cost  # noqa: E402
+from flywheel.lib.evaluation.benchmark import (  # noqa: E402
+    HybridSpec, ModelSpec, RerankSpec, p50, p95, run_benchmark, test_split_suite,
+)
+from flywheel.lib.registry.inference import resolve_precision  # noqa: E402
 from flywheel.lib.quiet import quiet_libraries  # noqa: E402
 from flywheel.lib.training.week import train_reranker_week, train_week  # noqa: E402
 
@@ -66,6 +78,65 @@ def ensure_labels(config):
                         "weekly_labels"], env=env, check=True)
         say(f"labelled week {week}")
     return load_config(env)
+
+
+def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dict:
+    """BM25, the hybrid first stage (embedder + BM25, z-score fusion) and the full pipeline
+    (hybrid + reranker), at the serving precision and at fp32 side by side on the test split;
+    the embedder's corpus encode rate both ways on 500 passages drawn with a fixed seed."""
+    tr, rr = config.training, config.reranker
+    fast, rfast = resolve_precision(tr.inference_precision, "cpu"), resolve_precision(rr.inference_precision, "cpu")
+    models = [ModelSpec("embedder-fp32", str(embedder_dir))]
+    if fast != "fp32":
+        models.append(ModelSpec(f"embedder-{fast}", str(embedder_dir), precision=fast))
+    hybrids = [HybridSpec("bm25"), HybridSpec("hybrid-fp32", on="embedder-fp32")]
+    if fast != "fp32":
+        hybrids.append(HybridSpec(f"hybrid-{fast}", on=f"embedder-{fast}"))
+    kw = dict(depth=rr.depth, max_length=rr.max_length, fusion=rr.fusion, fusion_weight=rr.fusion_weight)
+    rerankers = [RerankSpec("full-fp32", str(reranker_dir), on="hybrid-fp32", precision="fp32", **kw)]
+    if (fast, rfast) != ("fp32", "fp32"):
+        rerankers.append(RerankSpec("full", str(reranker_dir), on=f"hybrid-{fast}", precision=rfast, **kw))
+    say(f"first stage: BM25 and hybrid (embedder at {', '.join(m.precision for m in models)}), reranker at "
+        f"{', '.join(r.precision for r in rerankers)} on the hybrid's top {rr.depth}")
+    suites = {"test": test_split_suite(ds)}
+    bench = run_benchmark(models, ds, suites, layout.lancedb_dir, hybrids=hybrids, rerankers=rerankers,
+                          max_seq_length=tr.encode_max_seq_length, batch_size=tr.encode_batch_size, progress=say)
+    res = {name: bench.summary("test", name) for name in bench.summaries["test"]}
+    res.setdefault("full", res["full-fp32"])
+    for name, m in res.items():
+        ms = bench.latency_ms.get(name, [])
+        say(f"test {name}: NDCG@10 {m['ndcg@10']:.4f}, Recall@40 {m['recall@40']:.4f}"
+            + (f", p50 {p50(ms):.1f} ms per query" if ms else ""))
+    sample = random.Random(0).sample(list(ds.corpus.texts), min(500, len(ds.corpus)))
+    costs = {c.precision: c for c in cost.precision_costs(
+        embedder_dir, sample, list(suites["test"][0].values())[:50], precisions=sorted({"fp32", fast}),
+        max_seq_length=tr.encode_max_seq_length, batch_size=tr.encode_batch_size, progress=say)}
+    full_ms = bench.latency_ms.get("full", bench.latency_ms["full-fp32"])
+    return {
+        "ndcg10_bm25": round(res["bm25"]["ndcg@10"], 4),
+        "recall40_bm25": round(res["bm25"]["recall@40"], 4),
+        "ndcg10_hybrid": round(res[f"hybrid-{fast}"]["ndcg@10"], 4),
+        "recall40_hybrid": round(res[f"hybrid-{fast}"]["recall@40"], 4),
+        "ndcg10_hybrid_fp32": round(res["hybrid-fp32"]["ndcg@10"], 4),
+        "ndcg10_full": round(res["full"]["ndcg@10"], 4),
+        "ndcg10_full_fp32": round(res["full-fp32"]["ndcg@10"], 4),
+        f"ndcg10_embedder_{fast}": round(res[f"embedder-{fast}"]["ndcg@10"], 4),
+        "ndcg10_embedder_fp32": round(res["embedder-fp32"]["ndcg@10"], 4),
+        "rerank_ms_p50_full": round(p50(full_ms), 1),
+        "rerank_ms_p95_full": round(p95(full_ms), 1),
+        "rerank_ms_p50_fp32": round(p50(bench.latency_ms["full-fp32"]), 1),
+        "rerank_ms_p95_fp32": round(p95(bench.latency_ms["full-fp32"]), 1),
+        "hybrid_ms_p50": round(p50(bench.latency_ms[f"hybrid-{fast}"]), 1),
+        "bm25_ms_p50": round(p50(bench.latency_ms["bm25"]), 1),
+        "encode_passages_per_s": round(costs[fast].passages_per_s, 1),
+        "encode_passages_per_s_fp32": round(costs["fp32"].passages_per_s, 1),
+        "query_ms_p50": round(costs[fast].query_ms_p50, 1),
+        "query_ms_p50_fp32": round(costs["fp32"].query_ms_p50, 1),
+        "encode_passages_timed": len(sample),
+        "inference_precision": fast,
+        "reranker_precision": rfast,
+        "load_average_1m": round(os.getloadavg()[0], 1),
+    }
 
 
 def main() -> dict:
@@ -114,20 +185,26 @@ def main() -> dict:
     bench2 = run_benchmark(
         [ModelSpec("embedder", str(emb.model_dir))], ds, suites, layout.lancedb_dir,
         rerankers=[RerankSpec("reranked", str(rres.model_dir), on="embedder", depth=rr.depth,
-                              max_length=rr.max_length, fusion=rr.fusion, fusion_weight=rr.fusion_weight)],
+                              max_length=rr.max_length, fusion=rr.fusion, fusion_weight=rr.fusion_weight,
+                              precision=rr.inference_precision)],
         max_seq_length=tr.encode_max_seq_length, progress=say,
     )
     r = bench2.summary("test", "reranked")
     say(f"test NDCG@10 embedder {e['ndcg@10']:.4f} -> reranked {r['ndcg@10']:.4f} "
         f"({(r['ndcg@10'] - e['ndcg@10']) / e['ndcg@10'] * 100:+.1f}%)")
 
-    return {
+    # 5. the first stage with BM25 beside it, the full pipeline, and fp32 vs the serving precision
+    fs = first_stage_and_speed(config, ds, layout, emb.model_dir, rres.model_dir)
+
+    return fs | {
         "ndcg10_base": round(b["ndcg@10"], 4),
         "ndcg10_embedder": round(e["ndcg@10"], 4),
         "ndcg10_reranked": round(r["ndcg@10"], 4),
         "recall10_base": round(b["recall@10"], 4),
         "recall10_embedder": round(e["recall@10"], 4),
         "recall10_reranked": round(r["recall@10"], 4),
+        "recall40_base": round(b["recall@40"], 4),
+        "recall40_embedder": round(e["recall@40"], 4),
         "embedder_rel_gain_pct": round((e["ndcg@10"] - b["ndcg@10"]) / b["ndcg@10"] * 100, 2),
         "reranker_rel_gain_pct": round((r["ndcg@10"] - e["ndcg@10"]) / e["ndcg@10"] * 100, 2),
         "train_examples": int(emb.train_rows),
