@@ -318,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config()  # every setting validated before any work starts
+        if args.command in ("demo", "simulate", "run", "backfill"):
+            from flywheel.lib.quiet import quiet_libraries
+
+            quiet_libraries()  # the project's own progress lines, not library bars
         if args.command == "simulate":
             cmd_simulate(args, config)
             return 0
