@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import random
 import sys
@@ -45,6 +44,7 @@ from flywheel.lib.evaluation.benchmark import (  # noqa: E402
     HybridSpec, ModelSpec, RerankSpec, p50, p95, run_benchmark, test_split_suite,
 )
 from flywheel.lib.evaluation.metrics import evaluate_rankings, summarize  # noqa: E402
+from flywheel.lib.quiet import quiet_libraries  # noqa: E402
 from flywheel.lib.registry import hybrid, index  # noqa: E402
 from flywheel.lib.registry.inference import resolve_precision  # noqa: E402
 
@@ -53,15 +53,6 @@ T0 = time.monotonic()
 
 def say(msg: str) -> None:
     print(f"[{time.monotonic() - T0:7.1f}s] {msg}", flush=True)
-
-
-def quiet() -> None:
-    """No library progress bars or load reports (a fresh scoring head is expected here)."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
 
 
 def speed(ds, uri, base: str, reranker: str, precisions, args, cfg) -> list[cost.ModelCost]:
@@ -176,7 +167,7 @@ def main() -> dict:
     ap.add_argument("--reranker", default="", help="a trained CrossEncoder folder (quality over the hybrid)")
     ap.add_argument("--part", choices=("all", "speed", "quality"), default="all", help="run only one half")
     args = ap.parse_args()
-    quiet()
+    quiet_libraries()  # no progress bars or load reports (a fresh scoring head is expected here)
     index.set_torch_threads()
     cfg = load_config()
     precisions = ["fp32"] + [p for p in args.precisions.split(",") if p and p != "fp32"]
