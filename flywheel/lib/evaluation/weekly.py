@@ -102,7 +102,7 @@ class _Pooler:
 def _reranker_spec(name: str, info: dict, on: str, rer: RerankerSettings) -> RerankSpec:
     return RerankSpec(name, info["model_dir"], on=on, depth=info.get("rerank_depth", rer.depth),
                       max_length=info.get("max_length", rer.max_length), fusion=info.get("fusion", rer.fusion),
-                      fusion_weight=info.get("fusion_weight", rer.fusion_weight))
+                      fusion_weight=info.get("fusion_weight", rer.fusion_weight), precision=rer.inference_precision)
 
 
 def _decide_reranker(long: pd.DataFrame, first: str, new: str, old: str | None, g: GateSettings,
@@ -137,8 +137,9 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     bench = Benchmark(per_query={}, queries={n: dict(s[0]) for n, s in suites.items()}, suites=suites)
     enc = dict(max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size, device=training.device)
     # 1-3: first stages, pooled, decided
-    firsts = [ModelSpec("base", cand.base_model), ModelSpec("champion", cand.champion_path),
-              ModelSpec("challenger", cand.challenger["model_dir"], cand.challenger["model_id"])]
+    prec = training.inference_precision  # the same for every first stage: a fair comparison
+    firsts = [ModelSpec("base", cand.base_model, precision=prec), ModelSpec("champion", cand.champion_path, precision=prec),
+              ModelSpec("challenger", cand.challenger["model_dir"], cand.challenger["model_id"], precision=prec)]
     rank_first_stages(bench, firsts, ds, lancedb_uri, progress=progress, **enc)
     pooler = _Pooler(judged, voters, ds.corpus.text_by_id, g.pool_depth, week, progress)
     score(bench, [m.name for m in firsts], pool=pooler)
