@@ -3,13 +3,16 @@
 Loading or saving a model through transformers draws "Loading weights" / "Writing model shards"
 bars and prints a load report (a table of missing keys: expected for a cross-encoder's new head);
 huggingface_hub and datasets draw their own bars; sentence-transformers logs each model it
-converts. None of it helps someone watching the flywheel, and it buries the project's own
-per-stage progress lines (``flywheel.lib.progress``). :func:`quiet_libraries` turns those off
-once per process: the CLI calls it at start-up and the Dagster definitions call it when loaded.
-Library warnings about real problems (level ERROR and above) still show.
+converts; MLflow announces its database set-up. None of it helps someone watching the flywheel,
+and it buries the project's own per-stage progress lines (``flywheel.lib.progress``).
+:func:`quiet_libraries` turns those off once per process: the CLI calls it at start-up and the
+Dagster definitions call it when loaded. Library errors (and MLflow's warnings) still show.
 
-The trainers' own tqdm bars and ``{'loss': ...}`` dicts are turned off where the trainers are
-built (``disable_tqdm=True`` and the project's progress callback, flywheel.lib.training).
+Turned off where they start instead: the trainers' tqdm bars and ``{'loss': ...}`` dicts
+(``disable_tqdm=True`` and the project's progress callback, flywheel.lib.training.callbacks),
+sentence-transformers' "Computing widget examples" bar (the embedder picks its model card's
+examples itself), ``encode`` bars (``show_progress_bar=False``) and Lance's warning on
+overwriting a table that is not there yet (``registry.index.replace_table``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ def quiet_libraries() -> None:
     _done = True
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # "Creating initial MLflow database tables...": MLflow resets its root logger's level when
+    # imported, not its children's
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     # transformers keeps its own logging tree and tqdm switch (load reports, weight bars)
     from transformers.utils import logging as hf_logging
 

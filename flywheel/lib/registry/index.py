@@ -141,6 +141,11 @@ def _connect(uri: str | Path):
     return lancedb.connect(str(uri))
 
 
+def replace_table(db, name: str, data):
+    """Create or overwrite a table (overwriting a table that is not there makes Lance warn)."""
+    return db.create_table(name, data=data, mode="overwrite" if name in db.list_tables().tables else "create")
+
+
 def table_names(uri: str | Path) -> list[str]:
     return list(_connect(uri).list_tables().tables)
 
@@ -169,7 +174,7 @@ def ensure_corpus_table(
         "id": pa.array(corpus.ids, pa.string()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), dim),
     })
-    db.create_table(name, data=data, mode="overwrite")
+    replace_table(db, name, data)
     if progress:
         progress(f"embedded {len(corpus)} chunks into LanceDB table {name} in {time.monotonic() - started:.0f}s")
     return name
@@ -187,7 +192,7 @@ def table_vectors(uri: str | Path, name: str) -> tuple[list[str], np.ndarray]:
 def write_named_table(uri: str | Path, name: str, source: str) -> None:
     """Copy a corpus table under another name (e.g. ``serving`` for the champion)."""
     db = _connect(uri)
-    db.create_table(name, data=db.open_table(source).to_arrow(), mode="overwrite")
+    replace_table(db, name, db.open_table(source).to_arrow())
 
 
 def search(

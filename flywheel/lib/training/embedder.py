@@ -149,6 +149,13 @@ def prepare_data(rows: pd.DataFrame, cfg: TrainConfig, corpus: CorpusEmbeddings 
     return TrainingData(train_df, val_df, dataset, targets, masked)
 
 
+def set_widget_examples(model, rows: pd.DataFrame, n: int = 5) -> None:
+    """The model card's widget examples, picked here (the first rows' query, positive, negative).
+    Left empty, every trainer samples its own behind a tqdm bar ("Computing widget examples")."""
+    head = rows[["query", "positive", "negative"]].head(n).itertuples(index=False)
+    model.model_card_data.widget = [{"source_sentence": q, "sentences": [p, ng]} for q, p, ng in head]
+
+
 def make_evaluator(data: TrainingData, cfg: TrainConfig, corpus: CorpusEmbeddings | None, related: dict | None):
     from flywheel.lib.training.evaluators import CorpusValidationEvaluator, validation_evaluator
 
@@ -315,6 +322,7 @@ def train_bi_encoder(
     # 1. Model, 2. data and validation (held-out training queries; the general-domain slice)
     model = load_model(cfg)
     data = prepare_data(rows, cfg, corpus, related, say)
+    set_widget_examples(model, data.train_df)
     evaluator = make_evaluator(data, cfg, corpus, related)
     general = forgetting.general_evaluator(forgetting.load_general_pairs())
 
