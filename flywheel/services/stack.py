@@ -166,6 +166,8 @@ class ServiceStack:
             procs.stop_group(running[name].pid)
         running[name] = proc = self.start(name)
         procs.write_state(self.state_file, running, extra)
+        if name == "code-server":
+            self._wait_code_server(proc)
         if proc.url:
             self._wait_http(proc, "/health" if name == "mlflow" else "/server_info")
         return proc

@@ -10,10 +10,12 @@ the instance (PostgreSQL) so the caller can print them like an in-process run's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlparse
@@ -44,16 +46,37 @@ def client(base_url: str):
     return DagsterGraphQLClient(url.hostname, port_number=url.port, timeout=60)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """dagster_graphql calls gql with arguments gql deprecates: a warning per call, not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="gql")
+        yield
+
+
 def submit_partition(base_url: str, job: str, partition: str, *, tags: dict | None = None) -> str:
     """Queue one run of ``job`` for ``partition``; returns its run id."""
-    return client(base_url).submit_job_execution(
-        job, repository_location_name=LOCATION, repository_name=REPOSITORY,
-        tags={"dagster/partition": partition, **(tags or {})},
-    )
+    with _quiet():
+        return client(base_url).submit_job_execution(
+            job, repository_location_name=LOCATION, repository_name=REPOSITORY,
+            tags={"dagster/partition": partition, **(tags or {})},
+        )
+
+
+def reload_location(base_url: str) -> str:
+    """Make a webserver reconnect to the code server (after the code server restarted)."""
+    query = """mutation($name: String!) { reloadRepositoryLocation(repositoryLocationName: $name) {
+        __typename ... on WorkspaceLocationEntry { locationOrLoadError { __typename } } } }"""
+    data = graphql(base_url, query, {"name": LOCATION})["reloadRepositoryLocation"]
+    loaded = (data.get("locationOrLoadError") or {}).get("__typename")
+    if loaded != "RepositoryLocation":
+        raise RuntimeError(f"{base_url}: reloading the code location gave {data}")
+    return loaded
 
 
 def run_status(base_url: str, run_id: str) -> str:
-    return client(base_url).get_run_status(run_id).value
+    with _quiet():
+        return client(base_url).get_run_status(run_id).value
 
 
 def wait_for_run(base_url: str, run_id: str, *, timeout_s: float, poll_s: float = 2.0,
