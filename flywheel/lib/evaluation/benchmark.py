@@ -3,6 +3,10 @@ dataset's held-out test split.
 
 Per-query results are kept (and written to a file by the report) so that the promotion gate
 pairs and bootstraps exactly the numbers the report shows.
+
+Candidates: dense first stages (``ModelSpec``, each at its inference ``precision``), keyword and
+hybrid first stages (``HybridSpec``: BM25 alone, or BM25 fused with a dense stage's ranking; see
+``flywheel.lib.registry.hybrid``), and rerankers over any first stage (``RerankSpec``).
 """
 
 from __future__ import annotations
