@@ -49,7 +49,7 @@ def ensure_bm25_table(uri, corpus: Corpus, *, progress: Callable[[str], None] | 
             return name
     started = time.monotonic()
     data = pa.table({"id": pa.array(corpus.ids, pa.string()), "text": pa.array(corpus.texts, pa.string())})
-    tbl = db.create_table(name, data=data, mode="overwrite")
+    tbl = index.replace_table(db, name, data)
     tbl.create_index("text", config=FTS(language="English", stem=True, remove_stop_words=True, lower_case=True,
                                         ascii_folding=True), replace=True)
     if progress:
