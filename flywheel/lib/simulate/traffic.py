@@ -57,6 +57,7 @@ class SimulationConfig:
     cite_noise: float = 0.1
     encode_max_seq_length: int = default_of(TrainingSettings, "encode_max_seq_length")
     encode_batch_size: int = default_of(TrainingSettings, "encode_batch_size")
+    precision: str = "fp32"  # of the serving encoders (TrainingSettings.inference_precision)
     device: str = "auto"
     poison_weeks: tuple[int, ...] = ()  # 0-based week indices
 
@@ -136,7 +137,8 @@ def simulate(
         plan = [p for p in plan if p[1] in set(only_weeks)]
 
     model_path, version = serving or (cfg.model_path, "base")
-    model = index.load_embedder(model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length)
+    model = index.load_embedder(model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length,
+                                precision=cfg.precision)
     model_id = index.corpus_encoder_id(model_path)
     table = index.ensure_corpus_table(
         cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress

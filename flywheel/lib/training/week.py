@@ -146,7 +146,8 @@ def train_week(
     frozen, related = None, None
     if cfg.query_only:
         frozen = frozen_corpus(lancedb_uri, cfg.base_model, corpus, max_seq_length=settings.encode_max_seq_length,
-                               device=settings.device, batch_size=settings.encode_batch_size, progress=progress)
+                               device=settings.device, batch_size=settings.encode_batch_size,
+                               precision=settings.inference_precision, progress=progress)
         related = related_chunks(labels)
 
     # 3. Train: early stopping on held-out training queries, the forgetting guard, saved as files
@@ -154,7 +155,8 @@ def train_week(
 
     # 4. The corpus table the new model searches, embedded once here (the report, the gate and
     #    serving reuse it); a query-only model reads its base's table: nothing to embed
-    model = index.load_embedder(result.model_dir, device=settings.device, max_seq_length=settings.encode_max_seq_length)
+    model = index.load_embedder(result.model_dir, device=settings.device, max_seq_length=settings.encode_max_seq_length,
+                                precision=settings.inference_precision)
     table = index.ensure_corpus_table(lancedb_uri, model, index.corpus_encoder_id(result.model_dir), corpus,
                                       batch_size=settings.encode_batch_size, progress=progress)
     return EmbedderWeek(
