@@ -58,42 +58,46 @@ def relevance_labels(
         progress=context.log.info,
     )
     path = store.write_table(layout.asset(RELEVANCE_LABELS, week), labels)
-    grade_table = "| grade | pairs |\n|---|---|\n" + "\n".join(f"| {g} | {n} |" for g, n in stats.grade_counts.items())
+    return dg.MaterializeResult(metadata=_labels_metadata(labels, stats, the_judge, path, fewshot_week))
+
+
+def _md_counts(header: str, counts) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"| {header} | pairs |\n|---|---|\n" + "\n".join(f"| {k} | {n} |" for k, n in counts.items()))
+
+
+def _labels_metadata(labels, stats, the_judge, path, fewshot_week) -> dict:
     usage = the_judge.usage
-    sources_table = "| label source | pairs |\n|---|---|\n" + "\n".join(
-        f"| {s} | {n} |" for s, n in stats.label_sources.items()
-    )
     kappa, compared, reference = agreement_with_reference(labels)
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(path)),
-            "dagster/row_count": stats.pairs,
-            "unique_pairs_judged": stats.unique_pairs,
-            "labelled": stats.labelled,
-            "unlabelled": stats.unlabelled,
-            "relevant": stats.relevant,
-            "grades": dg.MetadataValue.md(grade_table),
-            "judge": the_judge.name,
-            "kappa_vs_human": dg.MetadataValue.float(stats.kappa_vs_human),
-            "kappa_pairs_compared": stats.human_compared,
-            "judge_kappa": dg.MetadataValue.float(float(kappa)),
-            "judge_kappa_reference": reference,
-            "judge_kappa_pairs": compared,
-            "judge_kappa_vs_feedback": dg.MetadataValue.float(float(stats.kappa_vs_feedback)),
-            "feedback_pairs_compared": stats.feedback_compared,
-            "fused_grade_changes": stats.fused_changed,
-            "label_sources": dg.MetadataValue.md(sources_table),
-            "fewshot_version": fewshot_week or "none (first week)",
-            "judge_calls": usage.calls,
-            "judge_cached": usage.cached,
-            "judge_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "judge_cost_usd": dg.MetadataValue.float(float(usage.cost_usd)),
-            "judge_prompt_tokens": usage.prompt_tokens,
-            "judge_completion_tokens": usage.completion_tokens,
-            "judge_failures": usage.failures,
-            "judge_budget_exhausted": int(usage.extra.get("budget_exhausted", 0)),
-        }
-    )
+    extra = {f"judge_{k}": (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in usage.extra.items()}
+    return {
+        **extra,
+        "path": dg.MetadataValue.path(str(path)),
+        "dagster/row_count": stats.pairs,
+        "unique_pairs_judged": stats.unique_pairs,
+        "labelled": stats.labelled,
+        "unlabelled": stats.unlabelled,
+        "relevant": stats.relevant,
+        "grades": _md_counts("grade", stats.grade_counts),
+        "judge": the_judge.name,
+        "kappa_vs_human": dg.MetadataValue.float(stats.kappa_vs_human),
+        "kappa_pairs_compared": stats.human_compared,
+        "judge_kappa": dg.MetadataValue.float(float(kappa)),
+        "judge_kappa_reference": reference,
+        "judge_kappa_pairs": compared,
+        "judge_kappa_vs_feedback": dg.MetadataValue.float(float(stats.kappa_vs_feedback)),
+        "feedback_pairs_compared": stats.feedback_compared,
+        "fused_grade_changes": stats.fused_changed,
+        "label_sources": _md_counts("label source", stats.label_sources),
+        "fewshot_version": fewshot_week or "none (first week)",
+        "judge_calls": usage.calls,
+        "judge_cached": usage.cached,
+        "judge_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "judge_cost_usd": dg.MetadataValue.float(float(usage.cost_usd)),
+        "judge_prompt_tokens": usage.prompt_tokens,
+        "judge_completion_tokens": usage.completion_tokens,
+        "judge_failures": usage.failures,
+        "judge_budget_exhausted": int(usage.extra.get("budget_exhausted", 0)),
+    }
 
 
 @dg.asset_check(asset=relevance_labels, blocking=True, partitions_def=weekly_partitions)
