@@ -7,6 +7,8 @@ passed gate (the previous champion stays registered for rollback).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import warnings
 from contextlib import contextmanager
@@ -65,11 +67,12 @@ class Tracker:
         from flywheel.lib.registry.index import load_embedder
 
         model = load_embedder(model_dir, device=device)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()) as said:
             warnings.simplefilter("ignore")
             info = mlflow.sentence_transformers.log_model(
                 model, name="model", registered_model_name=registered_name, pip_requirements=PIP_REQUIREMENTS,
             )
+        log.debug("mlflow: %s", said.getvalue().strip())  # "Successfully registered model ..." lines
         version = str(info.registered_model_version)
         client = self._client()
         client.set_model_version_tag(registered_name, version, "model_dir", str(Path(model_dir).resolve()))
