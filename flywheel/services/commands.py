@@ -103,7 +103,7 @@ def submitting_run_week(say: Callable[[str], None], print_events: Callable, *, o
         if resources:
             raise ValueError("--submit runs use the code server's resources; resources cannot be passed")
         started = time.monotonic()
-        run_id = submit_partition(url, job_name, week)
+        run_id = submit_partition(url, job_name, week, executor=stack.services.executor)
         say(f"queued {job_name} for {week}: run {run_id} ({url}/runs/{run_id})")
         status = wait_for_run(url, run_id, timeout_s=timeout_s, say=say)
         with dg.DagsterInstance.get() as instance:

@@ -5,8 +5,8 @@ On one machine Dagster launches each run as a process of the code server
 lives, so a run whose worker was killed (OOM killer, kill -9, a crash of the box) stays
 "STARTED" forever and holds its slot in the queue and in the ``training`` pool. This launcher
 answers the daemon's run-monitoring question from the operating system: the run worker's pid
-(recorded by Dagster in the run's RUN_START event) must still be a live process that started
-before the worker reported in (a newer process with the same pid is not the worker). A dead one makes run monitoring mark the run failed, freeing the queue;
+(recorded by Dagster in the run's RUN_START event) must still be a live Python process of
+Dagster's (a pid reused by another program is not the worker). A dead one makes run monitoring mark the run failed, freeing the queue;
 the completed steps' materializations stay in the event log. Only for runs launched on this host
 (a tag records the host); elsewhere it answers "unknown" and changes nothing.
 
@@ -24,7 +24,6 @@ from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, 
 from dagster._core.storage.dagster_run import DagsterRun
 
 HOST_TAG = "flywheel/launch_host"
-_CLOCK_SLACK_S = 2.0  # /proc start times have clock-tick resolution; boot time is whole seconds
 
 
 def _started_at(pid: int) -> float | None:
@@ -37,6 +36,19 @@ def _started_at(pid: int) -> float | None:
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
     except (OSError, IndexError, StopIteration, ValueError):
         return None
+
+
+def _is_run_worker(pid: int) -> bool:
+    """A live process that looks like a Dagster run worker (a Python process of Dagster's or of the
+    code server's multiprocessing). Compared by command line, not by clock: wall-clock steps on a
+    VM would make a start-time comparison call a live worker dead."""
+    if _started_at(pid) is None:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"python" in cmdline and (b"multiprocessing" in cmdline or b"dagster" in cmdline)
 
 
 class LocalProcessRunLauncher(DefaultRunLauncher):
@@ -68,10 +80,8 @@ class LocalProcessRunLauncher(DefaultRunLauncher):
         found = self.worker(run)
         if found is None:
             return CheckRunHealthResult(WorkerStatus.UNKNOWN, "the run worker has not started yet", transient=True)
-        pid, reported_at = found
-        started_at = _started_at(pid)
-        # a process with that pid that started after the worker reported in is another process (pid reuse)
-        if started_at is not None and started_at <= reported_at + _CLOCK_SLACK_S:
+        pid, _ = found
+        if _is_run_worker(pid):
             return CheckRunHealthResult(WorkerStatus.RUNNING, run_worker_id=str(pid))
         return CheckRunHealthResult(
             WorkerStatus.FAILED, f"the run worker (pid {pid}) is gone: killed or crashed", run_worker_id=str(pid)

@@ -54,11 +54,17 @@ def _quiet():
         yield
 
 
-def submit_partition(base_url: str, job: str, partition: str, *, tags: dict | None = None) -> str:
-    """Queue one run of ``job`` for ``partition``; returns its run id."""
+def submit_partition(base_url: str, job: str, partition: str, *, tags: dict | None = None,
+                     executor: str | None = None) -> str:
+    """Queue one run of ``job`` for ``partition``; returns its run id.
+
+    ``executor`` (``in_process`` or ``multiprocess``) picks the job's executor for this run; None
+    keeps the job's default (a process per step).
+    """
+    run_config = {"execution": {"config": {executor: {}}}} if executor else None
     with _quiet():
         return client(base_url).submit_job_execution(
-            job, repository_location_name=LOCATION, repository_name=REPOSITORY,
+            job, repository_location_name=LOCATION, repository_name=REPOSITORY, run_config=run_config,
             tags={"dagster/partition": partition, **(tags or {})},
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,12 @@ from typing import Iterator
 log = logging.getLogger(__name__)
 
 PIP_REQUIREMENTS = ["sentence-transformers", "torch", "transformers"]
+
+
+def metric_name(key: str) -> str:
+    """A name an MLflow tracking server accepts (alphanumerics, _ - . space : /); SQLite stores
+    accept more, a server refuses the run's metrics with INVALID_PARAMETER_VALUE."""
+    return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_").replace("+", "_plus_"))
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ class Tracker:
         client = self._client()
         for key, value in metrics.items():
             if value is not None and value == value:  # skip NaN
-                client.log_metric(run_id, key.replace("@", "_at_"), float(value), step=step or 0)
+                client.log_metric(run_id, metric_name(key), float(value), step=step or 0)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._client().log_text(run_id, text, artifact_file)
