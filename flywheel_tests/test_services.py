@@ -6,14 +6,14 @@ MLflow server on it, for a temp FLYWHEEL_HOME holding two simulated weeks of a s
 with tiny training settings. Then, in order:
 
 * `flywheel run --submit --job weekly_labels` queues the first week; the daemon dequeues and runs it;
+* a run is frozen mid-way, the daemon, the code server and the run's worker are killed with
+  SIGKILL, they are restarted and the daemon's run monitoring marks the run failed; the earlier
+  materializations stay and a re-run gives outputs identical to the first run's;
 * the schedule, started with its start time before the latest Monday tick, is ticked by the daemon's
   scheduler, which launches the whole graph for the week that just ended; it runs through the queue
   and registers a challenger in the MLflow server;
-* both webservers answer GraphQL with the same runs, also after one of them is killed with SIGKILL
-  and restarted;
-* a run is frozen mid-way, the daemon, the code server and the run's worker are killed with
-  SIGKILL, they are restarted and the daemon's run monitoring marks the run failed; nothing completed is lost (assets, MLflow
-  runs, registry aliases) and a re-run gives identical outputs;
+* both webservers answer GraphQL with the same runs; after SIGKILL to one of them and to the
+  daemon, and restarts, the runs, the MLflow runs and the registry aliases are all still there;
 * SIGTERM to the foreground command stops every process and PostgreSQL.
 
 Skipped, with the reason, where PostgreSQL's server binaries are missing (`.ci/run` installs them).
@@ -336,6 +336,58 @@ def test_submitted_partition_is_queued_and_run_by_the_daemon(svc):
 
 
 @pytest.mark.slow
+def test_dagster_killed_mid_run_run_failed_and_rerun_gives_identical_outputs(svc):
+    import dagster as dg
+
+    # the first week again: its inputs are as they were (no model trained or promoted yet)
+    before = _outputs(svc.layout, WEEKS[0])
+    materialized_before = {a: svc.instance.get_latest_materialization_event(dg.AssetKey(a)).run_id for a in LABEL_ASSETS}
+    url = svc.stack.webserver_url()
+    # in one process: freezing the run worker freezes all of the run's work (with a process per
+    # step, the step processes would go on writing after the worker is frozen or killed). The
+    # crashed run ingests the logs only, so it stops at a point a re-run must recover from.
+    run_id = submit_partition(url, "weekly_labels", WEEKS[0], executor="in_process", assets=["raw_logs"])
+    launcher = svc.instance.run_launcher
+    deadline = time.monotonic() + 180
+    while (pid := launcher.worker_pid(svc.instance.get_run_by_id(run_id))) is None:
+        assert time.monotonic() < deadline and run_status(url, run_id) not in ("SUCCESS", "FAILURE"), "run never started"
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGSTOP)  # frozen mid-run: it cannot finish before the crash below
+    assert run_status(url, run_id) == "STARTED"
+    assert launcher.check_run_worker_health(svc.instance.get_run_by_id(run_id)).status.value == "RUNNING"
+    # a crash of the Dagster processes (OOM killer, kill -9): the daemon, the code server and the
+    # run worker it started. (With the code server alive, the code server itself reports a dead worker.)
+    killed = [svc.stack.kill("daemon", signal.SIGKILL), svc.stack.kill("code-server", signal.SIGKILL), pid]
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 30
+    while any(procs.pid_alive(p) for p in killed) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(procs.pid_alive(p) for p in killed)
+    assert run_status(url, run_id) == "STARTED"  # nobody is left to notice
+    svc.stack.restart("code-server")
+    for index in (0, 1):
+        reload_location(svc.stack.webserver_url(index))
+    svc.stack.restart("daemon")
+    # the restarted daemon's run monitoring asks the launcher, which finds the worker gone
+    assert wait_for_run(url, run_id, timeout_s=180) == "FAILURE"
+    failure = [e.message for e in svc.instance.all_logs(run_id) if e.dagster_event and e.dagster_event.event_type_value == "PIPELINE_FAILURE"]
+    assert any(f"the run worker (pid {pid}) is gone" in m for m in failure), failure
+    # nothing completed is lost: the earlier run's materializations stay
+    for asset in LABEL_ASSETS:
+        event = svc.instance.get_latest_materialization_event(dg.AssetKey(asset))
+        assert event is not None and event.run_id in (materialized_before[asset], run_id)
+    # the re-run goes through the restarted daemon and gives the same outputs
+    rerun = submit_partition(url, "weekly_labels", WEEKS[0], executor="in_process")
+    assert wait_for_run(url, rerun, timeout_s=RUN_TIMEOUT_S) == "SUCCESS", _failures(svc.instance, rerun)
+    after = _outputs(svc.layout, WEEKS[0])
+    for name in LABEL_ASSETS:
+        assert after[name].equals(before[name]), name
+
+
+@pytest.mark.slow
 def test_schedule_tick_launches_the_week_that_just_ended(svc):
     import dagster as dg
     import mlflow
@@ -384,18 +436,22 @@ def _runs_seen_by(url: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_two_webservers_show_the_same_runs_and_survive_kill_9(svc):
+def test_two_webservers_show_the_same_runs_and_kill_9_loses_nothing(svc):
     first, second = svc.stack.webserver_url(0), svc.stack.webserver_url(1)
     seen = _runs_seen_by(first)
-    assert len(seen) == 2 and seen == _runs_seen_by(second)
-    old_pid = svc.stack.kill("webserver-2", signal.SIGKILL)
+    assert len(seen) == len(svc.instance.get_runs()) == 4 and seen == _runs_seen_by(second)
+    mlflow_before = _mlflow_snapshot(svc.stack)
+    assert mlflow_before[0] and mlflow_before[1]  # the whole-graph run logged runs and set aliases
+    old_pids = [svc.stack.kill("webserver-2", signal.SIGKILL), svc.stack.kill("daemon", signal.SIGKILL)]
     deadline = time.monotonic() + 30
-    while procs.pid_alive(old_pid) and time.monotonic() < deadline:
+    while any(procs.pid_alive(p) for p in old_pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not procs.pid_alive(old_pid)
+    assert not any(procs.pid_alive(p) for p in old_pids)
     assert _runs_seen_by(first) == seen  # the other user's UI did not notice
     svc.stack.restart("webserver-2")
+    svc.stack.restart("daemon")
     assert _runs_seen_by(second) == seen
+    assert _mlflow_snapshot(svc.stack) == mlflow_before  # no MLflow run, no registry alias lost
 
 
 def _mlflow_snapshot(stack: ServiceStack) -> tuple[set, dict]:
@@ -405,56 +461,6 @@ def _mlflow_snapshot(stack: ServiceStack) -> tuple[set, dict]:
     runs = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name("flywheel").experiment_id])}
     aliases = {m.name: dict(m.aliases) for m in client.search_registered_models()}
     return runs, aliases
-
-
-@pytest.mark.slow
-def test_dagster_killed_mid_run_run_failed_and_rerun_gives_identical_outputs(svc):
-    import dagster as dg
-
-    before = _outputs(svc.layout, WEEKS[1])
-    mlflow_before = _mlflow_snapshot(svc.stack)
-    materialized_before = {a: svc.instance.get_latest_materialization_event(dg.AssetKey(a)).run_id for a in LABEL_ASSETS}
-    url = svc.stack.webserver_url()
-    run_id = submit_partition(url, "weekly_labels", WEEKS[1])
-    launcher = svc.instance.run_launcher
-    deadline = time.monotonic() + 180
-    while (pid := launcher.worker_pid(svc.instance.get_run_by_id(run_id))) is None:
-        assert time.monotonic() < deadline and run_status(url, run_id) not in ("SUCCESS", "FAILURE"), "run never started"
-        time.sleep(0.2)
-    os.kill(pid, signal.SIGSTOP)  # frozen mid-run: it cannot finish before the crash below
-    assert run_status(url, run_id) == "STARTED"
-    assert launcher.check_run_worker_health(svc.instance.get_run_by_id(run_id)).status.value == "RUNNING"
-    # a crash of the Dagster processes (OOM killer, kill -9): the daemon, the code server and the
-    # run worker it started. (With the code server alive, the code server itself reports a dead worker.)
-    killed = [svc.stack.kill("daemon", signal.SIGKILL), svc.stack.kill("code-server", signal.SIGKILL), pid]
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 30
-    while any(procs.pid_alive(p) for p in killed) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(procs.pid_alive(p) for p in killed)
-    assert run_status(url, run_id) == "STARTED"  # nobody is left to notice
-    svc.stack.restart("code-server")
-    for index in (0, 1):
-        reload_location(svc.stack.webserver_url(index))
-    svc.stack.restart("daemon")
-    # the restarted daemon's run monitoring asks the launcher, which finds the worker gone
-    assert wait_for_run(url, run_id, timeout_s=180) == "FAILURE"
-    failure = [e.message for e in svc.instance.all_logs(run_id) if e.dagster_event and e.dagster_event.event_type_value == "PIPELINE_FAILURE"]
-    assert any(f"the run worker (pid {pid}) is gone" in m for m in failure), failure
-    # nothing completed is lost: earlier materializations, MLflow runs, registry aliases
-    for asset in LABEL_ASSETS:
-        event = svc.instance.get_latest_materialization_event(dg.AssetKey(asset))
-        assert event is not None and event.run_id in (materialized_before[asset], run_id)
-    assert _mlflow_snapshot(svc.stack) == mlflow_before
-    # the re-run goes through the restarted daemon and gives the same outputs
-    rerun = submit_partition(url, "weekly_labels", WEEKS[1])
-    assert wait_for_run(url, rerun, timeout_s=RUN_TIMEOUT_S) == "SUCCESS", _failures(svc.instance, rerun)
-    after = _outputs(svc.layout, WEEKS[1])
-    for name in LABEL_ASSETS:
-        assert after[name].equals(before[name]), name
 
 
 @pytest.mark.slow

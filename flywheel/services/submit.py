@@ -55,16 +55,17 @@ def _quiet():
 
 
 def submit_partition(base_url: str, job: str, partition: str, *, tags: dict | None = None,
-                     executor: str | None = None) -> str:
+                     executor: str | None = None, assets: list[str] | None = None) -> str:
     """Queue one run of ``job`` for ``partition``; returns its run id.
 
     ``executor`` (``in_process`` or ``multiprocess``) picks the job's executor for this run; None
-    keeps the job's default (a process per step).
+    keeps the job's default (a process per step). ``assets`` narrows the run to some of the job's assets.
     """
     run_config = {"execution": {"config": {executor: {}}}} if executor else None
     with _quiet():
         return client(base_url).submit_job_execution(
             job, repository_location_name=LOCATION, repository_name=REPOSITORY, run_config=run_config,
+            asset_selection=assets,
             tags={"dagster/partition": partition, **(tags or {})},
         )
 
