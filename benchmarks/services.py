@@ -209,18 +209,22 @@ def main() -> int:
         runs_lost = sum(1 for r in finished_before if instance.get_run_by_id(r) is None) + len(mlflow_before[0] - mlflow_after[0])
         aliases_lost = len(mlflow_before[1] - mlflow_after[1])
         assets_lost = len(assets_before - {k.to_user_string() for k in instance.get_asset_keys()})
+        failed_steps = sorted({e.dagster_event.step_key for r in run_ids for e in instance.all_logs(r)
+                               if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE"})
         training, runs = step_windows(instance, run_ids)
         max_training, max_runs = overlap_max(training), overlap_max(runs)
         say(f"4 partitions: {statuses} in {concurrent_s:.0f}s; at most {max_runs} runs and {max_training} training "
             f"step(s) at once ({len(training)} training steps recorded)")
-        say(f"after kill -9 and restart: runs lost {runs_lost}, aliases lost {aliases_lost}, assets lost {assets_lost}")
+        say(f"after kill -9 and restart: runs lost {runs_lost}, aliases lost {aliases_lost}, assets lost {assets_lost}; "
+            f"failed steps in the 4 runs: {failed_steps or 'none'}")
         result = {
             "slice": "small SciFact slice (80 train / 8 test queries, 4 weeks), tiny training (3 + 2 steps)",
             "embedded_seconds": round(embedded_s, 1), "service_seconds": round(service_s, 1),
             "service_overhead_pct": round((service_s / embedded_s - 1) * 100, 1),
             "same_figures": bool(same), "max_ndcg10_difference": max_diff,
             "max_concurrent_training": max_training, "max_concurrent_runs": max_runs,
-            "concurrent_statuses": sorted(statuses.values()), "concurrent_seconds": round(concurrent_s, 1),
+            "concurrent_statuses": sorted(statuses.values()), "concurrent_failed_steps": failed_steps,
+            "concurrent_seconds": round(concurrent_s, 1),
             "runs_lost_after_kill": runs_lost, "aliases_lost_after_kill": aliases_lost, "assets_lost_after_kill": assets_lost,
         }
         instance.dispose()
