@@ -114,6 +114,10 @@ def run_backfill(config: FlywheelConfig, sim: SimulationConfig, *, overrides: di
         simulate(sim, only_weeks=[i], serving=(path, label), progress=say)
         result = run_week(week, "flywheel_weekly")
         row = week_row(layout, week, label, i in sim.poison_weeks, time.monotonic() - t0, result)
+        if rows and not row.promoted and math.isnan(row.champion_ndcg10_test):
+            # stopped before the report (a blocking check): what served before still serves
+            row.champion, row.champion_ndcg10_test = rows[-1].champion, rows[-1].champion_ndcg10_test
+            row.serving_ndcg10_test, row.reranker = rows[-1].serving_ndcg10_test, rows[-1].reranker
         rows.append(row)
         state["rows"][week] = asdict(row)
         store.atomic_write_bytes(layout.backfill_state, json.dumps(state, indent=2).encode())

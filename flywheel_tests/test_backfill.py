@@ -62,8 +62,11 @@ def test_poisoned_week_is_blocked_and_the_champion_stays(backfill):
     assert rows[1]["champion"] == rows[0]["champion"]
     ndcg = list(figures["ndcg10_by_week"].values())
     assert ndcg[1] == ndcg[0]
-    # the poisoned challenger really was worse on the test split than the champion it lost to
-    assert rows[1]["challenger_ndcg10_test"] < rows[1]["champion_ndcg10_test"]
+    # the poisoned week was stopped at the labelling gate (its labels disagree with the humans, as
+    # a real judge's would: the simulated judge grades the wrong texts it is shown), or its
+    # challenger was trained and really was worse on the test split than the champion it lost to
+    challenger = rows[1]["challenger_ndcg10_test"]
+    assert challenger != challenger or challenger < rows[1]["champion_ndcg10_test"]
 
 
 def test_each_week_is_served_by_the_champion_of_its_time(backfill):
@@ -74,8 +77,9 @@ def test_each_week_is_served_by_the_champion_of_its_time(backfill):
     assert figures["champion_changes"] == sum(r["promoted"] for r in rows)
     # labels per week and judge agreement per week are in the trend
     assert all(r["labels"] > 0 and 0 < r["judge_kappa"] <= 1 for r in rows)
-    # the gate's accuracy against the test split is recorded per week and counted
-    assert all(r["test_ci_low"] <= r["test_delta"] <= r["test_ci_high"] for r in rows)
+    # the gate's accuracy against the test split is recorded for every week that reached the report
+    reported = [r for r in rows if r["test_delta"] == r["test_delta"]]
+    assert reported and all(r["test_ci_low"] <= r["test_delta"] <= r["test_ci_high"] for r in reported)
     assert figures["gate_errors"] == sum(bool(r["gate_error"]) for r in rows)
     assert set(figures["pooled_judge_calls"]) == set(figures["ndcg10_by_week"])
 
