@@ -127,8 +127,8 @@ def run_backfill(config: FlywheelConfig, sim: SimulationConfig, *, overrides: di
 
 
 def backfill_figures(layout: Layout, weeks: list[str], rows: list[WeekRow], overrides: dict, seconds: float) -> dict:
-    last_pq = layout.per_query(weeks[-1])
-    base = _test_ndcg(store.read_table(last_pq), "base") if last_pq.exists() else float("nan")
+    reported = [layout.per_query(w) for w in weeks if layout.per_query(w).exists()]
+    base = _test_ndcg(store.read_table(reported[-1]), "base") if reported else float("nan")
     paths = write_trend(rows, layout.reports_dir, base_ndcg10_test=base, config_note=light_note(overrides))
     poisoned = [r for r in rows if r.poisoned]
     r4 = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 4)  # noqa: E731
