@@ -46,6 +46,9 @@ class ServiceStack:
     services: ServicesSettings
     artifact_root: Path  # the embedded mode's folder too: runs and the registry find their files there
     say: Callable[[str], None] = lambda msg: None
+    # the settings environment the services run with (None: this process's); a restarted process
+    # must get the same one, or it would run with other settings than its siblings
+    base_env: dict[str, str] | None = None
 
     @classmethod
     def from_config(cls, config: FlywheelConfig, say: Callable[[str], None] = lambda msg: None) -> "ServiceStack":
@@ -91,7 +94,7 @@ class ServiceStack:
 
     def env(self) -> dict[str, str]:
         """The environment of every Dagster process (and of clients that open the instance)."""
-        env = dict(os.environ)
+        env = dict(os.environ if self.base_env is None else self.base_env)
         env.update({
             "DAGSTER_HOME": str(self.dagster_home),
             PG_URL_ENV: self.sqlalchemy_url(DAGSTER_DB),
