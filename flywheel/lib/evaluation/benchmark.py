@@ -278,6 +278,86 @@ def _biggest_moves(bench: Benchmark, suite: str, a: str, b: str, n: int = 3) -> 
     return lines
 
 
+def _paired_comparison_lines(
+    bench: Benchmark, suite: str, present: list[str], pairs: list[tuple[str, str]],
+) -> list[str]:
+    """The paired-comparisons table of one suite (empty when no pair has both models present)."""
+    rows = []
+    for a, b in pairs:
+        if a in present and b in present:
+            nd, rc = paired_delta(bench, suite, a, b), paired_delta(bench, suite, a, b, metric="recall@10")
+            wl = wins_losses(bench, suite, a, b)
+            rows.append(f"| {b} vs {a} | {nd['delta']:+.4f} [{nd['ci_low']:+.4f}, {nd['ci_high']:+.4f}] | "
+                        f"{rc['delta']:+.4f} [{rc['ci_low']:+.4f}, {rc['ci_high']:+.4f}] | "
+                        f"{wl['wins']} / {wl['losses']} / {wl['ties']} |")
+    if not rows:
+        return []
+    return ["Paired comparisons (95% CI from a paired bootstrap over queries; wins / losses / ties "
+            "count queries by NDCG@10):", "",
+            "| comparison | NDCG@10 change [95% CI] | Recall@10 change [95% CI] | wins / losses / ties |",
+            "|---|---|---|---|", *rows, ""]
+
+
+def _rank_movement_lines(
+    bench: Benchmark, suite: str, present: list[str], pairs: list[tuple[str, str]],
+) -> list[str]:
+    """Where the first relevant chunk moved from the first to the last model, and the largest
+    per-query wins and losses (empty with fewer than two models)."""
+    if len(present) <= 1:
+        return []
+    a, b = present[0], present[-1]
+    mv = evaluation.rank_movement(bench.per_query[a][suite], bench.per_query[b][suite])
+    lines = [
+        f"First relevant chunk, {a} -> {b} (rank, top 100; missing counts as 101): "
+        f"median {mv['median_rank_before']:.0f} -> {mv['median_rank_after']:.0f}, "
+        f"mean {mv['mean_rank_before']:.1f} -> {mv['mean_rank_after']:.1f}; "
+        f"moved up for {mv['improved']} queries, down for {mv['worsened']}, unchanged {mv['unchanged']}; "
+        f"in top 5: {mv['in_top5_before']} -> {mv['in_top5_after']}; "
+        f"from below 10 into the top 5: {mv['moved_into_top5_from_below_10']}.",
+        "",
+    ]
+    moves = _biggest_moves(bench, suite, pairs[0][0] if pairs and pairs[0][0] in present else a,
+                           pairs[0][1] if pairs and pairs[0][1] in present else b)
+    if moves:
+        lines += ["Largest per-query wins and losses:", "", *moves, ""]
+    return lines
+
+
+def _suite_plot_lines(
+    bench: Benchmark, suite: str, present: list[str], results: dict, figures: dict[str, bytes],
+) -> list[str]:
+    """Render the suite's two plots into ``figures`` and return their embedded markdown images."""
+    from flywheel.lib.evaluation import plots
+
+    rank_png = plots.rank_distribution_plot(
+        {m: bench.per_query[m][suite]["first_relevant_rank"].tolist() for m in present},
+        f"{suite}: rank of the first relevant chunk",
+    )
+    ks = [k for k in evaluation.RECALL_KS if f"recall@{k}" in results[present[0]]]
+    curve_png = plots.recall_curve_plot(
+        {m: {k: results[m][f"recall@{k}"] for k in ks} for m in present}, f"{suite}: Recall@k",
+    )
+    figures[f"{_slug(suite)}-first-relevant-rank.png"] = rank_png
+    figures[f"{_slug(suite)}-recall-at-k.png"] = curve_png
+    return [plots.markdown_image(rank_png, f"{suite}: rank of the first relevant chunk"), "",
+            plots.markdown_image(curve_png, f"{suite}: Recall@k"), ""]
+
+
+def _latency_lines(bench: Benchmark, models: list[str]) -> list[str]:
+    """The latency table (empty when no model was timed)."""
+    timed = [m for m in models if bench.latency_ms.get(m)]
+    if not timed:
+        return []
+    lines = ["## Latency per query (this machine)", "",
+             "| model | stage | p50 ms | p95 ms | queries timed |", "|---|---|---|---|---|"]
+    for m in timed:
+        v = bench.latency_ms[m]
+        stage = bench.stages.get(m) or ("rerank (cross-encoder)" if "+" in m else "retrieval (encode query + LanceDB search)")
+        lines.append(f"| {m} | {stage} | {p50(v):.1f} | {p95(v):.1f} | {len(v)} |")
+    lines.append("")
+    return lines
+
+
 def build_report(
     bench: Benchmark, models: list[str], *, title: str, decision: str, details: list[str] = (),
     pairs: list[tuple[str, str]] = (),
@@ -285,8 +365,6 @@ def build_report(
     """Markdown with the decision line first; per suite a metrics table, paired comparisons with
     bootstrap CIs and per-query wins/losses, where the first relevant chunk landed (plot) and
     Recall@k curves (plot); then latency. Figures are also returned as PNG files."""
-    from flywheel.lib.evaluation import plots
-
     figures: dict[str, bytes] = {}
     lines = [f"# {title}", "", f"**{decision}**", ""] + list(details) + [""]
     for suite in bench.summaries:
@@ -294,55 +372,9 @@ def build_report(
         results = {m: bench.summaries[suite][m] for m in present}
         n = results[present[0]]["queries"]
         lines += [f"## {suite} ({n} queries)", "", evaluation.comparison_table(results, REPORT_METRICS), ""]
-        rows = []
-        for a, b in pairs:
-            if a in present and b in present:
-                nd, rc = paired_delta(bench, suite, a, b), paired_delta(bench, suite, a, b, metric="recall@10")
-                wl = wins_losses(bench, suite, a, b)
-                rows.append(f"| {b} vs {a} | {nd['delta']:+.4f} [{nd['ci_low']:+.4f}, {nd['ci_high']:+.4f}] | "
-                            f"{rc['delta']:+.4f} [{rc['ci_low']:+.4f}, {rc['ci_high']:+.4f}] | "
-                            f"{wl['wins']} / {wl['losses']} / {wl['ties']} |")
-        if rows:
-            lines += ["Paired comparisons (95% CI from a paired bootstrap over queries; wins / losses / ties "
-                      "count queries by NDCG@10):", "",
-                      "| comparison | NDCG@10 change [95% CI] | Recall@10 change [95% CI] | wins / losses / ties |",
-                      "|---|---|---|---|", *rows, ""]
-        if len(present) > 1:
-            a, b = present[0], present[-1]
-            mv = evaluation.rank_movement(bench.per_query[a][suite], bench.per_query[b][suite])
-            lines += [
-                f"First relevant chunk, {a} -> {b} (rank, top 100; missing counts as 101): "
-                f"median {mv['median_rank_before']:.0f} -> {mv['median_rank_after']:.0f}, "
-                f"mean {mv['mean_rank_before']:.1f} -> {mv['mean_rank_after']:.1f}; "
-                f"moved up for {mv['improved']} queries, down for {mv['worsened']}, unchanged {mv['unchanged']}; "
-                f"in top 5: {mv['in_top5_before']} -> {mv['in_top5_after']}; "
-                f"from below 10 into the top 5: {mv['moved_into_top5_from_below_10']}.",
-                "",
-            ]
-            moves = _biggest_moves(bench, suite, pairs[0][0] if pairs and pairs[0][0] in present else a,
-                                   pairs[0][1] if pairs and pairs[0][1] in present else b)
-            if moves:
-                lines += ["Largest per-query wins and losses:", "", *moves, ""]
-        rank_png = plots.rank_distribution_plot(
-            {m: bench.per_query[m][suite]["first_relevant_rank"].tolist() for m in present},
-            f"{suite}: rank of the first relevant chunk",
-        )
-        ks = [k for k in evaluation.RECALL_KS if f"recall@{k}" in results[present[0]]]
-        curve_png = plots.recall_curve_plot(
-            {m: {k: results[m][f"recall@{k}"] for k in ks} for m in present}, f"{suite}: Recall@k",
-        )
-        figures[f"{_slug(suite)}-first-relevant-rank.png"] = rank_png
-        figures[f"{_slug(suite)}-recall-at-k.png"] = curve_png
-        lines += [plots.markdown_image(rank_png, f"{suite}: rank of the first relevant chunk"), "",
-                  plots.markdown_image(curve_png, f"{suite}: Recall@k"), ""]
-    timed = [m for m in models if bench.latency_ms.get(m)]
-    if timed:
-        lines += ["## Latency per query (this machine)", "",
-                  "| model | stage | p50 ms | p95 ms | queries timed |", "|---|---|---|---|---|"]
-        for m in timed:
-            v = bench.latency_ms[m]
-            stage = bench.stages.get(m) or ("rerank (cross-encoder)" if "+" in m else "retrieval (encode query + LanceDB search)")
-            lines.append(f"| {m} | {stage} | {p50(v):.1f} | {p95(v):.1f} | {len(v)} |")
-        lines.append("")
+        lines += _paired_comparison_lines(bench, suite, present, pairs)
+        lines += _rank_movement_lines(bench, suite, present, pairs)
+        lines += _suite_plot_lines(bench, suite, present, results, figures)
+    lines += _latency_lines(bench, models)
     return Report(markdown="\n".join(lines), figures=figures)
 
