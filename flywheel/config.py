@@ -226,7 +226,7 @@ class RerankerSettings(Section):
 class GateSettings(Section):
     """The promotion gate and what serves."""
 
-    regression_margin: float = setting(0.01, "largest NDCG@10 regression the gate's CI may include", ge=0, env="FLYWHEEL_REGRESSION_MARGIN")
+    regression_margin: float = setting(0.03, "largest NDCG@10 regression the gate's CI may include", ge=0, env="FLYWHEEL_REGRESSION_MARGIN")
     min_improvement: float = setting(0.0, "the candidate's mean NDCG@10 change must exceed this (0: any gain; negative: ties allowed)", ge=-1, le=1, env="FLYWHEEL_MIN_IMPROVEMENT")
     bootstrap_samples: int = setting(2000, "paired-bootstrap resamples", ge=100, env="FLYWHEEL_BOOTSTRAP_SAMPLES")
     pool_depth: int = setting(10, "each compared model's top-k eval chunks judged before scoring (pooling)", ge=1, env="FLYWHEEL_POOL_DEPTH")

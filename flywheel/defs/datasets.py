@@ -32,6 +32,8 @@ def eval_set(context: dg.AssetExecutionContext, paths: PathsResource, tiers: Tie
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)),
         "queries": int(out["query_key"].nunique()),
+        # the rest score once the report's pooling finds a relevant chunk for them in some model's top results
+        "queries_with_a_relevant_served_result": int(out.groupby("query_key")["relevant"].any().sum()) if len(out) else 0,
         "dagster/row_count": len(out),
         "queries_seen_in_earlier_weeks": res.seen_before,
         "relevant_pairs": int(out["relevant"].sum()),

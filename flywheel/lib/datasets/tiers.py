@@ -62,38 +62,31 @@ def build_eval_set(
 ) -> pd.DataFrame:
     """``n_queries`` queries new this week, with their judged results.
 
-    Only queries with at least one chunk judged relevant can score anything, so only those qualify.
+    Queries are drawn by a stable hash of their text, whatever the serving model retrieved for
+    them. Why not only queries where it retrieved a relevant chunk: that condition selects the
+    queries the incumbent already answers and drops those where only a challenger would find the
+    answer, so every comparison starts biased toward the model that served. A query with no
+    relevant chunk among the served results stays in the set; the report's pooling judges every
+    compared model's top results for it, and a query scores once some model surfaced a relevant
+    chunk (the TREC rule: a query with no known relevant document cannot be scored).
 
-    ``extra_votes`` asks the judge again about a batch of candidate rows (one list of grades per
-    extra vote) and a chunk is relevant for evaluation only by majority: the week's label is the
-    first vote. Why: one judge's lenient calls land on chunks the serving model ranks high, so
-    single-vote eval sets reward the model that served and block better challengers (measured:
-    90 false "relevant" pairs of 243 with one vote, 18 of 150 with three). Candidates are
-    confirmed in batches until ``n_queries`` keep a relevant chunk, so only those are paid for.
+    ``extra_votes`` asks the judge again about the chosen rows (one list of grades per extra vote)
+    and a chunk is relevant for evaluation only by majority: the week's label is the first vote.
+    Why: one judge's lenient calls land on chunks the serving model ranks high, so single-vote eval
+    sets reward the model that served and block better challengers.
     """
     labels = usable(week_labels)
     labels = labels[~labels["query_key"].isin(seen_before)]
     labels = _latest_request_per_query(labels)
-    has_relevant = labels.groupby("query_key")["relevant"].any()
-    candidates = sorted(has_relevant[has_relevant].index, key=lambda k: stable_uniform("eval", seed, k))
-    if extra_votes is None:
-        chosen = set(candidates[:n_queries])
-        out = labels[labels["query_key"].isin(chosen)].sort_values(["query_key", "rank"])
-        out = out.assign(votes=out["grade"].map(lambda g: str(int(g))))
-        return out[EVAL_COLUMNS].reset_index(drop=True)
-    kept: list[pd.DataFrame] = []
-    for start in range(0, len(candidates), max(n_queries, 1)):
-        if len(kept) >= n_queries:
-            break
-        batch = labels[labels["query_key"].isin(set(candidates[start:start + n_queries]))].sort_values(["query_key", "rank"])
-        batch = confirm_by_majority(batch, extra_votes(batch))
-        for key in candidates[start:start + n_queries]:
-            rows = batch[batch["query_key"] == key]
-            if len(kept) < n_queries and rows["relevant"].any():
-                kept.append(rows)
-    if not kept:
+    candidates = sorted(labels["query_key"].unique(), key=lambda k: stable_uniform("eval", seed, k))
+    chosen = labels[labels["query_key"].isin(set(candidates[:n_queries]))].sort_values(["query_key", "rank"])
+    if chosen.empty:
         return pd.DataFrame(columns=EVAL_COLUMNS)
-    return pd.concat(kept)[EVAL_COLUMNS].sort_values(["query_key", "rank"]).reset_index(drop=True)
+    if extra_votes is None:
+        chosen = chosen.assign(votes=chosen["grade"].map(lambda g: str(int(g))))
+    else:
+        chosen = confirm_by_majority(chosen, extra_votes(chosen))
+    return chosen[EVAL_COLUMNS].reset_index(drop=True)
 
 
 def confirm_by_majority(rows: pd.DataFrame, extra: list[list[int | None]]) -> pd.DataFrame:
@@ -158,6 +151,31 @@ class FinetuneStats:
     near_duplicates_excluded: int = 0
 
 
+def _round_robin_triplets(positives: pd.DataFrame, negatives: pd.DataFrame, *, n_examples: int, seed: int) -> list[dict]:
+    """Triplet rows filled round-robin over (query, positive) pairs in a stable random order:
+    every pair gets its hardest negative before any gets its second."""
+    negs_by_query = {k: g for k, g in negatives.groupby("query_key")}
+    pairs = []
+    for pos in positives.sort_values(["query_key", "chunk_id"]).itertuples(index=False):
+        negs = negs_by_query.get(pos.query_key)
+        if negs is not None and len(negs):
+            pairs.append((pos, negs))
+    pairs.sort(key=lambda p: stable_uniform("finetune", seed, p[0].query_key, p[0].chunk_id))
+    rows, depth = [], 0
+    while len(rows) < n_examples and pairs and depth < max(len(n) for _, n in pairs):
+        for pos, negs in pairs:
+            if depth < len(negs) and len(rows) < n_examples:
+                neg = negs.iloc[depth]
+                rows.append({
+                    "query": pos.query, "query_key": pos.query_key,
+                    "positive_id": pos.chunk_id, "positive": pos.chunk_text,
+                    "negative_id": neg["chunk_id"], "negative": neg["chunk_text"],
+                    "negative_rank": int(neg["rank"]), "week": pos.week,
+                })
+        depth += 1
+    return rows
+
+
 def build_finetune_set(
     labels: pd.DataFrame,
     *,
@@ -188,26 +206,7 @@ def build_finetune_set(
 
     positives = pool[pool["grade"] >= 2]
     negatives = pool[pool["grade"] == 0].sort_values(["query_key", "rank"])
-    negs_by_query = {k: g for k, g in negatives.groupby("query_key")}
-    pairs = []
-    for pos in positives.sort_values(["query_key", "chunk_id"]).itertuples(index=False):
-        negs = negs_by_query.get(pos.query_key)
-        if negs is not None and len(negs):
-            pairs.append((pos, negs))
-    pairs.sort(key=lambda p: stable_uniform("finetune", seed, p[0].query_key, p[0].chunk_id))
-
-    rows, depth = [], 0
-    while len(rows) < n_examples and pairs and depth < max(len(n) for _, n in pairs):
-        for pos, negs in pairs:
-            if depth < len(negs) and len(rows) < n_examples:
-                neg = negs.iloc[depth]
-                rows.append({
-                    "query": pos.query, "query_key": pos.query_key,
-                    "positive_id": pos.chunk_id, "positive": pos.chunk_text,
-                    "negative_id": neg["chunk_id"], "negative": neg["chunk_text"],
-                    "negative_rank": int(neg["rank"]), "week": pos.week,
-                })
-        depth += 1
+    rows = _round_robin_triplets(positives, negatives, n_examples=n_examples, seed=seed)
     out = pd.DataFrame(rows, columns=FINETUNE_COLUMNS)
     stats = FinetuneStats(
         rows=len(out),
