@@ -72,7 +72,7 @@ def main() -> int:
     weeks = [w.isoformat() for w in week_starts(config.tiers.start_date, args.weeks)]
     if not layout.simulation_marker.exists():
         summary = simulate(SimulationConfig(
-            dataset_dir=config.paths.dataset, log_dir=layout.log_dir, lancedb_uri=layout.lancedb_dir,
+            dataset_dir=config.paths.dataset, log_dir=layout.log_dir, lancedb_uri=layout.lancedb,
             model_path=config.paths.base_model, start=config.tiers.start_date, weeks=args.weeks, seed=args.seed,
             top_k=config.tiers.top_k, encode_max_seq_length=config.training.encode_max_seq_length,
             precision=config.training.inference_precision,

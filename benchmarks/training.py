@@ -99,7 +99,7 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
     say(f"first stage: BM25 and hybrid (embedder at {', '.join(m.precision for m in models)}), reranker at "
         f"{', '.join(r.precision for r in rerankers)} on the hybrid's top {rr.depth}")
     suites = {"test": test_split_suite(ds)}
-    bench = run_benchmark(models, ds, suites, layout.lancedb_dir, hybrids=hybrids, rerankers=rerankers,
+    bench = run_benchmark(models, ds, suites, layout.lancedb, hybrids=hybrids, rerankers=rerankers,
                           max_seq_length=tr.encode_max_seq_length, batch_size=tr.encode_batch_size, progress=say)
     res = {name: bench.summary("test", name) for name in bench.summaries["test"]}
     res.setdefault("full", res["full-fp32"])
@@ -160,7 +160,7 @@ def main() -> dict:
     say(f"training the embedder: {tr.loss} loss, lr {tr.learning_rate}, batch {tr.batch_size}, "
         f"seq {tr.max_seq_length}, epochs {tr.epochs}")
     emb_week = train_week(finetune, labels, ds.corpus, tr, base_model=p.base_model, seed=config.tiers.seed,
-                          output_dir=work / "embedder", lancedb_uri=layout.lancedb_dir,
+                          output_dir=work / "embedder", lancedb_uri=layout.lancedb,
                           mining_cache=work / "mining-cache", progress=say)
     emb, neg = emb_week.result, emb_week.negatives
     say(f"embedder trained in {emb.train_seconds:.0f}s ({emb.steps} steps; estimated {emb.estimated_seconds:.0f}s)")
@@ -169,7 +169,7 @@ def main() -> dict:
     suites = {"test": test_split_suite(ds)}
     bench = run_benchmark(
         [ModelSpec("base", p.base_model), ModelSpec("embedder", str(emb.model_dir))], ds, suites,
-        layout.lancedb_dir, max_seq_length=tr.encode_max_seq_length, progress=say,
+        layout.lancedb, max_seq_length=tr.encode_max_seq_length, progress=say,
     )
     b, e = bench.summary("test", "base"), bench.summary("test", "embedder")
     say(f"test NDCG@10 base {b['ndcg@10']:.4f} -> embedder {e['ndcg@10']:.4f} "
@@ -183,7 +183,7 @@ def main() -> dict:
     rres = rr_week.result
     say(f"reranker trained in {rres.train_seconds:.0f}s on {rres.train_pairs} pairs")
     bench2 = run_benchmark(
-        [ModelSpec("embedder", str(emb.model_dir))], ds, suites, layout.lancedb_dir,
+        [ModelSpec("embedder", str(emb.model_dir))], ds, suites, layout.lancedb,
         rerankers=[RerankSpec("reranked", str(rres.model_dir), on="embedder", depth=rr.depth,
                               max_length=rr.max_length, fusion=rr.fusion, fusion_weight=rr.fusion_weight,
                               precision=rr.inference_precision)],

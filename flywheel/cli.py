@@ -52,7 +52,7 @@ def _sim_config(config: FlywheelConfig, args: argparse.Namespace):
     return SimulationConfig(
         dataset_dir=config.paths.dataset,
         log_dir=layout.log_dir,
-        lancedb_uri=layout.lancedb_dir,
+        lancedb_uri=layout.lancedb,
         model_path=config.paths.base_model,
         start=_monday(args.start, config) if args.start else config.tiers.start_date,
         weeks=args.weeks,

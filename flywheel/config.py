@@ -14,6 +14,7 @@ This module imports no Dagster and no heavy library.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from datetime import date
@@ -30,12 +31,13 @@ class ConfigError(ValueError):
     """A setting with a value that is not allowed; the message is one line naming it."""
 
 
-def setting(default: Any, doc: str, *, env: str | None = None, **constraints: Any) -> Any:
+def setting(default: Any, doc: str, *, env: str | None = None, echo: bool = True, **constraints: Any) -> Any:
     """A field with its default, one line of documentation and (optionally) its own env name.
 
     Without ``env`` the variable is ``FLYWHEEL_<SECTION PREFIX><FIELD NAME>`` in capitals.
+    ``echo=False``: an error about the value names the variable but never repeats the value.
     """
-    extra = {"env": env} if env else {}
+    extra = {**({"env": env} if env else {}), **({} if echo else {"echo": False})}
     return Field(default, description=doc, json_schema_extra=extra, **constraints)
 
 
@@ -70,13 +72,31 @@ def bundled_dataset() -> Path:
 
 
 class PathsSettings(Section):
-    """Where the flywheel reads its inputs and writes everything else."""
+    """Where the flywheel reads its inputs and writes everything else; LanceDB's URI too (a place like home, Layout.of hands it on)."""
 
     home: Path = setting(Path(".flywheel"), "root of everything the flywheel writes (made absolute at load)")
     dataset: Path = setting(Path(""), "BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/); empty: the bundled SciFact")
     log_dir: Path = setting(Path(""), "where the capture library writes logs; empty: <home>/logs")
     base_model: str = setting("", "local sentence-transformers folder of the base embedder; empty: the bundled all-MiniLM-L6-v2")
     mlflow_uri: str = setting("", "MLflow tracking URI; empty: SQLite under <home>/mlflow", env="FLYWHEEL_MLFLOW_URI")
+    lancedb_uri: str = setting("", "where LanceDB keeps the corpus tables: a local folder or s3://, s3+ddb://, gs://, az:// URI; empty: <home>/lancedb")
+    lancedb_storage_options: str = setting(
+        "{}", "JSON object of string options for LanceDB's object store (e.g. aws_region, aws_endpoint, timeout); "
+        "credentials come from the provider's own env vars (AWS_ACCESS_KEY_ID, ...), never from here", echo=False)
+
+    @field_validator("lancedb_uri")
+    @classmethod
+    def _lancedb_scheme(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
+        if scheme and scheme not in LANCEDB_SCHEMES:
+            raise ValueError(f"scheme {scheme}:// is not one LanceDB's object store reads; use a local folder or one of "
+                             + ", ".join(f"{s}://" for s in LANCEDB_SCHEMES))
+        return v
+
+    @field_validator("lancedb_storage_options")
+    @classmethod
+    def _lancedb_options(cls, v: str) -> str:
+        return json.dumps(parse_storage_options(v), sort_keys=True)
 
     @model_validator(mode="after")
     def _resolve(self):
@@ -89,7 +109,31 @@ class PathsSettings(Section):
             object.__setattr__(self, "base_model", default_base_model())
         if not self.mlflow_uri:
             object.__setattr__(self, "mlflow_uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+        if "://" not in self.lancedb_uri:  # a local folder, made absolute like home
+            object.__setattr__(self, "lancedb_uri", str(Path(self.lancedb_uri or home / "lancedb").expanduser().resolve()))
         return self
+
+
+LANCEDB_SCHEMES = ("s3", "s3+ddb", "gs", "az", "file")
+SECRET_WORDS = ("secret", "key", "token", "password")
+NOT_SECRET = {"aws_sse_kms_key_id", "aws_sse_bucket_key_enabled"}  # names with "key" that hold no secret
+
+
+def parse_storage_options(text: str) -> dict[str, str]:
+    """A JSON object of string values, with no credential in it (the error never repeats a value)."""
+    try:
+        options = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON ({err.msg} at character {err.pos})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"a JSON object is needed, not a JSON {type(options).__name__}")
+    for key, value in options.items():
+        if not isinstance(value, str):
+            raise ValueError(f"option {key!r} must be a JSON string (e.g. \"60s\", \"true\"), not {type(value).__name__}")
+        if key.lower() not in NOT_SECRET and any(w in key.lower() for w in SECRET_WORDS):
+            raise ValueError(f"option {key!r} looks like a credential: set the provider's own environment variable "
+                             "instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_KEY, ...)")
+    return options
 
 
 def default_base_model() -> str:
@@ -312,6 +356,9 @@ def _one_line_error(cls: type[Section], err: ValidationError, raw: Mapping[str, 
     if fname in cls.model_fields:
         env = cls.env_name(fname)
         value = raw.get(fname, cls.model_fields[fname].default)
+        extra = cls.model_fields[fname].json_schema_extra
+        if isinstance(extra, dict) and extra.get("echo") is False:
+            return ConfigError(f"{env} is not allowed: {msg}")
         return ConfigError(f"{env}={str(value)!r} is not allowed: {msg}")
     return ConfigError(f"{cls.__name__}: {msg}")
 
@@ -365,6 +412,6 @@ def settings_table_markdown() -> str:
     for name, cls in SECTIONS.items():
         for fname, info in cls.model_fields.items():
             default = info.default
-            shown = "(see text)" if fname in ("home", "dataset", "log_dir", "base_model", "mlflow_uri") else default
+            shown = "(see text)" if fname in ("home", "dataset", "log_dir", "base_model", "mlflow_uri", "lancedb_uri") else default
             lines.append(f"| `{cls.env_name(fname)}` | `{shown}` | {info.description} |")
     return "\n".join(lines)

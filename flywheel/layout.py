@@ -1,17 +1,20 @@
 """Every path the flywheel writes, from (asset, week): one object owns the storage layout.
 
-Everything lives under ``PathsSettings.home`` (logs may live elsewhere: ``log_dir``). Assets,
+Everything lives under ``PathsSettings.home`` (logs may live elsewhere: ``log_dir``; LanceDB's
+tables too: ``lancedb``, a folder or object storage). Assets,
 checks, the CLI, the backfill and the benchmarks ask a :class:`Layout` for a path; nothing
 rebuilds one by hand. Asset names are the constants below, used for asset keys and folders alike.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 from flywheel.config import PathsSettings
+from flywheel.lib.registry.store import LanceStore
 
 # asset names: the keys in the Dagster graph and the folders under assets/
 RAW_LOGS = "raw_logs"
@@ -40,10 +43,13 @@ def week_key(week: date | str) -> str:
 class Layout:
     home: Path
     log_dir: Path
+    lancedb_uri: str = ""  # empty: lancedb_dir
+    lancedb_storage: tuple[tuple[str, str], ...] = ()  # LanceDB's storage options as (key, value) pairs
 
     @classmethod
     def of(cls, paths: PathsSettings) -> "Layout":
-        return cls(home=Path(paths.home), log_dir=Path(paths.log_dir))
+        options = tuple(sorted(json.loads(paths.lancedb_storage_options).items()))
+        return cls(home=Path(paths.home), log_dir=Path(paths.log_dir), lancedb_uri=paths.lancedb_uri, lancedb_storage=options)
 
     # -- asset tables ------------------------------------------------------------------------
     @property
@@ -105,7 +111,14 @@ class Layout:
     # -- stores -----------------------------------------------------------------------------
     @property
     def lancedb_dir(self) -> Path:
+        """The embedded default's LanceDB folder (``lancedb`` is where the tables really are)."""
         return self.home / "lancedb"
+
+    @property
+    def lancedb(self) -> LanceStore:
+        """Where the corpus tables live (FLYWHEEL_LANCEDB_URI: a folder or object storage), with
+        the storage options: what every caller hands to ``registry.index``."""
+        return LanceStore(self.lancedb_uri or str(self.lancedb_dir), self.lancedb_storage)
 
     @property
     def mlflow_dir(self) -> Path:

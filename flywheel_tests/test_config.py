@@ -27,6 +27,10 @@ PACKAGE = REPO / "flywheel"
     ({"FLYWHEEL_JUDGE": "gpt"}, ("FLYWHEEL_JUDGE", "'simulated' or 'openai'")),
     ({"FLYWHEEL_REGRESSION_MARGIN": "-1"}, ("FLYWHEEL_REGRESSION_MARGIN",)),
     ({"FLYWHEEL_TRAIN_LEARNING_RATE": "1e-4"}, ("FLYWHEEL_TRAIN_LEARNING_RATE", "not a flywheel setting")),
+    ({"FLYWHEEL_LANCEDB_URI": "https://bucket/x"}, ("FLYWHEEL_LANCEDB_URI", "'https://bucket/x'", "s3://", "local folder")),
+    ({"FLYWHEEL_LANCEDB_STORAGE_OPTIONS": "{aws_region: eu-west-1}"}, ("FLYWHEEL_LANCEDB_STORAGE_OPTIONS", "not JSON")),
+    ({"FLYWHEEL_LANCEDB_STORAGE_OPTIONS": '["aws_region"]'}, ("FLYWHEEL_LANCEDB_STORAGE_OPTIONS", "JSON object")),
+    ({"FLYWHEEL_LANCEDB_STORAGE_OPTIONS": '{"timeout": 60}'}, ("FLYWHEEL_LANCEDB_STORAGE_OPTIONS", "'timeout'", "string")),
 ])
 def test_an_invalid_setting_is_one_line_naming_it_its_value_and_what_is_allowed(env, names):
     with pytest.raises(ConfigError) as err:
@@ -35,6 +39,29 @@ def test_an_invalid_setting_is_one_line_naming_it_its_value_and_what_is_allowed(
     assert "\n" not in message
     for name in names:
         assert name in message
+
+
+@pytest.mark.parametrize("key", ["aws_secret_access_key", "AWS_ACCESS_KEY_ID", "aws_session_token", "azure_storage_account_key",
+                                 "google_service_account_key", "db_password"])
+def test_lancedb_storage_options_refuse_credentials_without_repeating_them(key):
+    with pytest.raises(ConfigError) as err:
+        load_config({"FLYWHEEL_LANCEDB_STORAGE_OPTIONS": f'{{"aws_region": "eu-west-1", "{key}": "hunter2"}}'})
+    message = str(err.value)
+    assert "\n" not in message and "FLYWHEEL_LANCEDB_STORAGE_OPTIONS" in message and repr(key) in message
+    assert "environment variable" in message and "hunter2" not in message
+
+
+def test_lancedb_location_defaults_to_home_and_takes_object_storage_with_options():
+    from flywheel.layout import Layout
+
+    local = Layout.of(load_config({"FLYWHEEL_HOME": "/tmp/fw"}).paths).lancedb
+    assert (local.uri, local.storage_options, local.is_local) == ("/tmp/fw/lancedb", (), True)
+    options = '{"aws_region": "eu-west-1", "timeout": "60s", "aws_sse_kms_key_id": "arn:aws:kms:k"}'
+    cfg = load_config({"FLYWHEEL_LANCEDB_URI": "s3://b/prod", "FLYWHEEL_LANCEDB_STORAGE_OPTIONS": options})
+    store = Layout.of(cfg.paths).lancedb
+    assert store.uri == "s3://b/prod" and not store.is_local
+    assert dict(store.storage_options) == {"aws_region": "eu-west-1", "timeout": "60s", "aws_sse_kms_key_id": "arn:aws:kms:k"}
+    assert str(store) == "s3://b/prod"  # what progress lines show: never the options
 
 
 def test_values_come_from_the_environment_and_say_so():

@@ -253,6 +253,57 @@ def test_lancedb_storage_options_write_and_read_on_object_storage(s3_server):
     assert any(o["Key"].startswith("prod/corpus.lance/") for o in listed.get("Contents", []))
 
 
+def test_lancedb_corpus_index_of_the_flywheel_on_object_storage_searches_like_a_local_one(
+        s3_server, small_beir, base_model_path, tmp_path, monkeypatch):
+    """FLYWHEEL_LANCEDB_URI=s3://... with the storage options: the flywheel's own index and BM25
+    functions build their tables in the bucket, and a second configuration (another pod) finds
+    them and ranks exactly as the same tables on local disk do. Credentials come from AWS_* only."""
+    import json
+
+    import boto3
+
+    from flywheel.config import load_config
+    from flywheel.layout import Layout
+    from flywheel.lib.beir import load_beir
+    from flywheel.lib.registry import hybrid, index
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="eu-west-1")
+    s3.create_bucket(Bucket="flywheel-index", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    options = {"aws_region": "eu-west-1", "aws_endpoint": s3_server, "allow_http": "true"}
+    cluster = {"FLYWHEEL_HOME": str(tmp_path / "pod"), "FLYWHEEL_LANCEDB_URI": "s3://flywheel-index/weekly",
+               "FLYWHEEL_LANCEDB_STORAGE_OPTIONS": json.dumps(options)}
+    remote = Layout.of(load_config(cluster).paths).lancedb
+    local = Layout.of(load_config({"FLYWHEEL_HOME": str(tmp_path / "laptop")}).paths).lancedb
+    assert remote.uri == "s3://flywheel-index/weekly" and local.uri == str(tmp_path / "laptop" / "lancedb")
+
+    ds = load_beir(small_beir)
+    model = index.load_embedder(base_model_path, device="cpu", max_seq_length=128)
+    model_id = index.model_fingerprint(base_model_path)
+    said: list[str] = []
+    tables = {where: index.ensure_corpus_table(where, model, model_id, ds.corpus, progress=said.append)
+              for where in (remote, local)}
+    assert tables[remote] == tables[local] and sum("embedded" in line for line in said) == 2
+    bm25 = {where: hybrid.ensure_bm25_table(where, ds.corpus) for where in (remote, local)}
+
+    again = Layout.of(load_config(cluster).paths).lancedb  # a second pod: same settings, new connections
+    said.clear()
+    assert index.ensure_corpus_table(again, model, model_id, ds.corpus, progress=said.append) == tables[remote]
+    assert not said  # the complete table in the bucket is reused, not embedded again
+    assert set(index.table_names(again)) == {tables[remote], bm25[remote]}
+    queries = list(ds.split_queries("test").values())
+    vectors = index.encode(model, queries, task="query")
+    hits_remote, hits_local = (index.search(w, tables[remote], vectors, 10) for w in (again, local))
+    assert [[d for d, _ in h] for h in hits_remote] == [[d for d, _ in h] for h in hits_local]
+    assert [s for h in hits_remote for _, s in h] == pytest.approx([s for h in hits_local for _, s in h], abs=1e-6)
+    assert hybrid.bm25_search(again, bm25[remote], queries, 10) == hybrid.bm25_search(local, bm25[local], queries, 10)
+
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="flywheel-index")["Contents"]]
+    assert any(k.startswith(f"weekly/{tables[remote]}.lance/") for k in keys)
+    assert not (tmp_path / "pod").exists()  # nothing of the index went to the pod's local disk
+
+
 @pytest.fixture(scope="module")
 def svc(request, base_model_path):
     """The services up in the foreground on a temp home with two simulated weeks."""

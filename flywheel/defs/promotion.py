@@ -59,7 +59,7 @@ def champion(context: dg.AssetExecutionContext, paths: PathsResource, gate: Gate
     moved = promote_week(
         tracker_for(paths, gate), record, info, rinfo, layout.serving_record,
         embedder_name=g.embedder_name, reranker_name=g.reranker_name,
-        write_serving_table=lambda table: index.write_named_table(layout.lancedb_dir, SERVING_TABLE, table),
+        write_serving_table=lambda table: index.write_named_table(layout.lancedb, SERVING_TABLE, table),
     )
     serving = moved["serving"]
     return dg.MaterializeResult(metadata={

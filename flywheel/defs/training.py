@@ -56,7 +56,7 @@ def trained_model(
         out = train_week(
             finetune, labels, load_beir(p.dataset).corpus, training.settings(), base_model=p.base_model,
             seed=tiers.settings().seed, output_dir=layout.model_dir(EMBEDDER, week, context.run.run_id),
-            lancedb_uri=layout.lancedb_dir, serving=serving_model(t, g.embedder_name, p.base_model),
+            lancedb_uri=layout.lancedb, serving=serving_model(t, g.embedder_name, p.base_model),
             mining_cache=layout.mining_cache, progress=context.log.info,
         )
         store.write_table(layout.training_rows(week), out.rows)

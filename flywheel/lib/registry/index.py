@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from flywheel.lib.beir import Corpus
 from flywheel.lib.progress import Progress as ProgressMeter
+from flywheel.lib.registry.store import Where, connect
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +135,8 @@ def corpus_table_name(model_id: str, corpus: Corpus, max_seq_length: int, precis
     return f"corpus_{model_id}_{corpus.sha256[:10]}_{max_seq_length}{table_suffix(precision)}"
 
 
-def _connect(uri: str | Path):
-    import lancedb
-
-    Path(uri).mkdir(parents=True, exist_ok=True)
-    return lancedb.connect(str(uri))
+def _connect(uri: Where):
+    return connect(uri)
 
 
 def replace_table(db, name: str, data):
@@ -146,12 +144,12 @@ def replace_table(db, name: str, data):
     return db.create_table(name, data=data, mode="overwrite" if name in db.list_tables().tables else "create")
 
 
-def table_names(uri: str | Path) -> list[str]:
+def table_names(uri: Where) -> list[str]:
     return list(_connect(uri).list_tables().tables)
 
 
 def ensure_corpus_table(
-    uri: str | Path,
+    uri: Where,
     model,
     model_id: str,
     corpus: Corpus,
@@ -180,7 +178,7 @@ def ensure_corpus_table(
     return name
 
 
-def table_vectors(uri: str | Path, name: str) -> tuple[list[str], np.ndarray]:
+def table_vectors(uri: Where, name: str) -> tuple[list[str], np.ndarray]:
     """(chunk ids, float32 matrix) of a corpus table, in the table's order."""
     tbl = _connect(uri).open_table(name).to_arrow()
     vectors = tbl.column("vector").combine_chunks()
@@ -189,14 +187,14 @@ def table_vectors(uri: str | Path, name: str) -> tuple[list[str], np.ndarray]:
     return tbl.column("id").to_pylist(), matrix
 
 
-def write_named_table(uri: str | Path, name: str, source: str) -> None:
+def write_named_table(uri: Where, name: str, source: str) -> None:
     """Copy a corpus table under another name (e.g. ``serving`` for the champion)."""
     db = _connect(uri)
     replace_table(db, name, db.open_table(source).to_arrow())
 
 
 def search(
-    uri: str | Path, table: str, query_vectors: np.ndarray, k: int
+    uri: Where, table: str, query_vectors: np.ndarray, k: int
 ) -> list[list[tuple[str, float]]]:
     """Top-k (chunk id, cosine score) per query, exact search (fast enough below ~1M chunks)."""
     if len(query_vectors) == 0:

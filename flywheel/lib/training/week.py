@@ -122,7 +122,7 @@ def train_week(
     base_model: str,
     seed: int,
     output_dir: Path,
-    lancedb_uri: Path,
+    lancedb_uri: index.Where,  # a folder or a LanceStore (Layout.lancedb)
     serving: tuple[str, str] | None = None,
     mining_cache: Path | None = None,
     progress: Say = None,
