@@ -196,12 +196,16 @@ def test_mlflow_server_manifest_parses_with_mlflows_own_cli():
 
 def test_cluster_settings_configmap_loads_as_flywheel_config():
     from flywheel.config import load_config
+    from flywheel.layout import Layout
 
     [configmap] = _yaml(DEPLOY / "k8s" / "flywheel-settings.yaml")
     config = load_config(dict(configmap["data"]))
     assert str(config.paths.home) == "/data/flywheel"
     assert config.paths.mlflow_uri == "http://flywheel-mlflow:5000"
     assert not any(k.endswith("API_KEY") for k in configmap["data"])  # secrets live in a Secret
+    [lance] = _yaml(DEPLOY / "lancedb.yaml")  # the pods' LanceDB is the one deploy/lancedb.yaml describes
+    store = Layout.of(config.paths).lancedb
+    assert store.uri == lance["uri"] and dict(store.storage_options) == lance["storage_options"]
 
 
 @pytest.fixture(scope="module")
