@@ -3,6 +3,18 @@
 Any folder in this layout can replace the bundled SciFact for the simulator, the simulated
 judge and the benchmark. The ``test`` split is the honest yardstick: callers keep it out of
 traffic, labels, few-shot prompts and training.
+
+The ``train`` split feeds the simulated traffic and the simulated judge. Many BEIR datasets
+ship no train.tsv, so the splits fall back, and ``BeirDataset.split_note`` says how:
+
+- qrels/train.tsv present: the file's splits as they are (the note is empty);
+- no train.tsv, but dev.tsv: dev serves as ``train``; test stays ``test``;
+- only test.tsv: its queries split by a stable hash of the query id into ``train`` (a
+  ``traffic_fraction`` of them) and a held-out ``test``; the same query lands in the same half
+  on every load, whatever else the file holds, so the halves never overlap across runs.
+
+qrels scores are kept as graded integers; "relevant" everywhere means score > 0 (BEIR's
+evaluation counts relevance from level 1), so explicit 0-score rows are judged non-relevant.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ class BeirDataset:
     corpus: Corpus
     queries: dict[str, str]
     qrels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # split -> qid -> did -> score
+    split_note: str = ""  # how train/test were made when qrels/train.tsv is missing; empty otherwise
 
     def split_queries(self, split: str) -> dict[str, str]:
         """Queries that have relevance judgments in a split, in file order."""
@@ -72,12 +85,17 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def _is_header(parts: list[str]) -> bool:
+    """BEIR's files start with ``query-id\tcorpus-id\tscore`` (its loader skips line 1 blindly)."""
+    return parts[0].strip().lower() in ("query-id", "query_id", "qid") or parts[-1].strip().lower() == "score"
+
+
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = defaultdict(dict)
-    with path.open("r", encoding="utf-8", newline="") as f:
+    with path.open("r", encoding="utf-8-sig", newline="") as f:
         for lineno, line in enumerate(f, start=1):
             parts = line.rstrip("\r\n").split("\t")
-            if lineno == 1 and parts[0] == "query-id":
+            if lineno == 1 and _is_header(parts):
                 continue
             if parts == [""]:
                 continue
@@ -97,8 +115,64 @@ def _doc_text(row: dict) -> str:
     return f"{title}. {text}" if title else text
 
 
+def _hash_unit(qid: str) -> float:
+    """A number in [0, 1) fixed by the query id alone."""
+    digest = hashlib.sha256(f"beir-split\x1f{qid}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _split_test_only(
+    test: dict[str, dict[str, int]], queries: dict[str, str], path: Path, traffic_fraction: float,
+) -> tuple[dict[str, dict[str, dict[str, int]]], str]:
+    """Split the only judged split by query-id hash: ``train`` for traffic, ``test`` held out."""
+    train = {q: docs for q, docs in test.items() if _hash_unit(q) < traffic_fraction}
+    held = {q: docs for q, docs in test.items() if q not in train}
+    n_train = sum(q in queries for q in train)
+    n_held = sum(q in queries for q in held)
+    if not n_train or not n_held:
+        raise DatasetError(
+            f"{path}: the only judged split has {n_train + n_held} queries with text in queries.jsonl; "
+            f"split {traffic_fraction:.0%} for traffic it leaves {n_train} for traffic and {n_held} held out "
+            "(add qrels/train.tsv or qrels/dev.tsv, or more judged queries)"
+        )
+    note = (
+        f"no qrels/train.tsv or qrels/dev.tsv: the {n_train + n_held} queries of qrels/test.tsv were split "
+        f"by a stable hash of the query id, {n_train} ({traffic_fraction:.0%}) as the train split "
+        f"(traffic, labels, training) and {n_held} held out as the test split"
+    )
+    return {"train": train, "test": held}, note
+
+
+def _assign_splits(
+    qrels: dict[str, dict[str, dict[str, int]]], queries: dict[str, str], qrels_dir: Path, traffic_fraction: float,
+) -> tuple[dict[str, dict[str, dict[str, int]]], str]:
+    """The train/test splits the flywheel uses, and a note saying how they were made."""
+    if "train" in qrels:
+        return qrels, ""
+    if "dev" in qrels:
+        rest = {k: v for k, v in qrels.items() if k != "dev"}
+        note = (
+            f"no qrels/train.tsv: the {len(qrels['dev'])} queries of qrels/dev.tsv serve as the train split "
+            "(traffic, labels, training)"
+            + ("; qrels/test.tsv stays the test split" if "test" in qrels else "; there is no qrels/test.tsv")
+        )
+        return {**rest, "train": qrels["dev"]}, note
+    if "test" in qrels:
+        parts, note = _split_test_only(qrels["test"], queries, qrels_dir / "test.tsv", traffic_fraction)
+        rest = {k: v for k, v in qrels.items() if k != "test"}
+        return {**rest, **parts}, note
+    found = ", ".join(sorted(f"{k}.tsv" for k in qrels)) or "no .tsv files"
+    raise DatasetError(
+        f"{qrels_dir}: needs qrels/train.tsv (or dev.tsv) for traffic, or test.tsv to split in two; found {found}"
+    )
+
+
 @lru_cache(maxsize=4)
-def load_beir(root: str | Path) -> BeirDataset:
+def load_beir(root: str | Path, *, traffic_fraction: float = 0.5) -> BeirDataset:
+    """Read the folder; without qrels/train.tsv, fall back to dev.tsv or to a split of test.tsv
+    (``traffic_fraction`` of its queries for traffic), recorded in ``split_note``."""
+    if not 0.0 < traffic_fraction < 1.0:
+        raise ValueError(f"traffic_fraction must lie strictly between 0 and 1, got {traffic_fraction}")
     root = Path(root)
     corpus_path = root / "corpus.jsonl"
     docs = _read_jsonl(corpus_path, ("_id", "text"))
@@ -107,13 +181,11 @@ def load_beir(root: str | Path) -> BeirDataset:
     # Only the text is kept: SciFact's query metadata names the evidence documents, which would
     # leak the answer into anything that reads it.
     queries = {q["_id"]: str(q["text"]) for q in _read_jsonl(root / "queries.jsonl", ("_id", "text"))}
-    qrels = {}
     qrels_dir = root / "qrels"
-    if not (qrels_dir / "train.tsv").exists():
-        raise DatasetError(f"{qrels_dir / 'train.tsv'}: file not found (a train split is required)")
-    for split_file in sorted(qrels_dir.glob("*.tsv")):
-        qrels[split_file.stem] = _read_qrels(split_file)
+    qrels = {f.stem: _read_qrels(f) for f in sorted(qrels_dir.glob("*.tsv"))}
+    qrels, note = _assign_splits(qrels, queries, qrels_dir, traffic_fraction)
     train, test = set(qrels.get("train", {})), set(qrels.get("test", {}))
     if train & test:
-        raise DatasetError(f"{qrels_dir}: {len(train & test)} queries appear in both train and test")
-    return BeirDataset(root=root, corpus=corpus, queries=queries, qrels=qrels)
+        source = "train" if not note else "dev"
+        raise DatasetError(f"{qrels_dir}: {len(train & test)} queries appear in both {source} and test")
+    return BeirDataset(root=root, corpus=corpus, queries=queries, qrels=qrels, split_note=note)
