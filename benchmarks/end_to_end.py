@@ -46,7 +46,7 @@ def step_seconds(instance, run_id: str) -> dict[str, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default=str(REPO / "data" / "scifact"), help="a BEIR-layout folder (needs qrels/train.tsv)")
+    p.add_argument("--dataset", default=str(REPO / "data" / "scifact"), help="a BEIR-layout folder (qrels/train.tsv, else dev.tsv, else test.tsv split in two)")
     p.add_argument("--results", default=str(REPO / ".flywheel" / "bench-end-to-end"), help="a fresh folder for everything written")
     p.add_argument("--weeks", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -59,6 +59,7 @@ def main() -> int:
     from flywheel.defs.resources import resources_for
     from flywheel.layout import FINETUNE_SET, Layout
     from flywheel.lib import store
+    from flywheel.lib.beir import load_beir
     from flywheel.lib.quiet import quiet_libraries
     from flywheel.lib.simulate.traffic import SimulationConfig, simulate, week_starts
 
@@ -67,7 +68,8 @@ def main() -> int:
     layout = Layout.of(config.paths)
     started = time.monotonic()
     stages: dict[str, float] = {}
-    say(f"dataset {config.paths.dataset}; results under {layout.home}")
+    split_note = load_beir(config.paths.dataset).split_note
+    say(f"dataset {config.paths.dataset}; results under {layout.home}" + (f"; {split_note}" if split_note else ""))
     t0 = time.monotonic()
     weeks = [w.isoformat() for w in week_starts(config.tiers.start_date, args.weeks)]
     if not layout.simulation_marker.exists():
@@ -109,6 +111,7 @@ def main() -> int:
     reranked = f"{decision['serving_first_stage']}+reranker"
     figures = {
         "dataset": str(config.paths.dataset),
+        "split_note": split_note,
         "test_queries": int(test["query_id"].nunique()) if len(test) else 0,
         "ndcg10_base": mean("base", "ndcg@10"),
         "ndcg10_trained": mean("challenger", "ndcg@10"),
