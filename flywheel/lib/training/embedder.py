@@ -295,6 +295,40 @@ def evaluate_base(model, evaluator, general, say: Callable[[str], None]) -> tupl
     return before, seconds, general_before
 
 
+def _check_inputs(rows: pd.DataFrame, cfg: TrainConfig, corpus: CorpusEmbeddings | None) -> None:
+    """Refuse to start without training rows, or the corpus loss without the corpus embeddings."""
+    if rows.empty:
+        raise ValueError("no training rows: nothing to train on")
+    if cfg.query_only and corpus is None:
+        raise ValueError("loss 'corpus' needs the base model's corpus embeddings (corpus=CorpusEmbeddings(...))")
+
+
+def _plan(model, cfg: TrainConfig, data: TrainingData, corpus, evaluator, eval_seconds: float,
+          say: Callable[[str], None]) -> tuple[int, int, float]:
+    """(planned steps, max steps within the time budget, estimated seconds)."""
+    planned = planned_steps(cfg, len(data.dataset))
+    per_step = probe_seconds_per_step(model, cfg, data, corpus)
+    n_evals = min(cfg.evaluations, planned) if evaluator else 0
+    max_steps, estimate = fit_budget(cfg, planned, per_step, eval_seconds, n_evals, say)
+    return planned, max_steps, estimate
+
+
+def _guard_and_evaluate(model, cfg: TrainConfig, evaluator, general, general_before: float, train_seconds: float,
+                        say: Callable[[str], None]):
+    """Merge toward the base if the general slice forgot too much, then validate again:
+    (the guard's outcome, validation metrics after training)."""
+    from flywheel.lib.training import forgetting
+    from flywheel.lib.training.evaluators import primary_value
+
+    s = cfg.settings
+    guarded = forgetting.guard(model, cfg.base_model, general, general_before,
+                               margin=s.forgetting_margin, alpha=s.merge_alpha, say=say)
+    after = evaluator(model) if evaluator else {}
+    say(f"trained: validation NDCG@10 {primary_value(after, evaluator):.4f}, "
+        f"general NDCG@10 {guarded.after:.4f}, {train_seconds:.0f}s")
+    return guarded, after
+
+
 def train_bi_encoder(
     rows: pd.DataFrame,
     cfg: TrainConfig,
@@ -309,13 +343,9 @@ def train_bi_encoder(
     ``related`` (query_key -> chunk ids judged relevant or related) to keep them out of its
     negatives."""
     from flywheel.lib.training import forgetting
-    from flywheel.lib.training.evaluators import primary_value
 
     say = progress or (lambda _m: None)
-    if rows.empty:
-        raise ValueError("no training rows: nothing to train on")
-    if cfg.query_only and corpus is None:
-        raise ValueError("loss 'corpus' needs the base model's corpus embeddings (corpus=CorpusEmbeddings(...))")
+    _check_inputs(rows, cfg, corpus)
     index.set_torch_threads()
     shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
 
@@ -330,10 +360,7 @@ def train_bi_encoder(
     before, eval_seconds, general_before = evaluate_base(model, evaluator, general, say)
 
     # 4. Plan: steps from the settings, cut to the time budget by the measured cost of a step
-    planned = planned_steps(cfg, len(data.dataset))
-    per_step = probe_seconds_per_step(model, cfg, data, corpus)
-    n_evals = min(cfg.evaluations, planned) if evaluator else 0
-    max_steps, estimate = fit_budget(cfg, planned, per_step, eval_seconds, n_evals, say)
+    planned, max_steps, estimate = _plan(model, cfg, data, corpus, evaluator, eval_seconds, say)
 
     # 5. Train (the loss: a softmax over the corpus, or in-batch plus hard negatives; see losses.py)
     started = time.monotonic()
@@ -341,12 +368,7 @@ def train_bi_encoder(
     train_seconds = time.monotonic() - started
 
     # 6. Guard against forgetting (merge toward the base), evaluate again
-    s = cfg.settings
-    guarded = forgetting.guard(model, cfg.base_model, general, general_before,
-                               margin=s.forgetting_margin, alpha=s.merge_alpha, say=say)
-    after = evaluator(model) if evaluator else {}
-    say(f"trained: validation NDCG@10 {primary_value(after, evaluator):.4f}, "
-        f"general NDCG@10 {guarded.after:.4f}, {train_seconds:.0f}s")
+    guarded, after = _guard_and_evaluate(model, cfg, evaluator, general, general_before, train_seconds, say)
 
     # 7. Save as files, with what this run measured
     losses, evals = histories(trainer)
