@@ -114,6 +114,52 @@ def poisoned_replay(plan: list[tuple[int, str, datetime]], cfg: SimulationConfig
     return extra
 
 
+def _numbered_plan(
+    query_ids: list[str], cfg: SimulationConfig, only_weeks: list[int] | None,
+) -> list[tuple[int, int, str, datetime, bool]]:
+    """(search number, week index, query id, timestamp, poisoned) of every search to write: the
+    planned traffic, then the poisoned weeks' replays; only those of ``only_weeks`` when given."""
+    full_plan = plan_traffic(query_ids, cfg)
+    plan = [(n, *p, False) for n, p in enumerate(full_plan)]
+    plan += [(len(full_plan) + i, *p, True) for i, p in enumerate(poisoned_replay(full_plan, cfg))]
+    if only_weeks is not None:
+        plan = [p for p in plan if p[1] in set(only_weeks)]
+    return plan
+
+
+def _retrieve(cfg: SimulationConfig, ds, train: dict[str, str], plan: list[tuple],
+              serving: tuple[str, str] | None, progress: Callable[[str], None] | None):
+    """Index the corpus with the serving model (once per model) and retrieve the top k of every
+    planned search: (version label, corpus encoder id, chunk text by id, hits per search)."""
+    model_path, version = serving or (cfg.model_path, "base")
+    model = index.load_embedder(model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length,
+                                precision=cfg.precision)
+    model_id = index.corpus_encoder_id(model_path)
+    table = index.ensure_corpus_table(
+        cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress
+    )
+    texts_by_id = ds.corpus.text_by_id
+    qvecs = index.encode(model, [train[qid] for _, _, qid, _, _ in plan], batch_size=cfg.encode_batch_size, task="query")
+    hits = index.search(cfg.lancedb_uri, table, qvecs, cfg.top_k)
+    return version, model_id, texts_by_id, hits
+
+
+def _logged_chunks(cfg: SimulationConfig, n: int, results, poisoned: bool, texts_by_id: dict[str, str],
+                   ids: list[str]) -> list[dict]:
+    """The retrieved chunks of search ``n`` as the app logs them."""
+    return [
+        {
+            "chunk_id": cid,
+            # the broken join of a poisoned week: right id, someone else's text
+            "text": texts_by_id[ids[int(stable_uniform("poison", cfg.seed, n, cid) * len(ids))]]
+            if poisoned else texts_by_id[cid],
+            "score": round(score, 6),
+            "rank": r,
+        }
+        for r, (cid, score) in enumerate(results, start=1)
+    ]
+
+
 def simulate(
     cfg: SimulationConfig,
     *,
@@ -130,22 +176,8 @@ def simulate(
     ds = load_beir(cfg.dataset_dir)
     train = ds.split_queries("train")
     qrels = ds.qrels["train"]
-    full_plan = plan_traffic(list(train), cfg)
-    plan = [(n, *p, False) for n, p in enumerate(full_plan)]
-    plan += [(len(full_plan) + i, *p, True) for i, p in enumerate(poisoned_replay(full_plan, cfg))]
-    if only_weeks is not None:
-        plan = [p for p in plan if p[1] in set(only_weeks)]
-
-    model_path, version = serving or (cfg.model_path, "base")
-    model = index.load_embedder(model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length,
-                                precision=cfg.precision)
-    model_id = index.corpus_encoder_id(model_path)
-    table = index.ensure_corpus_table(
-        cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress
-    )
-    texts_by_id = ds.corpus.text_by_id
-    qvecs = index.encode(model, [train[qid] for _, _, qid, _, _ in plan], batch_size=cfg.encode_batch_size, task="query")
-    hits = index.search(cfg.lancedb_uri, table, qvecs, cfg.top_k)
+    plan = _numbered_plan(list(train), cfg, only_weeks)
+    version, model_id, texts_by_id, hits = _retrieve(cfg, ds, train, plan, serving, progress)
 
     starts = week_starts(cfg.start, cfg.weeks)
     weeks_done = sorted({w for _, w, _, _, _ in plan})
@@ -157,17 +189,7 @@ def simulate(
     with SearchLogger(cfg.log_dir, redact_pii=False, retriever="lancedb-dense", retriever_version=version) as logger:
         for (n, w, qid, ts, poisoned), results in zip(plan, hits):
             rid = str(uuid.UUID(int=int(stable_uniform("request", cfg.seed, n) * 2**128)))
-            chunks = [
-                {
-                    "chunk_id": cid,
-                    # the broken join of a poisoned week: right id, someone else's text
-                    "text": texts_by_id[ids[int(stable_uniform("poison", cfg.seed, n, cid) * len(ids))]]
-                    if poisoned else texts_by_id[cid],
-                    "score": round(score, 6),
-                    "rank": r,
-                }
-                for r, (cid, score) in enumerate(results, start=1)
-            ]
+            chunks = _logged_chunks(cfg, n, results, poisoned, texts_by_id, ids)
             logger.log_search(train[qid], chunks, request_id=rid, timestamp=ts, user_id=f"user-{hash_bucket(cfg.seed, qid)}")
             per_week[starts[w].isoformat()] += 1
             relevant = {cid for cid, s in qrels[qid].items() if s > 0}
