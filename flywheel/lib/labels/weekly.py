@@ -93,18 +93,10 @@ class LabelStats:
     label_sources: dict = field(default_factory=dict)  # unique pairs per label_source
 
 
-def label_week(
-    raw_logs: pd.DataFrame,
-    week: str,
-    judge: Judge,
-    *,
-    human: HumanLabels | None = None,
-    fewshot: pd.DataFrame | None = None,
-    progress: Callable[[str], None] | None = None,
-    fusion: FusionConfig | None = FusionConfig(),
-) -> tuple[pd.DataFrame, LabelStats]:
-    """Judge, fuse and calibrate one week. ``fusion=None`` keeps the judge's grades as they are."""
-    pairs = explode_results(raw_logs)
+def _judge_unique_pairs(
+    pairs: pd.DataFrame, judge: Judge, fewshot: pd.DataFrame | None, progress: Callable[[str], None] | None,
+) -> pd.DataFrame:
+    """The week's unique (query, chunk) pairs, each with the judge's grade, reason, error and flag."""
     # A repeated query retrieves the same chunks again: judge each (query, chunk) once per week.
     unique = pairs.drop_duplicates(["query_key", "chunk_id"]).reset_index(drop=True)
     requests = [
@@ -116,7 +108,14 @@ def label_week(
     unique["reason"] = [j.reason for j in judgements]
     unique["judge_error"] = [j.error for j in judgements]
     unique["injection_flag"] = [bool(getattr(j, "injection_flag", False)) for j in judgements]
+    return unique
 
+
+def _fuse_feedback(
+    unique: pd.DataFrame, pairs: pd.DataFrame, judge: Judge, fusion: FusionConfig | None,
+) -> tuple[pd.DataFrame, int]:
+    """Fuse each unique pair's judge grade with its feedback: (pairs with grade and label_source,
+    how many grades the feedback changed)."""
     if fusion is not None:
         evidence = pair_evidence(pairs, fusion)
         unique = unique.merge(evidence, on=["query_key", "chunk_id"], how="left")
@@ -130,7 +129,13 @@ def label_week(
     changed = int(sum(
         (g is not None) and (pd.isna(jg) or int(jg) != g) for (g, _), jg in zip(fused, unique["judge_grade"])
     ))
+    return unique, changed
 
+
+def _impression_labels(
+    pairs: pd.DataFrame, unique: pd.DataFrame, week: str, human: HumanLabels | None,
+) -> pd.DataFrame:
+    """Every impression with its pair's grades, relevance and human label, in ``LABEL_COLUMNS``."""
     graded = unique[[
         "query_key", "chunk_id", "grade", "judge_grade", "reason", "judge_error", "label_source", "injection_flag",
         "feedback", "feedback_relevant",
@@ -145,12 +150,15 @@ def label_week(
     else:
         labels["human_relevant"] = pd.array([None] * len(labels), dtype="boolean")
     labels["feedback_relevant"] = labels["feedback_relevant"].astype("boolean")
-    labels = labels[LABEL_COLUMNS]
+    return labels[LABEL_COLUMNS]
 
+
+def _label_stats(labels: pd.DataFrame, unique: pd.DataFrame, changed: int) -> LabelStats:
+    """Counts, grade distribution and the judge's agreement with humans and with feedback."""
     labelled = labels[labels["grade"].notna()]
     kappa, compared = agreement_with_human(labels)
     kappa_fb, compared_fb = judge_agreement(labels, "feedback_relevant")
-    stats = LabelStats(
+    return LabelStats(
         pairs=len(labels),
         unique_pairs=len(unique),
         labelled=int(labels["grade"].notna().sum()),
@@ -164,7 +172,27 @@ def label_week(
         fused_changed=changed,
         label_sources={str(k): int(v) for k, v in unique["label_source"].value_counts().items()},
     )
-    return labels, stats
+
+
+def label_week(
+    raw_logs: pd.DataFrame,
+    week: str,
+    judge: Judge,
+    *,
+    human: HumanLabels | None = None,
+    fewshot: pd.DataFrame | None = None,
+    progress: Callable[[str], None] | None = None,
+    fusion: FusionConfig | None = FusionConfig(),
+) -> tuple[pd.DataFrame, LabelStats]:
+    """Judge, fuse and calibrate one week. ``fusion=None`` keeps the judge's grades as they are."""
+    # 1. One row per impression; 2. judge each unique (query, chunk) pair once
+    pairs = explode_results(raw_logs)
+    unique = _judge_unique_pairs(pairs, judge, fewshot, progress)
+    # 3. Fuse the judge's grades with the week's explicit feedback
+    unique, changed = _fuse_feedback(unique, pairs, judge, fusion)
+    # 4. Back onto every impression, 5. with the week's figures
+    labels = _impression_labels(pairs, unique, week, human)
+    return labels, _label_stats(labels, unique, changed)
 
 
 def agreement_with_human(labels: pd.DataFrame) -> tuple[float, int]:
