@@ -188,7 +188,6 @@ def ingest_week(log_dir: Path, week_start: date, week_end: date, out_path: Path,
     """Read ``[week_start, week_end)`` of capture logs into a raw_logs Parquet file (+ quarantine)."""
     log_dir, out_path, quarantine_path = Path(log_dir), Path(out_path), Path(quarantine_path)
     stats = IngestStats(week_start.isoformat(), week_end.isoformat())
-    lo, hi = _utc(week_start), _utc(week_end)
     grace_hi = _utc(week_end + timedelta(days=GRACE_DAYS))
     scan = scan_week(log_dir, week_start, week_end)
     files, grace = scan.week, scan.grace
@@ -204,38 +203,7 @@ def ingest_week(log_dir: Path, week_start: date, week_end: date, out_path: Path,
         with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".raw_logs-staging-") as tmpdir:
             staging_path = Path(tmpdir) / "staging.parquet"
             staging = _BatchSink(staging_path, _STAGING_SCHEMA)
-            for file_no, (path, name) in enumerate(zip(files, names)):
-                for lineno, raw, state in _read_lines(path, sizes):
-                    if not raw.strip():
-                        continue
-                    stats.read += 1
-                    try:
-                        obj = _parse(raw, state)
-                        version = obj.get("schema_version", 0) if isinstance(obj, dict) else None
-                        rec, ts = validate(obj)
-                        if not lo <= ts < hi:
-                            raise RecordError("timestamp_outside_week", "timestamp",
-                                              f"{ts.isoformat()} not in [{week_start}, {week_end})")
-                    except RecordError as err:
-                        stats.quarantined[err.reason] = stats.quarantined.get(err.reason, 0) + 1
-                        quarantine.add((name, lineno, err.reason, err.field, _preview(raw)))
-                        continue
-                    stats.valid += 1
-                    if rec["type"] == "feedback":
-                        stats.feedback += 1
-                        fb = feedback.get(rec["request_id"])
-                        if fb is None:
-                            fb = feedback[rec["request_id"]] = _Feedback()
-                        fb.merge(rec, ts)
-                        fb.in_week += 1
-                        continue
-                    stats.searches += 1
-                    staging.add((
-                        rec["request_id"], ts, ts.date().isoformat(), rec["query"], rec["user_id"],
-                        rec["session_id"], rec["retriever"], rec["retriever_version"],
-                        rec["results"],  # the "metadata" key is ignored by pyarrow
-                        version, stats.searches - 1, file_no, lineno,
-                    ))
+            _stage_week(files, names, sizes, (week_start, week_end), staging, quarantine, feedback, stats)
             staging.close()
             _read_grace_feedback(grace, feedback, week_end, grace_hi, sizes, stats)
             stats.files = len(files) + len(grace)
@@ -253,6 +221,46 @@ def ingest_week(log_dir: Path, week_start: date, week_end: date, out_path: Path,
     stats.per_day = dict(sorted(stats.per_day.items()))
     stats.quarantined = dict(sorted(stats.quarantined.items()))
     return stats
+
+
+def _stage_week(files: list[Path], names: list[str], sizes: dict, week: tuple[date, date], staging: _BatchSink,
+                quarantine: _BatchSink, feedback: dict, stats: IngestStats) -> None:
+    """Every line of the week's files: searches to staging (in read order), feedback merged per
+    request, anything invalid or outside ``week`` to quarantine with its reason."""
+    week_start, week_end = week
+    lo, hi = _utc(week_start), _utc(week_end)
+    for file_no, (path, name) in enumerate(zip(files, names)):
+        for lineno, raw, state in _read_lines(path, sizes):
+            if not raw.strip():
+                continue
+            stats.read += 1
+            try:
+                obj = _parse(raw, state)
+                version = obj.get("schema_version", 0) if isinstance(obj, dict) else None
+                rec, ts = validate(obj)
+                if not lo <= ts < hi:
+                    raise RecordError("timestamp_outside_week", "timestamp",
+                                      f"{ts.isoformat()} not in [{week_start}, {week_end})")
+            except RecordError as err:
+                stats.quarantined[err.reason] = stats.quarantined.get(err.reason, 0) + 1
+                quarantine.add((name, lineno, err.reason, err.field, _preview(raw)))
+                continue
+            stats.valid += 1
+            if rec["type"] == "feedback":
+                stats.feedback += 1
+                fb = feedback.get(rec["request_id"])
+                if fb is None:
+                    fb = feedback[rec["request_id"]] = _Feedback()
+                fb.merge(rec, ts)
+                fb.in_week += 1
+                continue
+            stats.searches += 1
+            staging.add((
+                rec["request_id"], ts, ts.date().isoformat(), rec["query"], rec["user_id"],
+                rec["session_id"], rec["retriever"], rec["retriever_version"],
+                rec["results"],  # the "metadata" key is ignored by pyarrow
+                version, stats.searches - 1, file_no, lineno,
+            ))
 
 
 def _report_unread(scan, log_dir: Path, stats: IngestStats) -> None:
@@ -293,28 +301,7 @@ def _dedupe_and_join(staging_path: Path, n: int, names: list[str], feedback: dic
             writer.write_table(RAW_LOGS_SCHEMA.empty_table())
             stats.feedback_orphaned = sum(fb.in_week for fb in feedback.values())
             return
-        keys = pq.read_table(staging_path, columns=["request_id", "timestamp", "_seq", "_file", "_line"])
-        order = pc.sort_indices(keys, sort_keys=[("request_id", "ascending"), ("timestamp", "ascending"),
-                                                 ("_seq", "ascending")])
-        rid_sorted = pc.take(keys["request_id"], order).combine_chunks()
-        seq = keys["_seq"].to_numpy()
-        seq_sorted = seq[order.to_numpy()]
-        first = np.ones(n, dtype=bool)
-        if n > 1:
-            first[1:] = pc.not_equal(rid_sorted.slice(1), rid_sorted.slice(0, n - 1)).to_numpy(
-                zero_copy_only=False)
-        group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
-        winner = np.empty(n, dtype=np.int64)  # by seq: the seq of the copy that is kept
-        winner[seq_sorted] = seq_sorted[group_start]
-        file_of = keys["_file"].to_numpy()
-        line_of = keys["_line"].to_numpy()
-        file_by_seq = np.empty(n, dtype=np.int64)
-        line_by_seq = np.empty(n, dtype=np.int64)
-        file_by_seq[seq] = file_of
-        line_by_seq[seq] = line_of
-        unique_ids = rid_sorted.filter(pa.array(first))
-        del keys, order, rid_sorted, seq, seq_sorted, first, group_start, file_of, line_of
-
+        winner, file_by_seq, line_by_seq, unique_ids = _first_copies(staging_path, n)
         for batch in pq.ParquetFile(staging_path).iter_batches(batch_size=BATCH_ROWS):
             b_seq = batch.column("_seq").to_numpy()
             keep = winner[b_seq] == b_seq
@@ -327,27 +314,12 @@ def _dedupe_and_join(staging_path: Path, n: int, names: list[str], feedback: dic
                 batch = batch.filter(pa.array(keep))
             if batch.num_rows == 0:
                 continue
-            rids = batch.column("request_id").to_pylist()
-            clicks, saves, cited, thumbs, dwell = [], [], [], [], []
-            for rid in rids:
-                fb = feedback.get(rid)
-                if fb is None:
-                    clicks.append([]), saves.append([]), cited.append([]), thumbs.append(None), dwell.append(None)
-                    continue
-                stats.feedback_joined += 1
-                clicks.append(list(fb.clicks)), saves.append(list(fb.saves)), cited.append(list(fb.cited))
-                thumbs.append(fb.thumbs), dwell.append(fb.dwell)
+            fb_columns = _feedback_columns(batch.column("request_id").to_pylist(), feedback, stats)
             for day, count in zip(*np.unique(batch.column("day").to_numpy(zero_copy_only=False),
                                              return_counts=True)):
                 stats.per_day[str(day)] = stats.per_day.get(str(day), 0) + int(count)
             cols = {name: batch.column(name) for name in batch.schema.names}
-            cols.update({
-                "clicks": pa.array(clicks, pa.list_(pa.string())),
-                "saves": pa.array(saves, pa.list_(pa.string())),
-                "cited": pa.array(cited, pa.list_(pa.string())),
-                "thumbs": pa.array(thumbs, pa.string()),
-                "dwell_ms": pa.array(dwell, pa.float64()),
-            })
+            cols.update(fb_columns)
             table = pa.Table.from_arrays([cols[f.name] for f in RAW_LOGS_SCHEMA], schema=RAW_LOGS_SCHEMA)
             writer.write_table(table)
             stats.rows += table.num_rows
@@ -357,6 +329,49 @@ def _dedupe_and_join(staging_path: Path, n: int, names: list[str], feedback: dic
             stats.feedback_orphaned = sum(feedback[rid].in_week for rid, j in zip(week_fb, joined) if not j)
     finally:
         writer.close()
+
+
+def _first_copies(staging_path: Path, n: int):
+    """Which staged search of each request_id is kept (the earliest, then first read): (winner seq
+    by seq, file number by seq, line by seq, the unique request ids)."""
+    keys = pq.read_table(staging_path, columns=["request_id", "timestamp", "_seq", "_file", "_line"])
+    order = pc.sort_indices(keys, sort_keys=[("request_id", "ascending"), ("timestamp", "ascending"),
+                                             ("_seq", "ascending")])
+    rid_sorted = pc.take(keys["request_id"], order).combine_chunks()
+    seq = keys["_seq"].to_numpy()
+    seq_sorted = seq[order.to_numpy()]
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        first[1:] = pc.not_equal(rid_sorted.slice(1), rid_sorted.slice(0, n - 1)).to_numpy(
+            zero_copy_only=False)
+    group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    winner = np.empty(n, dtype=np.int64)  # by seq: the seq of the copy that is kept
+    winner[seq_sorted] = seq_sorted[group_start]
+    file_by_seq = np.empty(n, dtype=np.int64)
+    line_by_seq = np.empty(n, dtype=np.int64)
+    file_by_seq[seq] = keys["_file"].to_numpy()
+    line_by_seq[seq] = keys["_line"].to_numpy()
+    return winner, file_by_seq, line_by_seq, rid_sorted.filter(pa.array(first))
+
+
+def _feedback_columns(rids: list[str], feedback: dict, stats: IngestStats) -> dict[str, pa.Array]:
+    """The feedback columns of a batch of searches (empty where a search got none)."""
+    clicks, saves, cited, thumbs, dwell = [], [], [], [], []
+    for rid in rids:
+        fb = feedback.get(rid)
+        if fb is None:
+            clicks.append([]), saves.append([]), cited.append([]), thumbs.append(None), dwell.append(None)
+            continue
+        stats.feedback_joined += 1
+        clicks.append(list(fb.clicks)), saves.append(list(fb.saves)), cited.append(list(fb.cited))
+        thumbs.append(fb.thumbs), dwell.append(fb.dwell)
+    return {
+        "clicks": pa.array(clicks, pa.list_(pa.string())),
+        "saves": pa.array(saves, pa.list_(pa.string())),
+        "cited": pa.array(cited, pa.list_(pa.string())),
+        "thumbs": pa.array(thumbs, pa.string()),
+        "dwell_ms": pa.array(dwell, pa.float64()),
+    }
 
 
 def load_raw_logs(path: Path) -> pd.DataFrame:
