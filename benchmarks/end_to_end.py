@@ -108,7 +108,7 @@ def main() -> int:
     if test.empty:
         say("the dataset has no qrels/test.tsv: no human-labelled figures")
     mean = lambda model, metric: round(float(test.loc[test["model"] == model, metric].mean()), 4) if len(test) else None  # noqa: E731
-    reranked = f"{decision['serving_first_stage']}+reranker"
+    reranked = f"{decision.get('serving_retriever', decision['serving_first_stage'])}+reranker"
     figures = {
         "dataset": str(config.paths.dataset),
         "split_note": split_note,

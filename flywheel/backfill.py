@@ -76,7 +76,7 @@ def week_row(layout: Layout, week: str, served_by: str, poisoned: bool, seconds:
         gate_error=gate_error(promoted, test), min_detectable_change=d["min_detectable_change"],
         pooled_judge_requests=d["pool"]["judge_requests"], label_calls=d["pool"]["week_label_calls"],
         reranker=(f"v{d['reranker_version']}" if d["serving_reranker_is_new"] else "kept") if reranker else "none",
-        serving_ndcg10_test=_test_ndcg(per_query, reranker or serving),
+        serving_ndcg10_test=_test_ndcg(per_query, reranker or (d.get("serving_retriever", serving) if result.success else serving)),
     )
 
 
@@ -114,10 +114,11 @@ def run_backfill(config: FlywheelConfig, sim: SimulationConfig, *, overrides: di
         simulate(sim, only_weeks=[i], serving=(path, label), progress=say)
         result = run_week(week, "flywheel_weekly")
         row = week_row(layout, week, label, i in sim.poison_weeks, time.monotonic() - t0, result)
-        if rows and not row.promoted and math.isnan(row.champion_ndcg10_test):
-            # stopped before the report (a blocking check): what served before still serves
-            row.champion, row.champion_ndcg10_test = rows[-1].champion, rows[-1].champion_ndcg10_test
+        if rows and not result.success:
+            # a blocking check stopped the week (before or after the report): what served before still serves
             row.serving_ndcg10_test, row.reranker = rows[-1].serving_ndcg10_test, rows[-1].reranker
+            if math.isnan(row.champion_ndcg10_test):
+                row.champion, row.champion_ndcg10_test = rows[-1].champion, rows[-1].champion_ndcg10_test
         rows.append(row)
         state["rows"][week] = asdict(row)
         store.atomic_write_bytes(layout.backfill_state, json.dumps(state, indent=2).encode())

@@ -177,10 +177,12 @@ def summary_lines(layout: Layout, week: str) -> list[str]:
     if not test.empty:
         nd = test.groupby("model")["ndcg@10"].mean()
         t = (d.get("test") or {}).get("challenger_vs_base") or {}
-        reranked = nd.get(f"{d['serving_first_stage']}+reranker", float("nan"))
+        reranked = nd.get(f"{d.get('serving_retriever', d['serving_first_stage'])}+reranker", float("nan"))
         lines.append(f"test split NDCG@10 ({test['query_id'].nunique()} queries, human labels): base {nd['base']:.4f} -> "
                      f"challenger {nd['challenger']:.4f} ({(nd['challenger'] / nd['base'] - 1) * 100:+.1f}%, paired 95% CI "
-                     f"[{t.get('ci_low', float('nan')):+.4f}, {t.get('ci_high', float('nan')):+.4f}]); + reranker {reranked:.4f}")
+                     f"[{t.get('ci_low', float('nan')):+.4f}, {t.get('ci_high', float('nan')):+.4f}]); "
+                     + (f"{d['hybrid']['candidate']} (keyword fusion) {nd[d['hybrid']['candidate']]:.4f}; " if d.get("hybrid") else "")
+                     + f"+ reranker {reranked:.4f}")
     return lines
 
 

@@ -274,6 +274,11 @@ class GateSettings(Section):
     min_improvement: float = setting(0.0, "the candidate's mean NDCG@10 change must exceed this (0: any gain; negative: ties allowed)", ge=-1, le=1, env="FLYWHEEL_MIN_IMPROVEMENT")
     bootstrap_samples: int = setting(2000, "paired-bootstrap resamples", ge=100, env="FLYWHEEL_BOOTSTRAP_SAMPLES")
     pool_depth: int = setting(10, "each compared model's top-k eval chunks judged before scoring (pooling)", ge=1, env="FLYWHEEL_POOL_DEPTH")
+    hybrid_fusion: Literal["zscore", "rrf", "off"] = setting(
+        "zscore", "keyword fusion tried each week on the serving first stage: BM25 (LanceDB full-text index) fused by z-scores, by RRF, or off",
+        env="FLYWHEEL_HYBRID_FUSION")
+    hybrid_bm25_weight: float = setting(0.5, "BM25's share in the keyword fusion (0: dense only, 1: BM25 only)", ge=0, le=1,
+                                        env="FLYWHEEL_HYBRID_BM25_WEIGHT")
     experiment: str = setting("flywheel", "MLflow experiment", env="FLYWHEEL_MLFLOW_EXPERIMENT")
     embedder_name: str = setting("flywheel-embedder", "registered model name of the embedder", env="FLYWHEEL_EMBEDDER_NAME")
     reranker_name: str = setting("flywheel-reranker", "registered model name of the reranker", env="FLYWHEEL_RERANKER_NAME")

@@ -8,6 +8,7 @@ import pytest
 
 from flywheel.config import GateSettings, default_of
 from flywheel.lib.evaluation.gate import gate_decision
+from flywheel.lib.evaluation.weekly import EVAL_SUITE, _decide_hybrid
 from flywheel.lib.registry.promotion import CHALLENGER, CHAMPION, PREVIOUS, changes, promote, retire, serving_model
 from flywheel.lib.registry.tracking import Tracker
 
@@ -145,3 +146,25 @@ def test_retiring_a_component_removes_its_champion_alias_and_keeps_it_for_rollba
     assert retire(tracker, "rr") == version
     assert tracker.alias_version("rr", CHAMPION) is None and tracker.alias_version("rr", PREVIOUS) == version
     assert retire(tracker, "rr") is None  # nothing serves: nothing to retire
+
+
+def test_keyword_fusion_is_a_component_of_its_own():
+    rng = np.random.default_rng(3)
+    first = rng.uniform(0.2, 0.8, 120)
+    better = long_form({"champion": first, "champion+bm25": first + 0.05 + rng.normal(0, 0.03, 120)}, EVAL_SUITE)
+    worse = long_form({"champion": first, "champion+bm25": first - 0.05 + rng.normal(0, 0.03, 120)}, EVAL_SUITE)
+    tie = long_form({"champion": first, "champion+bm25": first + rng.normal(0, 0.03, 120)}, EVAL_SUITE)
+    g = GateSettings()
+    # not serving yet: it must pass the gate's rule against the dense list alone
+    assert _decide_hybrid(better, "champion", "champion+bm25", False, g).promote
+    assert not _decide_hybrid(worse, "champion", "champion+bm25", False, g).promote
+    # serving: it keeps serving unless the eval sets show it significantly worse
+    assert _decide_hybrid(tie, "champion", "champion+bm25", True, g).promote
+    stop = _decide_hybrid(worse, "champion", "champion+bm25", True, g)
+    assert not stop.promote and "significantly worse, it stops serving" in stop.reason
+    # what moves in serving.json
+    record = {"promote": False, "serving_reranker_is_new": False, "serving_reranker": None, "challenger_version": "2",
+              "reranker_version": "2", "serving_hybrid": "champion+bm25", "hybrid_spec": {"fusion": "zscore", "bm25_weight": 0.5}}
+    assert changes(record, {"hybrid": None}) == ["keyword fusion -> BM25 zscore fusion, weight 0.5"]
+    assert changes(record, {"hybrid": {"fusion": "zscore", "bm25_weight": 0.5}}) == []
+    assert changes({**record, "serving_hybrid": None}, {"hybrid": {"fusion": "zscore", "bm25_weight": 0.5}}) == ["keyword fusion -> off"]

@@ -40,6 +40,7 @@ def challenger_beats_champion(context: dg.AssetCheckExecutionContext, paths: Pat
             "min_detectable_change": dg.MetadataValue.float(float(record["min_detectable_change"])),
             "eval_queries": record["eval_queries"],
             "margin": first["margin"],
+            "keyword_fusion": (record.get("hybrid") or {}).get("reason", "off"),
             "reranker": (record["reranker"] or {}).get("reason", "no reranker beats its first stage alone"),
         },
         description=first["reason"] if not moves or record["promote"] else "; ".join(moves),
@@ -65,6 +66,8 @@ def champion(context: dg.AssetExecutionContext, paths: PathsResource, gate: Gate
     return dg.MaterializeResult(metadata={
         "serving_embedder": f"{g.embedder_name} v{serving['embedder']['version']}" if serving["embedder"] else "base",
         "serving_version": serving["embedder"]["version"] if serving["embedder"] else "base",
+        "serving_keyword_fusion": (f"BM25 {serving['hybrid']['fusion']}, weight {serving['hybrid']['bm25_weight']}"
+                                   if serving.get("hybrid") else "off"),
         "serving_reranker": f"{g.reranker_name} v{serving['reranker']['version']}" if serving["reranker"] else "none",
         "previous_champion": ((moved["embedder"] or {}).get("previous_champion")) or "unchanged",
         "reranker_retired": moved["reranker_retired"] or "none",

@@ -37,8 +37,8 @@ def benchmark_report(context: dg.AssetExecutionContext, paths: PathsResource, ti
     t = tracker_for(paths, gate)
     info, rinfo = read_run_info(layout, week, EMBEDDER), read_run_info(layout, week, RERANKER)
     champion_path, champion_label = serving_model(t, g.embedder_name, p.base_model)
-    cand = Candidates(p.base_model, champion_path, champion_label, info, rinfo,
-                      read_serving(layout.serving_record).get("reranker"))
+    serving = read_serving(layout.serving_record)
+    cand = Candidates(p.base_model, champion_path, champion_label, info, rinfo, serving.get("reranker"), serving.get("hybrid"))
     voters = [build_judge(judge, paths, tiers, vote=v) for v in range(tiers.settings().eval_votes)]
     wb = benchmark_week(layout, load_beir(p.dataset), week, cand, layout.lancedb, voters=voters,
                         training=training.settings(), rer=reranker.settings(), g=g, progress=context.log.info)
@@ -61,11 +61,12 @@ def benchmark_report(context: dg.AssetExecutionContext, paths: PathsResource, ti
 def _metadata(out, wb, layout, week: str, info: dict) -> dict:
     headline = TEST_SUITE if TEST_SUITE in wb.bench.summaries else next(iter(wb.bench.summaries))
     nd = {m: wb.bench.summary(headline, m)["ndcg@10"] for m in wb.bench.per_query}
-    reranked = nd.get(f"{wb.serving_first_stage}+reranker", float("nan"))
+    reranked = nd.get(f"{wb.serving_retriever}+reranker", float("nan"))
     f = lambda v: dg.MetadataValue.float(float(v))  # noqa: E731
     return {
         "decision": out.decision,
         "promote": wb.first_stage.promote,
+        "keyword_fusion_serves": wb.serving_hybrid or "no",
         "reranker_serves": wb.serving_reranker or "none",
         "champion_before": out.record["champion_label"],
         "report": dg.MetadataValue.md(out.report.markdown),

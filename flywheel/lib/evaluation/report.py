@@ -32,13 +32,17 @@ def decision_line(week: str, wb: WeekBenchmark, cand: Candidates) -> str:
     f = wb.first_stage
     first = (f"first stage: PROMOTE challenger v{cand.challenger['version']} (replacing {cand.champion_label})"
              if f.promote else f"first stage: KEEP {cand.champion_label} (challenger v{cand.challenger['version']} not promoted)")
+    if wb.hybrid is None:
+        kw = "keyword fusion: OFF (FLYWHEEL_HYBRID_FUSION=off)"
+    else:
+        kw = f"keyword fusion: {'SERVE' if wb.hybrid.promote else 'NO'} BM25 fused with the first stage"
     if wb.reranker is None:
         rer = "reranker: NONE serves (no reranker beats its first stage alone)"
     elif wb.serving_reranker and wb.serving_reranker.endswith("+reranker"):
         rer = f"reranker: SERVE new reranker v{cand.reranker['version']}"
     else:
         rer = f"reranker: KEEP serving reranker v{cand.serving_reranker['version']}"
-    return f"Week {week}: {first}; {rer}."
+    return f"Week {week}: {first}; {kw}; {rer}."
 
 
 def _evidence(wb: WeekBenchmark, week_label_calls: int) -> list[str]:
@@ -46,6 +50,7 @@ def _evidence(wb: WeekBenchmark, week_label_calls: int) -> list[str]:
     share = p.judge_requests / week_label_calls if week_label_calls else float("nan")
     lines = [
         f"- First stage: {f.reason}.",
+        *([f"- Keyword fusion: {wb.hybrid.reason}."] if wb.hybrid else []),
         *[f"- Reranker: {d.reason}." for d in wb.reranker_decisions],
         f"- Evidence: {f.queries} eval queries from {len(wb.eval_weeks)} weekly eval sets; minimum detectable NDCG@10 "
         f"change {f.vs_incumbent.mde:.4f} (80% power, two-sided 5%: ({Z_ALPHA} + {Z_POWER}) x bootstrap SE "
@@ -65,7 +70,7 @@ def _evidence(wb: WeekBenchmark, week_label_calls: int) -> list[str]:
 
 def _metrics(wb: WeekBenchmark) -> dict[str, float]:
     bench, out = wb.bench, {}
-    labels = {"challenger": "trained", wb.serving_first_stage + "+reranker": "reranked"}
+    labels = {"challenger": "trained", wb.serving_retriever + "+reranker": "reranked"}
     for suite, key in ((EVAL_SUITE, "eval"), (TEST_SUITE, "test")):
         for model in bench.summaries.get(suite, {}):
             for m, v in bench.summary(suite, model).items():
@@ -73,10 +78,12 @@ def _metrics(wb: WeekBenchmark) -> dict[str, float]:
                     out[f"{key}_{labels.get(model, model)}_{m}"] = v
     out["rerank_ms_p50"], out["rerank_ms_p95"] = p50(bench.rerank_ms), p95(bench.rerank_ms)
     for model, ms in bench.latency_ms.items():
-        if "+" not in model:
-            out[f"retrieval_ms_p50_{model}"], out[f"retrieval_ms_p95_{model}"] = p50(ms), p95(ms)
+        if "reranker" not in model:
+            key = model.replace("+", "_")
+            out[f"retrieval_ms_p50_{key}"], out[f"retrieval_ms_p95_{key}"] = p50(ms), p95(ms)
     out["gate_promote"] = float(wb.first_stage.promote)
     out["gate_reranker_serves"] = float(wb.reranker is not None)
+    out["gate_keyword_fusion_serves"] = float(wb.serving_hybrid is not None)
     out["gate_ci_low_vs_champion"] = wb.first_stage.vs_incumbent.ci_low
     out["gate_min_detectable_change"] = wb.first_stage.vs_incumbent.mde
     out["pooled_pairs"], out["pooled_judge_requests"] = float(wb.pool.pairs_added), float(wb.pool.judge_requests)
@@ -87,10 +94,13 @@ def week_report(week: str, wb: WeekBenchmark, cand: Candidates, *, week_label_ca
     decision = decision_line(week, wb, cand)
     models = ["base"] + (["champion"] if cand.champion_label != "base" else []) + ["challenger"] + \
         [m for m in wb.bench.per_query if "+" in m]
-    new_rr = f"{wb.serving_first_stage}+reranker"
-    pairs = [("champion", "challenger"), ("base", "challenger"), (wb.serving_first_stage, new_rr)]
+    new_rr = f"{wb.serving_retriever}+reranker"
+    pairs = [("champion", "challenger"), ("base", "challenger")]
+    if wb.hybrid:
+        pairs.append((wb.serving_first_stage, wb.hybrid.candidate_label))
+    pairs.append((wb.serving_retriever, new_rr))
     if wb.serving_reranker and wb.serving_reranker != new_rr:
-        pairs.append((wb.serving_first_stage, wb.serving_reranker))
+        pairs.append((wb.serving_retriever, wb.serving_reranker))
     pairs.append(("champion", wb.serving_name))
     report = build_report(wb.bench, models, title=f"flywheel benchmark, week {week}", decision=decision,
                           details=_evidence(wb, week_label_calls), pairs=[p for p in pairs if p[0] != p[1]])
@@ -100,6 +110,8 @@ def week_report(week: str, wb: WeekBenchmark, cand: Candidates, *, week_label_ca
         "promote": wb.first_stage.promote, "first_stage": wb.first_stage.as_dict(),
         "reranker": wb.reranker.as_dict() if wb.reranker else None,
         "reranker_decisions": [d.as_dict() for d in wb.reranker_decisions],
+        "hybrid": wb.hybrid.as_dict() if wb.hybrid else None, "hybrid_spec": wb.hybrid_spec,
+        "serving_hybrid": wb.serving_hybrid, "serving_retriever": wb.serving_retriever,
         "serving_first_stage": wb.serving_first_stage, "serving_reranker": wb.serving_reranker,
         "serving_reranker_is_new": bool(wb.serving_reranker and wb.serving_reranker.endswith("+reranker")),
         "pool": {"pairs_added": wb.pool.pairs_added, "judge_requests": wb.pool.judge_requests,

@@ -4,10 +4,12 @@ Steps (``benchmark_week``):
 1. Rank the first stages (base, champion, challenger) on the eval sets to date and the test split.
 2. Pool: judge every first stage's unjudged top ``pool_depth`` eval chunks (same votes as eval sets).
 3. Decide the first stage: challenger against the serving champion (``gate.gate_decision``).
-4. Rerank the first stage that will serve with the new reranker (and with the serving reranker, if
+4. Keyword fusion: fuse the dense first stage that will serve with BM25 (LanceDB's full-text
+   index), pool its top chunks, and decide whether the fused list serves (``_decide_hybrid``).
+5. Rerank the retriever that will serve with the new reranker (and with the serving reranker, if
    one serves), pool their top chunks, and decide the reranker against what serves now.
-5. Score everything on the pooled eval sets and on the test split; record the decision with the
-   test split's verdict beside it (what the backfill counts as gate errors).
+6. Score everything on the pooled eval sets and on the test split; record the decisions with the
+   test split's verdicts beside them (what the backfill counts as gate errors).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from flywheel.lib.beir import BeirDataset
 from flywheel.lib.datasets.weekly import eval_sets_to_date
 from flywheel.lib.evaluation import gate
 from flywheel.lib.evaluation.benchmark import (
-    Benchmark, ModelSpec, RerankSpec, rank_first_stages, rerank_candidates, score, test_split_suite,
+    Benchmark, HybridSpec, ModelSpec, RerankSpec, rank_first_stages, rank_hybrids, rerank_candidates, score,
+    test_split_suite,
 )
 from flywheel.lib.labels.judges import Judge
 from flywheel.lib.labels.pooling import POOL_COLUMNS, PoolStats, extend_pool, pooled_suite
@@ -45,6 +48,7 @@ class Candidates:
     challenger: dict  # trained_model's run info
     reranker: dict  # trained_reranker's run info
     serving_reranker: dict | None = None  # the reranker that serves now (its run info), if any
+    serving_hybrid: dict | None = None  # the keyword fusion that serves now ({"fusion", "bm25_weight"}), if any
 
 
 @dataclass
@@ -58,6 +62,14 @@ class WeekBenchmark:
     pool: PoolStats
     eval_weeks: list[str] = field(default_factory=list)
     test: dict = field(default_factory=dict)  # test-split comparisons for the same decisions
+    hybrid: gate.GateDecision | None = None  # the keyword-fusion decision (None: fusion is off)
+    serving_hybrid: str | None = None  # "<first stage>+bm25" when the fused list serves
+    hybrid_spec: dict | None = None  # {"fusion", "bm25_weight"} of the fused candidate
+
+    @property
+    def serving_retriever(self) -> str:
+        """What the reranker (if any) reorders: the fused list when keyword fusion serves."""
+        return self.serving_hybrid or self.serving_first_stage
 
     @property
     def long(self) -> pd.DataFrame:
@@ -65,7 +77,7 @@ class WeekBenchmark:
 
     @property
     def serving_name(self) -> str:
-        return self.serving_reranker or self.serving_first_stage
+        return self.serving_reranker or self.serving_retriever
 
 
 def judged_to_date(layout: Layout, week: str) -> tuple[pd.DataFrame, list[str]]:
@@ -127,6 +139,32 @@ def _decide_reranker(long: pd.DataFrame, first: str, new: str, old: str | None, 
     return chosen, decisions
 
 
+def _decide_hybrid(long: pd.DataFrame, first: str, fused: str, serving_now: bool, g: GateSettings) -> gate.GateDecision:
+    """Keyword fusion against its dense first stage alone. Not serving yet: it serves when it passes
+    the gate's rule. Serving already: it keeps serving unless the eval sets show it significantly
+    worse than the dense list alone (it has no weights to retrain, so it is not re-won weekly)."""
+    c = gate.compare(long, EVAL_SUITE, first, fused, n_resamples=g.bootstrap_samples)
+    if not serving_now:
+        return gate.decide(c, None, margin=g.regression_margin, min_improvement=g.min_improvement,
+                           component="keyword fusion", candidate_label=fused, incumbent_label=f"{first} alone")
+    keep = not (c.ci_high < 0)
+    why = (f"{fused} (serving) over {first} alone: NDCG@10 change {c.delta:+.4f}, 95% CI [{c.ci_low:+.4f}, "
+           f"{c.ci_high:+.4f}]: " + ("not shown harmful, it keeps serving" if keep else "significantly worse, it stops serving"))
+    return gate.GateDecision("keyword fusion", keep, why, fused, f"{first} alone", c, None, g.regression_margin)
+
+
+def _add_hybrid(bench: Benchmark, ds: BeirDataset, first: str, lancedb_uri, g: GateSettings, pooler, firsts: list[str],
+                progress) -> str | None:
+    """Rank the dense first stage fused with BM25 and pool its top chunks; its name, or None when off."""
+    if g.hybrid_fusion == "off":
+        return None
+    fused = f"{first}+bm25"
+    rank_hybrids(bench, [HybridSpec(fused, on=first, fusion=g.hybrid_fusion, bm25_weight=g.hybrid_bm25_weight)],
+                 ds, lancedb_uri, progress=progress)
+    score(bench, firsts + [fused], pool=pooler)
+    return fused
+
+
 def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates, lancedb_uri: str | Path, *,
                    voters: Sequence[Judge], training: TrainingSettings, rer: RerankerSettings, g: GateSettings,
                    progress: Callable[[str], None] | None = None) -> WeekBenchmark:
@@ -142,24 +180,33 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
               ModelSpec("challenger", cand.challenger["model_dir"], cand.challenger["model_id"], precision=prec)]
     rank_first_stages(bench, firsts, ds, lancedb_uri, progress=progress, **enc)
     pooler = _Pooler(judged, voters, ds.corpus.text_by_id, g.pool_depth, week, progress)
-    score(bench, [m.name for m in firsts], pool=pooler)
-    first = gate.gate_decision(bench.long_form(), EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement,
-                               champion_label=cand.champion_label, n_resamples=g.bootstrap_samples)
-    serving_first = "challenger" if first.promote else "champion"
-    # 4: rerankers on the first stage that will serve
-    new, old = f"{serving_first}+reranker", (f"{serving_first}+serving-reranker" if cand.serving_reranker else None)
-    specs = [_reranker_spec(new, cand.reranker, serving_first, rer)]
+    names = [m.name for m in firsts]
+    score(bench, names, pool=pooler)
+    decide_first = lambda long: gate.gate_decision(  # noqa: E731
+        long, EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement,
+        champion_label=cand.champion_label, n_resamples=g.bootstrap_samples)
+    serving_first = "challenger" if decide_first(bench.long_form()).promote else "champion"
+    # 4: keyword fusion on the first stage that will serve
+    fused = _add_hybrid(bench, ds, serving_first, lancedb_uri, g, pooler, names, progress)
+    names += [fused] if fused else []
+    hyb = _decide_hybrid(bench.long_form(), serving_first, fused, bool(cand.serving_hybrid), g) if fused else None
+    retriever = fused if hyb is not None and hyb.promote else serving_first
+    # 5: rerankers on the retriever that will serve
+    new, old = f"{retriever}+reranker", (f"{retriever}+serving-reranker" if cand.serving_reranker else None)
+    specs = [_reranker_spec(new, cand.reranker, retriever, rer)]
     if old:
-        specs.append(_reranker_spec(old, cand.serving_reranker, serving_first, rer))
+        specs.append(_reranker_spec(old, cand.serving_reranker, retriever, rer))
     rerank_candidates(bench, specs, ds, batch_size=training.encode_batch_size, device=training.device, progress=progress)
-    # 5: score all on the pooled judgments, decide, and put the test split's verdict beside each
-    score(bench, [m.name for m in firsts] + [s.name for s in specs], pool=pooler)
+    # 6: score all on the pooled judgments, decide, and put the test split's verdict beside each
+    score(bench, names + [s.name for s in specs], pool=pooler)
     long = bench.long_form()
-    first = gate.gate_decision(long, EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement,
-                               champion_label=cand.champion_label, n_resamples=g.bootstrap_samples)  # re-read after the second pooling round
-    chosen, rdecisions = _decide_reranker(long, serving_first, new, old, g, cand)
+    first = decide_first(long)  # re-read after the later pooling rounds
+    hyb = _decide_hybrid(long, serving_first, fused, bool(cand.serving_hybrid), g) if fused else None
+    chosen, rdecisions = _decide_reranker(long, retriever, new, old, g, cand)
     serving_reranker = None if chosen is None else (new if chosen is rdecisions[0] else old)
-    out = WeekBenchmark(bench, first, chosen, rdecisions, serving_first, serving_reranker, pooler.stats, eval_weeks)
+    out = WeekBenchmark(bench, first, chosen, rdecisions, serving_first, serving_reranker, pooler.stats, eval_weeks,
+                        hybrid=hyb, serving_hybrid=retriever if retriever != serving_first else None,
+                        hybrid_spec={"fusion": g.hybrid_fusion, "bm25_weight": g.hybrid_bm25_weight} if fused else None)
     out.test = test_verdicts(long, out, g) if TEST_SUITE in bench.suites else {}
     store.write_table(layout.asset(EVAL_POOL, week), pooler.new_rows)
     return out
@@ -168,13 +215,13 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
 def test_verdicts(long: pd.DataFrame, wb: WeekBenchmark, g: GateSettings) -> dict:
     """The same comparisons on the human-labelled test split (never used to decide)."""
     cmp = lambda inc, c: gate.compare(long, TEST_SUITE, inc, c, n_resamples=g.bootstrap_samples).as_dict()  # noqa: E731
-    old_serving = "champion" + ("+serving-reranker" if "champion+serving-reranker" in wb.bench.per_query else "")
+    r = wb.serving_retriever
     return {
         "first_stage": cmp("champion", "challenger"),
         "challenger_vs_base": cmp("base", "challenger"),
         "serving_after_vs_before": cmp("champion", wb.serving_name) if wb.serving_name != "champion" else None,
-        "reranker_vs_first_stage": cmp(wb.serving_first_stage, f"{wb.serving_first_stage}+reranker"),
-        "serving_before": old_serving if old_serving in wb.bench.per_query else "champion",
+        "hybrid_vs_first_stage": cmp(wb.serving_first_stage, wb.hybrid.candidate_label) if wb.hybrid else None,
+        "reranker_vs_first_stage": cmp(r, f"{r}+reranker"),
     }
 
 

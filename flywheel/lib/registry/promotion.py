@@ -56,7 +56,8 @@ def retire(tracker: Tracker, registered_name: str) -> str | None:
 
 
 def read_serving(path: Path) -> dict:
-    """What serves now: {"embedder": {...} | None, "reranker": {...} | None} (empty before any promotion)."""
+    """What serves now: {"embedder": {...} | None, "hybrid": {...} | None, "reranker": {...} | None}
+    (empty before any promotion; "hybrid" is the keyword fusion of BM25 with the embedder's list)."""
     import json
 
     return json.loads(path.read_text()) if path.exists() else {"embedder": None, "reranker": None}
@@ -67,11 +68,23 @@ def changes(record: dict, serving: dict) -> list[str]:
     out = []
     if record["promote"]:
         out.append(f"first stage -> challenger v{record['challenger_version']}")
+    fusion_now, fusion_next = serving.get("hybrid"), _fusion(record)
+    if fusion_next != fusion_now:
+        out.append(f"keyword fusion -> {_fusion_words(fusion_next)}")
     if record["serving_reranker_is_new"]:
         out.append(f"reranker -> v{record['reranker_version']}")
     elif record["serving_reranker"] is None and serving.get("reranker"):
         out.append(f"reranker v{serving['reranker']['version']} retired")
     return out
+
+
+def _fusion(record: dict) -> dict | None:
+    """The keyword fusion a decision record serves (None: the dense list alone)."""
+    return dict(record["hybrid_spec"]) if record.get("serving_hybrid") else None
+
+
+def _fusion_words(spec: dict | None) -> str:
+    return "off" if spec is None else f"BM25 {spec['fusion']} fusion, weight {spec['bm25_weight']}"
 
 
 def promote_week(tracker: Tracker, record: dict, embedder: dict, reranker: dict, serving_path: Path, *,
@@ -90,6 +103,7 @@ def promote_week(tracker: Tracker, record: dict, embedder: dict, reranker: dict,
         moved["embedder"] = promote(tracker, embedder_name, embedder["version"])
         write_serving_table(embedder["lancedb_table"])
         serving["embedder"] = {k: embedder[k] for k in ("version", "model_dir", "lancedb_table", "week")}
+    serving["hybrid"] = _fusion(record)
     if record["serving_reranker_is_new"]:
         moved["reranker"] = promote(tracker, reranker_name, reranker["version"])
         serving["reranker"] = {k: reranker[k] for k in reranker if k != "mlflow_run_id"}
