@@ -153,15 +153,16 @@ def _decide_hybrid(long: pd.DataFrame, first: str, fused: str, serving_now: bool
     return gate.GateDecision("keyword fusion", keep, why, fused, f"{first} alone", c, None, g.regression_margin)
 
 
-def _add_hybrid(bench: Benchmark, ds: BeirDataset, first: str, lancedb_uri, g: GateSettings, pooler, firsts: list[str],
+def _add_hybrid(bench: Benchmark, ds: BeirDataset, first: str, lancedb_uri, g: GateSettings, pooler,
                 progress) -> str | None:
     """Rank the dense first stage fused with BM25 and pool its top chunks; its name, or None when off."""
     if g.hybrid_fusion == "off":
         return None
     fused = f"{first}+bm25"
-    rank_hybrids(bench, [HybridSpec(fused, on=first, fusion=g.hybrid_fusion, bm25_weight=g.hybrid_bm25_weight)],
-                 ds, lancedb_uri, progress=progress)
-    score(bench, firsts + [fused], pool=pooler)
+    if fused not in bench.rankings:
+        rank_hybrids(bench, [HybridSpec(fused, on=first, fusion=g.hybrid_fusion, bm25_weight=g.hybrid_bm25_weight)],
+                     ds, lancedb_uri, progress=progress)
+        score(bench, list(bench.rankings), pool=pooler)
     return fused
 
 
@@ -185,23 +186,27 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     decide_first = lambda long: gate.gate_decision(  # noqa: E731
         long, EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement,
         champion_label=cand.champion_label, n_resamples=g.bootstrap_samples)
-    serving_first = "challenger" if decide_first(bench.long_form()).promote else "champion"
-    # 4: keyword fusion on the first stage that will serve
-    fused = _add_hybrid(bench, ds, serving_first, lancedb_uri, g, pooler, names, progress)
-    names += [fused] if fused else []
-    hyb = _decide_hybrid(bench.long_form(), serving_first, fused, bool(cand.serving_hybrid), g) if fused else None
-    retriever = fused if hyb is not None and hyb.promote else serving_first
-    # 5: rerankers on the retriever that will serve
-    new, old = f"{retriever}+reranker", (f"{retriever}+serving-reranker" if cand.serving_reranker else None)
-    specs = [_reranker_spec(new, cand.reranker, retriever, rer)]
-    if old:
-        specs.append(_reranker_spec(old, cand.serving_reranker, retriever, rer))
-    rerank_candidates(bench, specs, ds, batch_size=training.encode_batch_size, device=training.device, progress=progress)
-    # 6: score all on the pooled judgments, decide, and put the test split's verdict beside each
-    score(bench, names + [s.name for s in specs], pool=pooler)
-    long = bench.long_form()
-    first = decide_first(long)  # re-read after the later pooling rounds
-    hyb = _decide_hybrid(long, serving_first, fused, bool(cand.serving_hybrid), g) if fused else None
+    decide_hybrid = lambda long, first, fused: (  # noqa: E731
+        _decide_hybrid(long, first, fused, bool(cand.serving_hybrid), g) if fused else None)
+    # 4-6, until the decisions settle: the later candidates' pooled judgments can move an earlier
+    # decision (a newly found relevant chunk raises every model's ideal DCG on that query)
+    for _ in range(3):
+        first = decide_first(bench.long_form())
+        serving_first = "challenger" if first.promote else "champion"
+        fused = _add_hybrid(bench, ds, serving_first, lancedb_uri, g, pooler, progress)  # 4: keyword fusion
+        hyb = decide_hybrid(bench.long_form(), serving_first, fused)
+        retriever = fused if hyb is not None and hyb.promote else serving_first
+        new, old = f"{retriever}+reranker", (f"{retriever}+serving-reranker" if cand.serving_reranker else None)
+        specs = [_reranker_spec(new, cand.reranker, retriever, rer)] + (
+            [_reranker_spec(old, cand.serving_reranker, retriever, rer)] if old else [])
+        rerank_candidates(bench, [s for s in specs if s.name not in bench.rankings], ds,  # 5: rerankers
+                          batch_size=training.encode_batch_size, device=training.device, progress=progress)
+        score(bench, list(bench.rankings), pool=pooler)  # 6: everything on the pooled judgments
+        long = bench.long_form()
+        again = decide_hybrid(long, serving_first, fused)
+        if decide_first(long).promote == first.promote and (hyb is None or again.promote == hyb.promote):
+            first, hyb = decide_first(long), again
+            break
     chosen, rdecisions = _decide_reranker(long, retriever, new, old, g, cand)
     serving_reranker = None if chosen is None else (new if chosen is rdecisions[0] else old)
     out = WeekBenchmark(bench, first, chosen, rdecisions, serving_first, serving_reranker, pooler.stats, eval_weeks,
