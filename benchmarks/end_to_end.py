@@ -26,6 +26,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+INFO_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # the stages' own lines, not Dagster's debug events
+
+
 def say(msg: str) -> None:
     print(f"[end_to_end {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -88,12 +91,14 @@ def main() -> int:
     t0 = time.monotonic()
     for week in weeks[:-1]:
         say(f"labelling week {week}")
-        if not defs.resolve_job_def("weekly_labels").execute_in_process(partition_key=week, instance=instance, raise_on_error=False).success:
+        if not defs.resolve_job_def("weekly_labels").execute_in_process(partition_key=week, instance=instance, raise_on_error=False,
+                                                                    run_config=INFO_LOGS).success:
             say(f"weekly_labels failed for {week}")
             return 1
     stages["earlier_weeks_labels"] = round(time.monotonic() - t0, 1)
     say(f"the whole flywheel for {weeks[-1]}")
-    result = defs.resolve_job_def("flywheel_weekly").execute_in_process(partition_key=weeks[-1], instance=instance, raise_on_error=False)
+    result = defs.resolve_job_def("flywheel_weekly").execute_in_process(partition_key=weeks[-1], instance=instance, raise_on_error=False,
+                                                                      run_config=INFO_LOGS)
     stages.update(step_seconds(instance, result.run_id))
     for name, secs in stages.items():
         say(f"  {name}: {secs:.0f}s")
