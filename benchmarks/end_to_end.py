@@ -114,6 +114,8 @@ def main() -> int:
         say("the dataset has no qrels/test.tsv: no human-labelled figures")
     mean = lambda model, metric: round(float(test.loc[test["model"] == model, metric].mean()), 4) if len(test) else None  # noqa: E731
     reranked = f"{decision.get('serving_retriever', decision['serving_first_stage'])}+reranker"
+    # what serves after the week: the reranker if one passed, else the retriever that passed
+    serving = decision["serving_reranker"] or decision.get("serving_retriever", decision["serving_first_stage"])
     figures = {
         "dataset": str(config.paths.dataset),
         "split_note": split_note,
@@ -121,6 +123,9 @@ def main() -> int:
         "ndcg10_base": mean("base", "ndcg@10"),
         "ndcg10_trained": mean("challenger", "ndcg@10"),
         "ndcg10_reranked": mean(reranked, "ndcg@10"),
+        "ndcg10_hybrid": mean(decision["hybrid"]["candidate"], "ndcg@10") if decision.get("hybrid") else None,
+        "serving": serving,
+        "ndcg10_serving": mean(serving, "ndcg@10"),
         "recall10_base": mean("base", "recall@10"),
         "recall10_trained": mean("challenger", "recall@10"),
         "recall10_reranked": mean(reranked, "recall@10"),
@@ -133,7 +138,8 @@ def main() -> int:
         "total_seconds": round(time.monotonic() - started, 1),
     }
     say(f"test split NDCG@10: base {figures['ndcg10_base']} -> trained {figures['ndcg10_trained']} -> "
-        f"reranked {figures['ndcg10_reranked']}; Recall@10 {figures['recall10_base']} -> {figures['recall10_trained']}")
+        f"keyword fusion {figures['ndcg10_hybrid']} -> reranked {figures['ndcg10_reranked']}; serving after the week: "
+        f"{serving} {figures['ndcg10_serving']}; Recall@10 {figures['recall10_base']} -> {figures['recall10_trained']}")
     say(figures["decision"])
     print(json.dumps(figures))
     return 0
