@@ -77,7 +77,21 @@ def week_row(layout: Layout, week: str, served_by: str, poisoned: bool, seconds:
         pooled_judge_requests=d["pool"]["judge_requests"], label_calls=d["pool"]["week_label_calls"],
         reranker=(f"v{d['reranker_version']}" if d["serving_reranker_is_new"] else "kept") if reranker else "none",
         serving_ndcg10_test=_test_ndcg(per_query, reranker or (d.get("serving_retriever", serving) if result.success else serving)),
+        component_gate_errors=component_gate_errors(d),
     )
+
+
+def component_gate_errors(d: dict) -> list[str]:
+    """Gate errors of the keyword-fusion and (new) reranker decisions, each against the test
+    split's comparison with its first stage alone."""
+    t, out = d.get("test") or {}, []
+    decided = [("keyword fusion", d.get("hybrid"), t.get("hybrid_vs_first_stage")),
+               ("reranker", (d.get("reranker_decisions") or [None])[0], t.get("reranker_vs_first_stage"))]
+    for name, decision, test in decided:
+        error = gate_error(decision["promote"], test) if decision and test else None
+        if error:
+            out.append(f"{name}: {error.replace('a model', 'a component')}")
+    return out
 
 
 def _resume_state(layout: Layout, wanted: dict) -> dict:
@@ -142,6 +156,7 @@ def backfill_figures(layout: Layout, weeks: list[str], rows: list[WeekRow], over
         "champion_changes": sum(r.promoted for r in rows),
         "gate_errors": sum(bool(r.gate_error) for r in rows),
         "gate_error_weeks": {r.week: r.gate_error for r in rows if r.gate_error},
+        "component_gate_errors": {r.week: r.component_gate_errors for r in rows if r.component_gate_errors},
         "poisoned_week_blocked": bool(poisoned) and all(not r.promoted for r in poisoned),
         "poisoned_ci_high": r4(poisoned[-1].eval_ci_high) if poisoned else None,
         "pooled_judge_calls": {r.week: r.pooled_judge_requests for r in rows},

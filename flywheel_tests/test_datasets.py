@@ -124,3 +124,15 @@ def test_fewshot_set_is_balanced_across_grades():
     fs = build_fewshot_set(labels, n_examples=60, seed=0, exclude_queries=set())
     counts = fs["grade"].value_counts()
     assert len(fs) == 60 and set(counts.index) == {0, 1, 3} and counts.max() - counts.min() <= 1
+
+
+def test_eval_set_counts_the_judges_grade_not_feedback_only_the_served_chunks_could_get():
+    labels = make_labels(n_queries=10)
+    labels["judge_grade"] = labels["grade"]
+    saved = labels["rank"] == 4  # a user saved the rank-4 chunk the judge called irrelevant: the fused label says 2
+    labels.loc[saved, ["grade", "relevant"]] = [2, True]
+    labels.loc[labels["rank"] == 5, "judge_grade"] = pd.NA  # the judge gave no grade; feedback did
+    ev = build_eval_set(labels, n_queries=10, seed=0, seen_before=set())
+    assert not ev.loc[ev["rank"] == 4, "relevant"].any() and (ev.loc[ev["rank"] == 4, "grade"] == 0).all()
+    assert 5 not in set(ev["rank"])  # unjudged by the judge: pooling judges it like any other model's chunk
+    assert ev.loc[ev["rank"] == 2, "relevant"].all()

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
-from flywheel.lib.labels.judges import normalize_query, stable_uniform
+from flywheel.lib.labels.judges import RELEVANT_GRADE, normalize_query, stable_uniform
 
 EVAL_COLUMNS = ["week", "query", "query_key", "chunk_id", "rank", "grade", "relevant", "votes"]
 FEWSHOT_COLUMNS = ["week", "query", "query_key", "chunk_id", "chunk_text", "grade", "reason"]
@@ -70,6 +70,10 @@ def build_eval_set(
     compared model's top results for it, and a query scores once some model surfaced a relevant
     chunk (the TREC rule: a query with no known relevant document cannot be scored).
 
+    The first vote is the judge's own grade, not the label fused with users' feedback: feedback
+    exists only for chunks the serving model showed, so fused labels would find more of the
+    incumbent's relevant chunks than pooling can find of a challenger's.
+
     ``extra_votes`` asks the judge again about the chosen rows (one list of grades per extra vote)
     and a chunk is relevant for evaluation only by majority: the week's label is the first vote.
     Why: one judge's lenient calls land on chunks the serving model ranks high, so single-vote eval
@@ -79,7 +83,7 @@ def build_eval_set(
     labels = labels[~labels["query_key"].isin(seen_before)]
     labels = _latest_request_per_query(labels)
     candidates = sorted(labels["query_key"].unique(), key=lambda k: stable_uniform("eval", seed, k))
-    chosen = labels[labels["query_key"].isin(set(candidates[:n_queries]))].sort_values(["query_key", "rank"])
+    chosen = _judge_only(labels[labels["query_key"].isin(set(candidates[:n_queries]))].sort_values(["query_key", "rank"]))
     if chosen.empty:
         return pd.DataFrame(columns=EVAL_COLUMNS)
     if extra_votes is None:
@@ -87,6 +91,15 @@ def build_eval_set(
     else:
         chosen = confirm_by_majority(chosen, extra_votes(chosen))
     return chosen[EVAL_COLUMNS].reset_index(drop=True)
+
+
+def _judge_only(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows graded by the judge alone (``judge_grade``, when the labels carry it); a pair only
+    feedback labelled counts as unjudged, as it would be for any model that did not serve."""
+    if "judge_grade" not in rows.columns:
+        return rows
+    rows = rows[rows["judge_grade"].notna()]
+    return rows.assign(grade=rows["judge_grade"], relevant=rows["judge_grade"].astype(int) >= RELEVANT_GRADE)
 
 
 def confirm_by_majority(rows: pd.DataFrame, extra: list[list[int | None]]) -> pd.DataFrame:

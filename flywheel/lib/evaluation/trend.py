@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flywheel.lib.evaluation import plots
@@ -37,6 +37,9 @@ class WeekRow:
     label_calls: int = 0
     reranker: str = "none"  # the reranker serving after the week
     serving_ndcg10_test: float = float("nan")  # the whole serving pipeline after the week
+    # the same check for the other components' decisions (keyword fusion, reranker) against their
+    # first stage alone on the test split
+    component_gate_errors: list[str] = field(default_factory=list)
 
 
 def render_trend(rows: list[WeekRow], *, base_ndcg10_test: float, config_note: str) -> str:
@@ -88,6 +91,10 @@ def render_trend(rows: list[WeekRow], *, base_ndcg10_test: float, config_note: s
             f"| {r.week} | {'promoted' if r.promoted else 'blocked'} | {r.eval_delta:+.4f} [{r.eval_ci_low:+.4f}, "
             f"{r.eval_ci_high:+.4f}] | {r.test_delta:+.4f} [{r.test_ci_low:+.4f}, {r.test_ci_high:+.4f}] | "
             f"{r.min_detectable_change:.4f} | {r.pooled_judge_requests} | {r.label_calls} | {r.gate_error or '-'} |")
+    comp = [(r.week, e) for r in rows for e in r.component_gate_errors]
+    lines += ["", f"Other components (keyword fusion, reranker; each against its first stage alone on the test split): "
+              f"{len(comp)} gate errors" + (":" if comp else "."), ""]
+    lines += [f"- {w}: {e}" for w, e in comp]
     lines += ["", "## Gate decisions", ""]
     lines += [f"- {r.week}: {'promoted' if r.promoted else 'blocked'}: {r.gate}" for r in rows]
     return "\n".join(lines)
