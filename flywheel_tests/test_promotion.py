@@ -168,3 +168,17 @@ def test_keyword_fusion_is_a_component_of_its_own():
     assert changes(record, {"hybrid": None}) == ["keyword fusion -> BM25 zscore fusion, weight 0.5"]
     assert changes(record, {"hybrid": {"fusion": "zscore", "bm25_weight": 0.5}}) == []
     assert changes({**record, "serving_hybrid": None}, {"hybrid": {"fusion": "zscore", "bm25_weight": 0.5}}) == ["keyword fusion -> off"]
+
+
+def test_component_gate_errors_compare_each_decision_with_its_test_split_verdict():
+    from flywheel.backfill import component_gate_errors
+
+    better, worse, unclear = ({"ci_low": 0.03, "ci_high": 0.08}, {"ci_low": -0.08, "ci_high": -0.02},
+                              {"ci_low": -0.01, "ci_high": 0.02})
+    d = {"hybrid": {"promote": False}, "reranker_decisions": [{"promote": True}],
+         "test": {"hybrid_vs_first_stage": better, "reranker_vs_first_stage": worse}}
+    assert component_gate_errors(d) == ["keyword fusion: blocked a component the test split shows significantly better",
+                                        "reranker: promoted a component the test split shows significantly worse"]
+    d["test"] = {"hybrid_vs_first_stage": unclear, "reranker_vs_first_stage": unclear}
+    assert component_gate_errors(d) == []
+    assert component_gate_errors({"hybrid": None, "reranker_decisions": [], "test": {}}) == []
