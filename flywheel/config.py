@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flywheel.lib.registry.store import LANCEDB_SCHEMES, parse_storage_options
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "FLYWHEEL_"
 
@@ -112,28 +114,6 @@ class PathsSettings(Section):
         if "://" not in self.lancedb_uri:  # a local folder, made absolute like home
             object.__setattr__(self, "lancedb_uri", str(Path(self.lancedb_uri or home / "lancedb").expanduser().resolve()))
         return self
-
-
-LANCEDB_SCHEMES = ("s3", "s3+ddb", "gs", "az", "file")
-SECRET_WORDS = ("secret", "key", "token", "password")
-NOT_SECRET = {"aws_sse_kms_key_id", "aws_sse_bucket_key_enabled"}  # names with "key" that hold no secret
-
-
-def parse_storage_options(text: str) -> dict[str, str]:
-    """A JSON object of string values, with no credential in it (the error never repeats a value)."""
-    try:
-        options = json.loads(text or "{}")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not JSON ({err.msg} at character {err.pos})") from None
-    if not isinstance(options, dict):
-        raise ValueError(f"a JSON object is needed, not a JSON {type(options).__name__}")
-    for key, value in options.items():
-        if not isinstance(value, str):
-            raise ValueError(f"option {key!r} must be a JSON string (e.g. \"60s\", \"true\"), not {type(value).__name__}")
-        if key.lower() not in NOT_SECRET and any(w in key.lower() for w in SECRET_WORDS):
-            raise ValueError(f"option {key!r} looks like a credential: set the provider's own environment variable "
-                             "instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_KEY, ...)")
-    return options
 
 
 def default_base_model() -> str:

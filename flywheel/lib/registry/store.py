@@ -9,9 +9,32 @@ variables (``AWS_ACCESS_KEY_ID``, ...) itself. Every function in ``registry.inde
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
+
+
+LANCEDB_SCHEMES = ("s3", "s3+ddb", "gs", "az", "file")
+SECRET_WORDS = ("secret", "key", "token", "password")
+NOT_SECRET = {"aws_sse_kms_key_id", "aws_sse_bucket_key_enabled"}  # names with "key" that hold no secret
+
+
+def parse_storage_options(text: str) -> dict[str, str]:
+    """A JSON object of string values, with no credential in it (the error never repeats a value)."""
+    try:
+        options = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON ({err.msg} at character {err.pos})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"a JSON object is needed, not a JSON {type(options).__name__}")
+    for key, value in options.items():
+        if not isinstance(value, str):
+            raise ValueError(f"option {key!r} must be a JSON string (e.g. \"60s\", \"true\"), not {type(value).__name__}")
+        if key.lower() not in NOT_SECRET and any(w in key.lower() for w in SECRET_WORDS):
+            raise ValueError(f"option {key!r} looks like a credential: set the provider's own environment variable "
+                             "instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_KEY, ...)")
+    return options
 
 
 @dataclass(frozen=True)
