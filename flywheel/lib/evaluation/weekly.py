@@ -203,9 +203,9 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
                           batch_size=training.encode_batch_size, device=training.device, progress=progress)
         score(bench, list(bench.rankings), pool=pooler)  # 6: everything on the pooled judgments
         long = bench.long_form()
-        again = decide_hybrid(long, serving_first, fused)
-        if decide_first(long).promote == first.promote and (hyb is None or again.promote == hyb.promote):
-            first, hyb = decide_first(long), again
+        first_again, hyb_again = decide_first(long), decide_hybrid(long, serving_first, fused)
+        if first_again.promote == first.promote and (hyb is None or hyb_again.promote == hyb.promote):
+            first, hyb = first_again, hyb_again
             break
     chosen, rdecisions = _decide_reranker(long, retriever, new, old, g, cand)
     serving_reranker = None if chosen is None else (new if chosen is rdecisions[0] else old)

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from flywheel.lib.beir import Corpus
 from flywheel.lib.registry import index
+from flywheel.lib.registry.store import connect
 
 Hits = list[tuple[str, float]]  # (chunk id, score), best first
 FUSIONS = ("zscore", "rrf")
@@ -41,7 +42,7 @@ def ensure_bm25_table(uri, corpus: Corpus, *, progress: Callable[[str], None] | 
     """A LanceDB table of (id, text) with a BM25 full-text index on ``text``, built once per corpus."""
     from lancedb.index import FTS
 
-    db = index._connect(uri)
+    db = connect(uri)
     name = bm25_table_name(corpus)
     if name in db.list_tables().tables:
         tbl = db.open_table(name)
@@ -62,7 +63,7 @@ def bm25_search(uri, table: str, queries: Sequence[str], k: int) -> list[Hits]:
     syntax), so quotes, colons or a leading minus in a user's question are just text."""
     from lancedb.query import MatchQuery
 
-    tbl = index._connect(uri).open_table(table)
+    tbl = connect(uri).open_table(table)
     out: list[Hits] = []
     for q in queries:
         if not q.strip():

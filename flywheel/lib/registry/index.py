@@ -135,17 +135,13 @@ def corpus_table_name(model_id: str, corpus: Corpus, max_seq_length: int, precis
     return f"corpus_{model_id}_{corpus.sha256[:10]}_{max_seq_length}{table_suffix(precision)}"
 
 
-def _connect(uri: Where):
-    return connect(uri)
-
-
 def replace_table(db, name: str, data):
     """Create or overwrite a table (overwriting a table that is not there makes Lance warn)."""
     return db.create_table(name, data=data, mode="overwrite" if name in db.list_tables().tables else "create")
 
 
 def table_names(uri: Where) -> list[str]:
-    return list(_connect(uri).list_tables().tables)
+    return list(connect(uri).list_tables().tables)
 
 
 def ensure_corpus_table(
@@ -159,7 +155,7 @@ def ensure_corpus_table(
     table_name: str | None = None,
 ) -> str:
     """Embed the corpus with ``model`` into LanceDB unless a complete table already exists."""
-    db = _connect(uri)
+    db = connect(uri)
     from flywheel.lib.registry.inference import precision_of
 
     name = table_name or corpus_table_name(model_id, corpus, model.max_seq_length, precision_of(model))
@@ -180,7 +176,7 @@ def ensure_corpus_table(
 
 def table_vectors(uri: Where, name: str) -> tuple[list[str], np.ndarray]:
     """(chunk ids, float32 matrix) of a corpus table, in the table's order."""
-    tbl = _connect(uri).open_table(name).to_arrow()
+    tbl = connect(uri).open_table(name).to_arrow()
     vectors = tbl.column("vector").combine_chunks()
     dim = vectors.type.list_size
     matrix = np.asarray(vectors.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
@@ -189,7 +185,7 @@ def table_vectors(uri: Where, name: str) -> tuple[list[str], np.ndarray]:
 
 def write_named_table(uri: Where, name: str, source: str) -> None:
     """Copy a corpus table under another name (e.g. ``serving`` for the champion)."""
-    db = _connect(uri)
+    db = connect(uri)
     replace_table(db, name, db.open_table(source).to_arrow())
 
 
@@ -199,7 +195,7 @@ def search(
     """Top-k (chunk id, cosine score) per query, exact search (fast enough below ~1M chunks)."""
     if len(query_vectors) == 0:
         return []
-    tbl = _connect(uri).open_table(table)
+    tbl = connect(uri).open_table(table)
     results: list[list[tuple[str, float]]] = [[] for _ in range(len(query_vectors))]
     for start in range(0, len(query_vectors), 256):
         block = query_vectors[start:start + 256]
