@@ -26,6 +26,8 @@ def instance_config(services: ServicesSettings) -> dict:
         "run_coordinator": {
             "module": "dagster._core.run_coordinator",
             "class": "QueuedRunCoordinator",
+            # Dagster's default looks at the queue every 5 s; a queued run should not wait that long
+            "config": {"dequeue_interval_seconds": 1},
         },
         "run_launcher": {"module": "flywheel.services.launcher", "class": "LocalProcessRunLauncher"},
         "concurrency": {

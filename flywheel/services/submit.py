@@ -86,7 +86,7 @@ def run_status(base_url: str, run_id: str) -> str:
         return client(base_url).get_run_status(run_id).value
 
 
-def wait_for_run(base_url: str, run_id: str, *, timeout_s: float, poll_s: float = 2.0,
+def wait_for_run(base_url: str, run_id: str, *, timeout_s: float, poll_s: float = 0.5,
                  say: Callable[[str], None] = lambda m: None) -> str:
     """Poll until the run ends (SUCCESS, FAILURE, CANCELED); says each status change."""
     deadline, last = time.monotonic() + timeout_s, None
