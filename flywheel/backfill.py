@@ -2,7 +2,9 @@
 weekly job, let the gate decide, and write the trend report with the gate's accuracy.
 
 Week by week (not all logs first) because real traffic is retrieved by whatever model serves:
-a promotion changes what next week's logs contain. Resumable: weeks already finished (their
+a promotion changes what next week's logs contain. The simulated app serves the champion
+embedder's list, fused with BM25 when keyword fusion serves (``serving.json``); a serving
+reranker's reordering is not simulated (the logged top k is the first stage's). Resumable: weeks already finished (their
 row is in ``backfill.json``) are not simulated or trained again.
 """
 
@@ -106,9 +108,28 @@ def _resume_state(layout: Layout, wanted: dict) -> dict:
     return {"config": wanted, "rows": {}}
 
 
+def forced_past_labelling_gate(layout: Layout, week: str, row: WeekRow, run_again: Callable[[str, str], object],
+                               say: Callable[[str], None]) -> tuple[WeekRow, object]:
+    """A poisoned week the labelling gate stopped, run again with that gate off: does the model
+    gate stop its challenger too? (Defence in depth: a team may loosen the judge-agreement check.)
+    The second run's decisions are real: what it promotes serves the following weeks."""
+    say(f"week {week}: the labelling gate stopped the poisoned week (judge kappa {row.judge_kappa:.3f}); "
+        "running it again with that gate off, to see whether the model gate stops it too")
+    t0 = time.monotonic()
+    result = run_again(week, "flywheel_weekly")
+    again = week_row(layout, week, row.served_by, True, row.seconds + time.monotonic() - t0, result)
+    again.judge_kappa = row.judge_kappa
+    again.gate = f"labelling gate: stopped (judge kappa {row.judge_kappa:.3f}); with it off, the model gate: {again.gate}"
+    return again, result
+
+
 def run_backfill(config: FlywheelConfig, sim: SimulationConfig, *, overrides: dict[str, dict],
-                 run_week: Callable[[str, str], object], say: Callable[[str], None] = print) -> dict:
-    from flywheel.lib.registry.promotion import serving_model
+                 run_week: Callable[[str, str], object], say: Callable[[str], None] = print,
+                 run_without_labelling_gate: Callable[[str, str], object] | None = None) -> dict:
+    """``run_without_labelling_gate`` (optional) runs a week with the judge-agreement check off:
+    a poisoned week that check stopped is run again with it, so the model gate's verdict on the
+    poisoned challenger is measured too (see ``forced_past_labelling_gate``)."""
+    from flywheel.lib.registry.promotion import read_serving, serving_model
     from flywheel.lib.registry.tracking import Tracker
 
     layout = Layout.of(config.paths)
@@ -124,10 +145,14 @@ def run_backfill(config: FlywheelConfig, sim: SimulationConfig, *, overrides: di
             continue
         t0 = time.monotonic()
         path, label = serving_model(tracker, config.gate.embedder_name, config.paths.base_model)
+        fusion = read_serving(layout.serving_record).get("hybrid")  # the app serves the fused list
+        label = f"{label}+bm25" if fusion else label
         say(f"week {week}: simulating traffic served by {label}")
-        simulate(sim, only_weeks=[i], serving=(path, label), progress=say)
+        simulate(sim, only_weeks=[i], serving=(path, label), hybrid=fusion, progress=say)
         result = run_week(week, "flywheel_weekly")
         row = week_row(layout, week, label, i in sim.poison_weeks, time.monotonic() - t0, result)
+        if row.poisoned and run_without_labelling_gate is not None and not layout.decision(week).exists():
+            row, result = forced_past_labelling_gate(layout, week, row, run_without_labelling_gate, say)
         if rows and not result.success:
             # a blocking check stopped the week (before or after the report): what served before still serves
             row.serving_ndcg10_test, row.reranker = rows[-1].serving_ndcg10_test, rows[-1].reranker

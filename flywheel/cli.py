@@ -216,8 +216,13 @@ def cmd_backfill(args: argparse.Namespace, config: FlywheelConfig) -> int:
     overrides = backfill_overrides(args.full)
     config = load_config(**overrides)  # the light settings on top of the environment's
     prepare_dagster_home(config)
+    # a poisoned week the labelling gate stops is run again without it (in-process runs only:
+    # submitted runs use the services' settings)
+    forced = {**overrides, "judge": {**overrides.get("judge", {}), "min_kappa": -1.0}}
+    without_gate = None if getattr(args, "submit", False) else _week_runner(args, load_config(**forced), forced)
     figures = run_backfill(config, _sim_config(config, args), overrides=overrides,
-                           run_week=_week_runner(args, config, overrides), say=say)
+                           run_week=_week_runner(args, config, overrides), say=say,
+                           run_without_labelling_gate=without_gate)
     say(f"trend report: {figures['trend_report']}")
     print(json.dumps(figures))
     return 0

@@ -129,6 +129,8 @@ class TiersSettings(Section):
     seed: int = setting(0, "seed of every random choice (simulation, splits, judge errors)")
     start_date: date = setting(date(2026, 9, 28), "first weekly partition (a Monday)")
     eval_queries: int = setting(20, "eval-set queries per week", ge=1)
+    first_week_eval_queries: int = setting(
+        60, "eval-set queries in the first week, when the gate has no earlier eval sets to go on; 0 means eval_queries", ge=0)
     fewshot_examples: int = setting(200, "few-shot examples per week (feed later weeks' judge)", ge=1)
     finetune_examples: int = setting(2000, "fine-tuning rows per week", ge=1)
     top_k: int = setting(20, "results per search the simulator logs", ge=1)
@@ -150,6 +152,11 @@ class TiersSettings(Section):
     @property
     def eval_queries_floor(self) -> int:
         return self.min_eval_queries or self.eval_queries
+
+    def eval_queries_in(self, week: str) -> int:
+        """How many eval queries ``week`` draws: more in the first week (the gate's cold start)."""
+        first = week == self.start_date.isoformat() and self.first_week_eval_queries
+        return self.first_week_eval_queries if first else self.eval_queries
 
     @property
     def fewshot_floor(self) -> int:
@@ -252,6 +259,9 @@ class GateSettings(Section):
 
     regression_margin: float = setting(0.03, "largest NDCG@10 regression the gate's CI may include", ge=0, env="FLYWHEEL_REGRESSION_MARGIN")
     min_improvement: float = setting(0.0, "the candidate's mean NDCG@10 change must exceed this (0: any gain; negative: ties allowed)", ge=-1, le=1, env="FLYWHEEL_MIN_IMPROVEMENT")
+    reranker_needs_significant_gain: bool = setting(
+        True, "a reranker adds latency to every query: the first one serves only when the eval sets show it significantly "
+        "better than its first stage alone (95% CI above zero), not merely not worse", env="FLYWHEEL_RERANKER_NEEDS_SIGNIFICANT_GAIN")
     bootstrap_samples: int = setting(2000, "paired-bootstrap resamples", ge=100, env="FLYWHEEL_BOOTSTRAP_SAMPLES")
     pool_depth: int = setting(10, "each compared model's top-k eval chunks judged before scoring (pooling)", ge=1, env="FLYWHEEL_POOL_DEPTH")
     hybrid_fusion: Literal["zscore", "rrf", "off"] = setting(

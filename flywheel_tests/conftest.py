@@ -90,7 +90,8 @@ def config_for(home: Path, dataset: Path, base_model: str, **sections):
 def small_config(home: Path, dataset: Path, base_model: str, **sections):
     """Tiny training and datasets: every stage runs for real in seconds on the small slice."""
     tiny = {
-        "tiers": {"start_date": "2026-09-28", "eval_queries": 3, "fewshot_examples": 30, "finetune_examples": 120},
+        "tiers": {"start_date": "2026-09-28", "eval_queries": 3, "first_week_eval_queries": 6, "fewshot_examples": 30,
+                  "finetune_examples": 120},
         "training": {"batch_size": 16, "max_seq_length": 64, "max_steps": 8, "learning_rate": 5e-5,
                      "encode_max_seq_length": 128, "mine_range_max": 10},
         "reranker": {"max_steps": 8, "max_length": 64, "depth": 20},

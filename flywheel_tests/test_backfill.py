@@ -47,7 +47,16 @@ def backfill(tmp_path_factory, small_beir, base_model_path):
         champions.append(champion_now())
         return result
 
-    figures = run_backfill(config, sim, overrides={}, run_week=run_week, say=print)
+    # the poisoned week, once the labelling gate stopped it, runs again with that gate off
+    loose = build_definitions(resources_for(config, judge={"min_kappa": -1.0}))
+
+    def run_without_labelling_gate(week: str, job: str):
+        result = loose.resolve_job_def(job).execute_in_process(partition_key=week, instance=instance, raise_on_error=False)
+        champions.append(champion_now())
+        return result
+
+    figures = run_backfill(config, sim, overrides={}, run_week=run_week, say=print,
+                           run_without_labelling_gate=run_without_labelling_gate)
     return settings, sim, figures, champions, champion_now, config
 
 
@@ -58,22 +67,37 @@ def test_poisoned_week_is_blocked_and_the_champion_stays(backfill):
     assert figures["poisoned_week_blocked"] is True
     assert rows[1]["promoted"] is False and rows[1]["gate"]
     # the champion after the poisoned week is the one before it, in the registry and the figures
-    assert champions[1] == champions[0] == champion_now()
+    assert champions[0] == champions[-1] == champion_now()
     assert rows[1]["champion"] == rows[0]["champion"]
     ndcg = list(figures["ndcg10_by_week"].values())
     assert ndcg[1] == ndcg[0]
-    # the poisoned week was stopped at the labelling gate (its labels disagree with the humans, as
-    # a real judge's would: the simulated judge grades the wrong texts it is shown), or its
-    # challenger was trained and really was worse on the test split than the champion it lost to
-    challenger = rows[1]["challenger_ndcg10_test"]
-    assert challenger != challenger or challenger < rows[1]["champion_ndcg10_test"]
+    # the poisoned week was stopped at the labelling gate: its labels disagree with the humans, as
+    # a real judge's would (the simulated judge grades the wrong texts it is shown)
+    assert rows[1]["judge_kappa"] < 0.4 <= rows[0]["judge_kappa"]
+
+
+def test_a_poisoned_week_the_labelling_gate_stopped_is_judged_by_the_model_gate_too(backfill):
+    """Defence in depth: run again with the judge-agreement check off, the poisoned week reaches
+    the model gate, whose verdict on its challenger is what the figures report."""
+    settings, _, figures, champions, _, _ = backfill
+    rows = json.loads((settings.reports_dir / "trend.json").read_text())["weeks"]
+    poisoned = rows[1]
+    assert len(champions) == 3  # week 1, the poisoned week, the poisoned week again without the labelling gate
+    assert poisoned["gate"].startswith("labelling gate: stopped (judge kappa ")
+    assert "with it off, the model gate: " in poisoned["gate"]
+    decision = json.loads(settings.decision(poisoned["week"]).read_text())  # the report was reached
+    assert decision["first_stage"]["vs_incumbent"]["ci_high"] == pytest.approx(poisoned["eval_ci_high"])
+    assert figures["poisoned_ci_high"] == round(poisoned["eval_ci_high"], 4)
+    assert figures["poisoned_week_blocked"] is (not decision["promote"] or not poisoned["promoted"])
+    assert poisoned["challenger_ndcg10_test"] == poisoned["challenger_ndcg10_test"]  # a challenger was trained
 
 
 def test_each_week_is_served_by_the_champion_of_its_time(backfill):
     settings, _, figures, champions, _, _ = backfill
     rows = json.loads((settings.reports_dir / "trend.json").read_text())["weeks"]
     assert rows[0]["served_by"] == "base"
-    assert rows[1]["served_by"] == rows[0]["champion"]  # week 1's decision decides who serves week 2
+    # week 1's decision decides who serves week 2 (fused with BM25 when keyword fusion passed)
+    assert rows[1]["served_by"].removesuffix("+bm25") == rows[0]["champion"]
     assert figures["champion_changes"] == sum(r["promoted"] for r in rows)
     # labels per week and judge agreement per week are in the trend
     assert all(r["labels"] > 0 and 0 < r["judge_kappa"] <= 1 for r in rows)

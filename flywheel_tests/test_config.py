@@ -149,3 +149,12 @@ def test_flywheel_config_prints_every_setting_with_its_source():
             assert cls.env_name(f) in out.stdout
     line = next(line for line in out.stdout.splitlines() if "FLYWHEEL_EVAL_QUERIES" in line)
     assert " 30 " in line and "(env FLYWHEEL_EVAL_QUERIES)" in line
+
+
+def test_the_first_week_draws_a_bigger_eval_set_and_zero_means_the_weekly_size():
+    """The gate's cold start: the first week has no earlier eval sets, so it draws more queries."""
+    tiers = load_config({}).tiers
+    assert tiers.eval_queries_in(tiers.start_date.isoformat()) == tiers.first_week_eval_queries > tiers.eval_queries
+    assert tiers.eval_queries_in("2026-10-05") == tiers.eval_queries
+    same = load_config({"FLYWHEEL_FIRST_WEEK_EVAL_QUERIES": "0"}).tiers
+    assert same.eval_queries_in(same.start_date.isoformat()) == same.eval_queries

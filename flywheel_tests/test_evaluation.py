@@ -50,3 +50,15 @@ def test_rank_movement_counts_queries_that_moved():
 def test_comparison_table_shows_relative_change():
     md = evaluation.comparison_table({"base": {"ndcg@10": 0.5}, "trained": {"ndcg@10": 0.55}}, ["ndcg@10"])
     assert "| ndcg@10 | 0.5000 | 0.5500 | +0.0500 (+10.0%) |" in md
+
+
+def test_a_document_with_the_querys_own_id_is_not_a_result_as_in_beir():
+    """ArguAna- and Quora-style datasets: the query is itself a corpus document. BEIR's evaluation
+    drops it from the ranking (ignore_identical_ids); so do we, unless asked not to."""
+    rankings = {"q1": ["q1", "d2", "d3"], "q2": ["d9", "d4"]}
+    qrels = {"q1": {"d2"}, "q2": {"d4"}}
+    per_q = evaluation.evaluate_rankings(rankings, qrels).set_index("query_id")
+    assert per_q.loc["q1", "ndcg@10"] == pytest.approx(1.0)  # d2 is first once q1 itself is dropped
+    assert per_q.loc["q2", "ndcg@10"] == pytest.approx(1 / math.log2(3))
+    kept = evaluation.evaluate_rankings(rankings, qrels, ignore_identical_ids=False).set_index("query_id")
+    assert kept.loc["q1", "ndcg@10"] == pytest.approx(1 / math.log2(3))

@@ -8,7 +8,7 @@ import pytest
 
 from flywheel.config import GateSettings, default_of
 from flywheel.lib.evaluation.gate import gate_decision
-from flywheel.lib.evaluation.weekly import EVAL_SUITE, _decide_hybrid
+from flywheel.lib.evaluation.weekly import EVAL_SUITE, Candidates, _decide_hybrid, _decide_reranker
 from flywheel.lib.registry.promotion import CHALLENGER, CHAMPION, PREVIOUS, changes, promote, retire, serving_model
 from flywheel.lib.registry.tracking import Tracker
 
@@ -168,6 +168,32 @@ def test_keyword_fusion_is_a_component_of_its_own():
     assert changes(record, {"hybrid": None}) == ["keyword fusion -> BM25 zscore fusion, weight 0.5"]
     assert changes(record, {"hybrid": {"fusion": "zscore", "bm25_weight": 0.5}}) == []
     assert changes({**record, "serving_hybrid": None}, {"hybrid": {"fusion": "zscore", "bm25_weight": 0.5}}) == ["keyword fusion -> off"]
+
+
+def test_the_first_reranker_must_show_a_significant_gain_a_replacement_only_the_plain_rule():
+    """Where nothing reranks yet, a reranker adds latency to every query: a gain whose CI includes
+    zero is not enough (the plain rule would pass it). Replacing a serving reranker costs nothing
+    extra, so the plain rule applies there."""
+    rng = np.random.default_rng(5)
+    first = rng.uniform(0.2, 0.8, 70)
+    noise = rng.normal(0, 0.1, 70)
+    small = first + 0.015 + noise - noise.mean()  # +0.015 exactly: the CI straddles zero, excludes -0.03
+    clear = first + 0.06 + rng.normal(0, 0.05, 70)
+    cand = lambda serving: Candidates("b", "c", "champion", {}, {"version": "5"}, serving)  # noqa: E731
+    g = GateSettings()
+    pq = long_form({"champion+bm25": first, "rr-new": small, "rr-old": first}, EVAL_SUITE)
+    chosen, (d,) = _decide_reranker(pq, "champion+bm25", "rr-new", None, g, cand(None))
+    c = d.vs_incumbent
+    assert c.delta > 0 and -0.03 < c.ci_low < 0 < c.ci_high
+    assert chosen is None and not d.promote and "not significantly above zero" in d.reason
+    assert _decide_reranker(pq, "champion+bm25", "rr-new", None, g.with_(reranker_needs_significant_gain=False),
+                            cand(None))[0].promote  # the plain rule alone would have served it
+    chosen, _ = _decide_reranker(long_form({"champion+bm25": first, "rr-new": clear}, EVAL_SUITE),
+                                 "champion+bm25", "rr-new", None, g, cand(None))
+    assert chosen is not None and chosen.promote and chosen.vs_incumbent.ci_low > 0
+    # replacing a serving reranker: the plain rule (positive, excluding a regression beyond the margin)
+    chosen, decisions = _decide_reranker(pq, "champion+bm25", "rr-new", "rr-old", g, cand({"version": "4"}))
+    assert decisions[0].promote and chosen is decisions[0]
 
 
 def test_component_gate_errors_compare_each_decision_with_its_test_split_verdict():

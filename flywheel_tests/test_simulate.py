@@ -78,3 +78,29 @@ def test_poisoned_week_relogs_history_with_wrong_texts(small_beir, base_model_pa
     wrong = sum(c["text"] != texts[c["chunk_id"]] for r in searches for c in r["results"])
     right = sum(c["text"] == texts[c["chunk_id"]] for r in searches for c in r["results"])
     assert wrong > 0.4 * (wrong + right) and right > 0
+
+
+def test_when_keyword_fusion_serves_the_app_logs_the_fused_list(small_beir, base_model_path, tmp_path, lancedb_dir):
+    """The simulated app serves what serves: with keyword fusion on, each search logs the top 20 of
+    the dense list fused with BM25, the same fusion the weekly report ranks."""
+    from flywheel.lib.registry import hybrid, index
+
+    fusion = {"fusion": "zscore", "bm25_weight": 0.5}
+    dense_cfg = config(small_beir, base_model_path, tmp_path / "dense", lancedb_dir)
+    simulate(dense_cfg, only_weeks=[0])
+    simulate(config(small_beir, base_model_path, tmp_path / "fused", lancedb_dir), only_weeks=[0], hybrid=fusion)
+    dense = {r["request_id"]: r for r in read_records(tmp_path / "dense") if r["type"] == "search"}
+    fused = {r["request_id"]: r for r in read_records(tmp_path / "fused") if r["type"] == "search"}
+    assert dense.keys() == fused.keys()
+    assert {r["retriever"] for r in fused.values()} == {"lancedb-dense+bm25-zscore"}
+    # what the report's fusion ranks for the same queries, recomputed here
+    ds = load_beir(small_beir)
+    model = index.load_embedder(base_model_path, max_seq_length=128, precision=dense_cfg.precision)
+    table = index.ensure_corpus_table(lancedb_dir, model, index.corpus_encoder_id(base_model_path), ds.corpus)
+    bm25 = hybrid.ensure_bm25_table(lancedb_dir, ds.corpus)
+    queries = [r["query"] for r in fused.values()]
+    expected = hybrid.hybrid_search(model, lancedb_dir, table, bm25, queries, k=100, **fusion)
+    for r, want in zip(fused.values(), expected):
+        assert [c["chunk_id"] for c in r["results"]] == [d for d, _ in want[:20]]
+    changed = sum([c["chunk_id"] for c in fused[k]["results"]] != [c["chunk_id"] for c in dense[k]["results"]] for k in fused)
+    assert changed > len(fused) // 4  # BM25 really changed what users saw

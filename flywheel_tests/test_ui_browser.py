@@ -93,7 +93,7 @@ def flywheel_env(tmp_path_factory, base_model_path) -> SimpleNamespace:
         "FLYWHEEL_BASE_MODEL": base_model_path,
         "FLYWHEEL_START_DATE": WEEKS[0],
         # a tiny configuration: every stage runs for real, in seconds rather than minutes
-        "FLYWHEEL_EVAL_QUERIES": "3", "FLYWHEEL_FEWSHOT_EXAMPLES": "30", "FLYWHEEL_FINETUNE_EXAMPLES": "60",
+        "FLYWHEEL_EVAL_QUERIES": "3", "FLYWHEEL_FIRST_WEEK_EVAL_QUERIES": "0", "FLYWHEEL_FEWSHOT_EXAMPLES": "30", "FLYWHEEL_FINETUNE_EXAMPLES": "60",
         "FLYWHEEL_MIN_EVAL_QUERIES": "3", "FLYWHEEL_MIN_FEWSHOT_EXAMPLES": "10", "FLYWHEEL_MIN_FINETUNE_EXAMPLES": "20",
         "FLYWHEEL_TRAIN_MAX_STEPS": "3", "FLYWHEEL_TRAIN_BATCH_SIZE": "8", "FLYWHEEL_TRAIN_MAX_SEQ_LENGTH": "64",
         "FLYWHEEL_ENCODE_MAX_SEQ_LENGTH": "128", "FLYWHEEL_MINE_NEGATIVES": "0",

@@ -80,7 +80,8 @@ class EvalSetResult:
 
 def eval_set_week(layout: Layout, week: str, tiers: TiersSettings, voters: Sequence[Judge],
                   progress: Callable[[str], None] | None = None) -> EvalSetResult:
-    """``tiers.eval_queries`` queries first seen this week, each pair confirmed by judge votes."""
+    """``tiers.eval_queries`` queries first seen this week (``first_week_eval_queries`` in the first
+    week, when there are no earlier eval sets), each pair confirmed by judge votes."""
     labels, _ = labels_to_date(layout, week)
     seen_before = set(labels.loc[labels["week"] < week, "query_key"])
     asked = {"pairs": 0}
@@ -91,7 +92,7 @@ def eval_set_week(layout: Layout, week: str, tiers: TiersSettings, voters: Seque
         asked["pairs"] += len(requests) * len(voters)
         return [[j.grade for j in voter.judge(requests, progress=progress)] for voter in voters]
 
-    out = build_eval_set(labels[labels["week"] == week], n_queries=tiers.eval_queries, seed=tiers.seed,
+    out = build_eval_set(labels[labels["week"] == week], n_queries=tiers.eval_queries_in(week), seed=tiers.seed,
                          seen_before=seen_before, extra_votes=extra_votes if voters else None)
     return EvalSetResult(out, len(seen_before), len(voters) + 1, asked["pairs"])
 

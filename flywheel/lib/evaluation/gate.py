@@ -11,7 +11,9 @@ Why this rule and not the two textbook ones:
 - superiority (CI low > 0) refuses a truly better model until the eval sets are large, which on
   a flywheel with 20 new eval queries a week means most good weeks are lost.
 Requiring a positive point estimate keeps ties and regressions out; the non-inferiority bound
-keeps a real regression out even when the point estimate is lucky. The minimum detectable change
+keeps a real regression out even when the point estimate is lucky. A component that adds cost to
+every query where nothing served before (the first reranker) must show a significant gain: its
+CI must lie above zero (``GateSettings.reranker_needs_significant_gain``). The minimum detectable change
 (80% power, two-sided 5%) is reported beside every decision so a reader knows what the eval sets
 can see at their current size.
 """
@@ -94,8 +96,10 @@ def _ci(c: Comparison) -> str:
 
 
 def decide(vs_incumbent: Comparison, vs_base: Comparison | None, *, margin: float, component: str,
-           candidate_label: str, incumbent_label: str, min_improvement: float = 0.0) -> GateDecision:
-    """Apply the rule (module docstring) and say why in one sentence."""
+           candidate_label: str, incumbent_label: str, min_improvement: float = 0.0,
+           significant: bool = False) -> GateDecision:
+    """Apply the rule (module docstring) and say why in one sentence. ``significant``: the change
+    must also be significantly positive (CI above zero), for a component that adds cost."""
     c = vs_incumbent
     where = f"on {c.n} eval queries (minimum detectable change {c.mde:.4f})"
     if c.n == 0 or np.isnan(c.delta):
@@ -103,6 +107,9 @@ def decide(vs_incumbent: Comparison, vs_base: Comparison | None, *, margin: floa
     elif c.delta <= min_improvement:
         promote, why = False, (f"{candidate_label} is not better than {incumbent_label}: NDCG@10 change {_ci(c)} {where}"
                                + (f" (required above {min_improvement:+})" if min_improvement else ""))
+    elif significant and c.ci_low <= 0:
+        promote, why = False, (f"{candidate_label} vs {incumbent_label}: NDCG@10 change {_ci(c)} {where} is not "
+                               f"significantly above zero; a {component} adds cost to every query, so it must show a gain")
     elif c.ci_low <= -margin:
         promote, why = False, (f"{candidate_label} vs {incumbent_label}: NDCG@10 change {_ci(c)} {where} does not "
                                f"exclude a regression larger than {margin}")

@@ -40,16 +40,23 @@ def evaluate_rankings(
     *,
     recall_ks=RECALL_KS,
     judged: Mapping[str, set[str]] | None = None,
+    ignore_identical_ids: bool = True,
 ) -> pd.DataFrame:
     """Per-query metrics. With ``judged``, rankings are condensed first: chunks nobody judged for the
     query are skipped instead of counted as irrelevant (Sakai, SIGIR 2007). Eval sets are judged
     only on what the serving model retrieved, so without condensing, any model that surfaces
-    other chunks is penalised for the pool, not for its ranking."""
+    other chunks is penalised for the pool, not for its ranking.
+
+    ``ignore_identical_ids`` drops a retrieved document whose id is the query's own id, as BEIR's
+    ``EvaluateRetrieval.evaluate`` does by default: in datasets whose queries are documents of the
+    corpus (ArguAna, Quora) every model finds the query itself first, which is not a result."""
     rows = []
     for qid, relevant in qrels.items():
         if not relevant:
             continue
         ranked = rankings.get(qid, [])
+        if ignore_identical_ids:
+            ranked = [d for d in ranked if d != qid]
         if judged is not None:
             pool = judged.get(qid, set())
             ranked = [d for d in ranked if d in pool]

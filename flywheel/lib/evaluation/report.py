@@ -17,7 +17,8 @@ RULE = ("A candidate replaces what serves when its mean NDCG@10 change over the 
         "to date is positive and the paired-bootstrap 95% CI of the change excludes a regression larger than "
         "the margin (a first stage must also not be worse than the base by more than the margin). "
         "Non-inferiority alone would promote ties; superiority alone would refuse truly better models "
-        "while the eval sets are small.")
+        "while the eval sets are small. The first reranker adds latency to every query, so it must show a "
+        "significant gain over its first stage alone (CI above zero).")
 
 
 @dataclass

@@ -125,7 +125,7 @@ def _decide_reranker(long: pd.DataFrame, first: str, new: str, old: str | None, 
     cmp = lambda inc, c: gate.compare(long, EVAL_SUITE, inc, c, n_resamples=g.bootstrap_samples)  # noqa: E731
     new_label = f"reranker v{cand.reranker['version']}"
     decisions = [gate.decide(cmp(old or first, new), cmp(first, new) if old else None, margin=g.regression_margin,
-                             min_improvement=g.min_improvement,
+                             min_improvement=g.min_improvement, significant=g.reranker_needs_significant_gain and not old,
                              component="reranker", candidate_label=new_label,
                              incumbent_label=f"serving reranker v{cand.serving_reranker['version']}" if old else f"{first} alone")]
     if old:  # the incumbent keeps serving unless the eval sets show it harms its first stage

@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -128,9 +128,11 @@ def _numbered_plan(
 
 
 def _retrieve(cfg: SimulationConfig, ds, train: dict[str, str], plan: list[tuple],
-              serving: tuple[str, str] | None, progress: Callable[[str], None] | None):
+              serving: tuple[str, str] | None, progress: Callable[[str], None] | None, hybrid: Mapping | None = None):
     """Index the corpus with the serving model (once per model) and retrieve the top k of every
-    planned search: (version label, corpus encoder id, chunk text by id, hits per search)."""
+    planned search: (version label, corpus encoder id, chunk text by id, hits per search). With
+    ``hybrid``, the serving model's list is fused with BM25 exactly as the weekly report fuses it
+    (both top ``SEARCH_DEPTH``), then cut to the top k."""
     model_path, version = serving or (cfg.model_path, "base")
     model = index.load_embedder(model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length,
                                 precision=cfg.precision)
@@ -139,7 +141,16 @@ def _retrieve(cfg: SimulationConfig, ds, train: dict[str, str], plan: list[tuple
         cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress
     )
     texts_by_id = ds.corpus.text_by_id
-    qvecs = index.encode(model, [train[qid] for _, _, qid, _, _ in plan], batch_size=cfg.encode_batch_size, task="query")
+    queries = [train[qid] for _, _, qid, _, _ in plan]
+    if hybrid:
+        from flywheel.lib.evaluation.metrics import SEARCH_DEPTH
+        from flywheel.lib.registry import hybrid as keyword
+
+        bm25 = keyword.ensure_bm25_table(cfg.lancedb_uri, ds.corpus, progress=progress)
+        fused = keyword.hybrid_search(model, cfg.lancedb_uri, table, bm25, queries, k=SEARCH_DEPTH,
+                                      fusion=hybrid["fusion"], bm25_weight=hybrid["bm25_weight"])
+        return version, model_id, texts_by_id, [h[:cfg.top_k] for h in fused]
+    qvecs = index.encode(model, queries, batch_size=cfg.encode_batch_size, task="query")
     hits = index.search(cfg.lancedb_uri, table, qvecs, cfg.top_k)
     return version, model_id, texts_by_id, hits
 
@@ -165,11 +176,14 @@ def simulate(
     *,
     only_weeks: list[int] | None = None,
     serving: tuple[str, str] | None = None,
+    hybrid: Mapping | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SimulationSummary:
     """Write the planned searches (of ``only_weeks``, default all) retrieved by ``serving``.
 
     ``serving`` is (model folder, version label) of the model in production; default the base.
+    ``hybrid`` is the keyword fusion that serves with it (``{"fusion", "bm25_weight"}``, as
+    ``serving.json`` records it), if any: the app then shows the fused list.
     """
     from flywheel.capture import SearchLogger
 
@@ -177,7 +191,7 @@ def simulate(
     train = ds.split_queries("train")
     qrels = ds.qrels["train"]
     plan = _numbered_plan(list(train), cfg, only_weeks)
-    version, model_id, texts_by_id, hits = _retrieve(cfg, ds, train, plan, serving, progress)
+    version, model_id, texts_by_id, hits = _retrieve(cfg, ds, train, plan, serving, progress, hybrid)
 
     starts = week_starts(cfg.start, cfg.weeks)
     weeks_done = sorted({w for _, w, _, _, _ in plan})
@@ -186,7 +200,8 @@ def simulate(
     ids = list(ds.corpus.ids)
     # The demo's texts are public scientific abstracts with no personal data; redaction stays
     # available for real apps (it is on by default in the capture library).
-    with SearchLogger(cfg.log_dir, redact_pii=False, retriever="lancedb-dense", retriever_version=version) as logger:
+    retriever = f"lancedb-dense+bm25-{hybrid['fusion']}" if hybrid else "lancedb-dense"
+    with SearchLogger(cfg.log_dir, redact_pii=False, retriever=retriever, retriever_version=version) as logger:
         for (n, w, qid, ts, poisoned), results in zip(plan, hits):
             rid = str(uuid.UUID(int=int(stable_uniform("request", cfg.seed, n) * 2**128)))
             chunks = _logged_chunks(cfg, n, results, poisoned, texts_by_id, ids)
