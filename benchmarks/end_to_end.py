@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,13 +48,24 @@ def step_seconds(instance, run_id: str) -> dict[str, float]:
     return out
 
 
+DEFAULT_RESULTS = (REPO / ".flywheel" / "bench-end-to-end").resolve()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=str(REPO / "data" / "scifact"), help="a BEIR-layout folder (qrels/train.tsv, else dev.tsv, else test.tsv split in two)")
-    p.add_argument("--results", default=str(REPO / ".flywheel" / "bench-end-to-end"), help="a fresh folder for everything written")
+    p.add_argument("--results", default=str(DEFAULT_RESULTS), help="a fresh folder for everything written")
     p.add_argument("--weeks", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    results = Path(args.results).resolve()
+    if results.exists() and any(results.iterdir()):
+        # an earlier run's registry would change what this week is compared with: start fresh
+        if results != DEFAULT_RESULTS:
+            raise SystemExit(f"--results {results} is not empty: give a fresh folder (an earlier run's champion "
+                             "in its registry would change what this week's challenger is compared with)")
+        shutil.rmtree(results)
+        say(f"cleared the previous run's results in {results}")
 
     import dagster as dg
 
