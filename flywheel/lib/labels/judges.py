@@ -103,13 +103,9 @@ class SimulatedJudge:
     """A judge simulated over human labels with realistic, configurable errors.
 
     - misses a relevant chunk with probability ``miss_rate`` (grades it 1, or 0 for a third);
-    - is lenient on an irrelevant chunk with probability ``lenient_rate`` (grades it 2: a false
-      positive), whatever its rank: an LLM judge is shown the query and the chunk, not who ranked
-      it where. (Leniency tied to the served rank would put every false positive in the serving
-      model's top ranks, and eval sets would credit the incumbent's list with relevant chunks no
-      other list had: a bias toward whatever serves.)
-    - calls some other chunks ranked in the top ``related_top_ranks`` "related" (grade 1), as
-      graded judges do (training leaves grade-1 chunks out of both positives and negatives).
+    - is lenient on irrelevant chunks ranked in the top ``lenient_top_ranks`` with probability
+      ``lenient_rate`` (grades them 2: the false positives that hurt training most);
+    - calls some other top-ranked chunks "related" (grade 1), as graded judges do.
     Queries it has no human label for come back unlabelled, with the reason.
 
     It grades the text it is shown, as an LLM judge does: the chunk's text is looked up in the
@@ -126,7 +122,7 @@ class SimulatedJudge:
         self.by_text = {_text_key(t): cid for cid, t in zip(dataset.corpus.ids, dataset.corpus.texts)}
         self.miss_rate = cfg.miss_rate
         self.lenient_rate = cfg.lenient_rate
-        self.related_top_ranks = cfg.related_top_ranks
+        self.lenient_top_ranks = cfg.lenient_top_ranks
         self.seed = seed
         self.name = f"simulated(miss={cfg.miss_rate},lenient={cfg.lenient_rate},seed={seed})"
         self.usage = JudgeUsage()
@@ -142,9 +138,9 @@ class SimulatedJudge:
             if u < self.miss_rate:
                 return Judgement(1 if v < 2 / 3 else 0, "simulated miss of a relevant chunk")
             return Judgement(3 if v < 0.5 else 2, "matches the human label: relevant")
-        if u < self.lenient_rate:
-            return Judgement(2, "simulated leniency on an irrelevant chunk")
-        if r.rank <= self.related_top_ranks and v < 0.25:
+        if r.rank <= self.lenient_top_ranks and u < self.lenient_rate:
+            return Judgement(2, "simulated leniency on a highly ranked irrelevant chunk")
+        if r.rank <= self.lenient_top_ranks and v < 0.25:
             return Judgement(1, "on topic but not supporting evidence")
         return Judgement(0, "matches the human label: irrelevant")
 
