@@ -4,8 +4,8 @@ weekly job, let the gate decide, and write the trend report with the gate's accu
 Week by week (not all logs first) because real traffic is retrieved by whatever model serves:
 a promotion changes what next week's logs contain. The simulated app serves the champion
 embedder's list, fused with BM25 when keyword fusion serves (``serving.json``); a serving
-reranker's reordering is not simulated (the logged top k is the first stage's). Resumable: weeks already finished (their
-row is in ``backfill.json``) are not simulated or trained again.
+reranker's reordering is not simulated (the logged top k is the first stage's). Resumable:
+weeks already finished (their row is in ``backfill.json``) are not simulated or trained again.
 """
 
 from __future__ import annotations
