@@ -155,8 +155,9 @@ class TiersSettings(Section):
 
     def eval_queries_in(self, week: str) -> int:
         """How many eval queries ``week`` draws: more in the first week (the gate's cold start)."""
-        first = week == self.start_date.isoformat() and self.first_week_eval_queries
-        return self.first_week_eval_queries if first else self.eval_queries
+        if week == self.start_date.isoformat() and self.first_week_eval_queries:
+            return self.first_week_eval_queries
+        return self.eval_queries
 
     @property
     def fewshot_floor(self) -> int:
