@@ -175,8 +175,8 @@ class JudgeSettings(Section):
     kind: Literal["simulated", "openai"] = setting("simulated", "the judge", env="FLYWHEEL_JUDGE")
     # simulated judge (calibrated to published LLM-judge agreement, kappa ~0.5-0.65)
     miss_rate: float = setting(0.35, "simulated: chance of grading a relevant chunk irrelevant", ge=0, le=1)
-    lenient_rate: float = setting(0.10, "simulated: chance of grading a top-ranked irrelevant chunk relevant", ge=0, le=1)
-    lenient_top_ranks: int = setting(5, "simulated: ranks where leniency applies", ge=0)
+    lenient_rate: float = setting(0.13, "simulated: chance of grading a near miss (an irrelevant chunk close in topic to a relevant one) relevant", ge=0, le=1)
+    near_miss_depth: int = setting(10, "simulated: near misses per query (the irrelevant documents closest in topic to its relevant ones)", ge=0)
     # OpenAI-compatible judge
     model: str = setting("gpt-4o-mini", "model name the endpoint serves")
     base_url: Optional[str] = setting(None, "endpoint base URL (None: OpenAI's)")

@@ -76,8 +76,8 @@ def build_eval_set(
 
     ``extra_votes`` asks the judge again about the chosen rows (one list of grades per extra vote)
     and a chunk is relevant for evaluation only by majority: the week's label is the first vote.
-    Why: one judge's lenient calls land on chunks the serving model ranks high, so single-vote eval
-    sets reward the model that served and block better challengers.
+    Why: one vote's lenient calls land on near misses, the chunks good retrievers rank high, and a
+    single vote's mistakes then decide which model looks better; a majority of votes cancels most.
     """
     labels = usable(week_labels)
     labels = labels[~labels["query_key"].isin(seen_before)]

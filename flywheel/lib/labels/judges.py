@@ -18,6 +18,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+import numpy as np
 import pandas as pd
 
 from flywheel.config import JudgeSettings
@@ -103,10 +104,16 @@ class SimulatedJudge:
     """A judge simulated over human labels with realistic, configurable errors.
 
     - misses a relevant chunk with probability ``miss_rate`` (grades it 1, or 0 for a third);
-    - is lenient on irrelevant chunks ranked in the top ``lenient_top_ranks`` with probability
-      ``lenient_rate`` (grades them 2: the false positives that hurt training most);
-    - calls some other top-ranked chunks "related" (grade 1), as graded judges do.
+    - is lenient on a query's near misses (``NearMisses``: the ``near_miss_depth`` irrelevant
+      documents closest in topic to its relevant ones) with probability ``lenient_rate`` (grades
+      them 2: plausible false positives, the ones that hurt training most);
+    - calls some other near misses "related" (grade 1), as graded judges do.
     Queries it has no human label for come back unlabelled, with the reason.
+
+    Every error depends on the (query, text) pair alone, never on where a system ranked the
+    chunk or which system showed it: a judge whose mistakes follow the list it is shown puts
+    its false positives in the serving model's top ranks, and eval sets built from its labels
+    then credit the incumbent over any challenger.
 
     It grades the text it is shown, as an LLM judge does: the chunk's text is looked up in the
     corpus and the human label of the document with that text decides (the chunk id only when
@@ -122,7 +129,7 @@ class SimulatedJudge:
         self.by_text = {_text_key(t): cid for cid, t in zip(dataset.corpus.ids, dataset.corpus.texts)}
         self.miss_rate = cfg.miss_rate
         self.lenient_rate = cfg.lenient_rate
-        self.lenient_top_ranks = cfg.lenient_top_ranks
+        self.near_misses = NearMisses(dataset, self.human, depth=cfg.near_miss_depth)
         self.seed = seed
         self.name = f"simulated(miss={cfg.miss_rate},lenient={cfg.lenient_rate},seed={seed})"
         self.usage = JudgeUsage()
@@ -138,10 +145,11 @@ class SimulatedJudge:
             if u < self.miss_rate:
                 return Judgement(1 if v < 2 / 3 else 0, "simulated miss of a relevant chunk")
             return Judgement(3 if v < 0.5 else 2, "matches the human label: relevant")
-        if r.rank <= self.lenient_top_ranks and u < self.lenient_rate:
-            return Judgement(2, "simulated leniency on a highly ranked irrelevant chunk")
-        if r.rank <= self.lenient_top_ranks and v < 0.25:
-            return Judgement(1, "on topic but not supporting evidence")
+        if self.near_misses.is_near_miss(r.query, doc):
+            if u < self.lenient_rate:
+                return Judgement(2, "simulated leniency on an irrelevant chunk close in topic to a relevant one")
+            if v < 0.5:
+                return Judgement(1, "on topic but not supporting evidence")
         return Judgement(0, "matches the human label: irrelevant")
 
     def judge(self, requests, *, fewshot=None, progress=None) -> list[Judgement]:
@@ -151,6 +159,52 @@ class SimulatedJudge:
         self.usage.calls += len(out)
         self.usage.failures += sum(j.grade is None for j in out)
         return out
+
+
+class NearMisses:
+    """The irrelevant documents a judge can plausibly mistake for relevant ones, per query.
+
+    A near miss of a query is one of the ``depth`` documents not labelled relevant whose TF-IDF
+    cosine to one of the query's relevant documents is highest: on the topic of the answer, but
+    not the answer. LLM judges' false positives are of this kind (topical or lexical closeness
+    fools them: Alaofi et al., "LLMs can be fooled into labelling a document as relevant",
+    SIGIR-AP 2024). The set depends on the query and the corpus only, never on a retrieval
+    system, so no system's ranking is favoured by where the judge errs. Computed lazily, once
+    per query.
+    """
+
+    def __init__(self, dataset: BeirDataset, human: HumanLabels, *, depth: int):
+        self.dataset, self.human, self.depth = dataset, human, depth
+        self._row = {cid: i for i, cid in enumerate(dataset.corpus.ids)}
+        self._matrix = None
+        self._by_query: dict[str, frozenset[str]] = {}
+
+    def _tfidf(self):
+        if self._matrix is None:
+            from sklearn.feature_extraction.text import TfidfVectorizer
+
+            vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english", min_df=2, dtype=np.float32)
+            self._matrix = vectorizer.fit_transform(self.dataset.corpus.texts)  # rows are L2-normalised
+        return self._matrix
+
+    def of(self, query: str) -> frozenset[str]:
+        key = normalize_query(query)
+        if key not in self._by_query:
+            qid = self.human.qid_by_text.get(key)
+            relevant = [c for c, g in self.human.qrels.get(qid, {}).items() if g > 0 and c in self._row]
+            if not relevant or self.depth == 0:
+                self._by_query[key] = frozenset()
+            else:
+                matrix = self._tfidf()
+                closeness = (matrix @ matrix[[self._row[c] for c in relevant]].T).max(axis=1).toarray().ravel()
+                closeness[[self._row[c] for c in relevant]] = -1.0
+                top = np.argsort(-closeness, kind="stable")[: self.depth]
+                ids = self.dataset.corpus.ids
+                self._by_query[key] = frozenset(ids[i] for i in top if closeness[i] > 0)
+        return self._by_query[key]
+
+    def is_near_miss(self, query: str, doc: str) -> bool:
+        return doc in self.of(query)
 
 
 def _text_key(text: str) -> str:
