@@ -9,7 +9,7 @@ import pytest
 from flywheel.config import ConfigError, load_config
 from flywheel.lib.beir import Corpus
 from flywheel.lib.evaluation import cost
-from flywheel.lib.registry import index, inference
+from flywheel.lib.registry import index, inference, openvino_backend
 
 TEXTS = [
     "Vitamin D deficiency is associated with an increased risk of fractures in older adults.",
@@ -82,6 +82,9 @@ def test_resolve_precision(monkeypatch):
         inference.resolve_precision("int8", "cuda:0")
     with pytest.raises(ValueError, match="'fp16' is not one of"):
         inference.resolve_precision("fp16", "cpu")
+    assert inference.resolve_precision("openvino-int8", "cpu") == "openvino-int8"
+    with pytest.raises(ValueError, match="'openvino-bf16' .* runs on the CPU only"):
+        inference.resolve_precision("openvino-bf16", "cuda")
 
 
 def test_corpus_tables_of_different_precisions_never_mix():
@@ -90,6 +93,9 @@ def test_corpus_tables_of_different_precisions_never_mix():
     assert fp32 == "corpus_m1_0000000000_256"  # tables written before precisions keep their names
     assert index.corpus_table_name("m1", corpus, 256, "bf16") == fp32 + "_bf16"
     assert index.corpus_table_name("m1", corpus, 256, "int8") == fp32 + "_int8"
+    names = {index.corpus_table_name("m1", corpus, 256, p) for p in inference.PRECISIONS}
+    assert len(names) == len(inference.PRECISIONS)
+    assert index.corpus_table_name("m1", corpus, 256, "openvino-int8") == fp32 + "_openvino_int8"
 
 
 def test_precision_settings_are_validated():
@@ -97,6 +103,8 @@ def test_precision_settings_are_validated():
     assert cfg.training.inference_precision == "auto" and cfg.reranker.inference_precision == "auto"
     cfg = load_config({"FLYWHEEL_ENCODE_PRECISION": "int8", "FLYWHEEL_RERANKER_PRECISION": "bf16"})
     assert cfg.training.inference_precision == "int8" and cfg.reranker.inference_precision == "bf16"
+    cfg = load_config({"FLYWHEEL_ENCODE_PRECISION": "openvino-bf16", "FLYWHEEL_RERANKER_PRECISION": "openvino-int8"})
+    assert cfg.training.inference_precision == "openvino-bf16" and cfg.reranker.inference_precision == "openvino-int8"
     with pytest.raises(ConfigError, match="FLYWHEEL_RERANKER_PRECISION='fp16' is not allowed"):
         load_config({"FLYWHEEL_RERANKER_PRECISION": "fp16"})
     with pytest.raises(ConfigError, match="FLYWHEEL_ENCODE_PRECISION='half' is not allowed"):
@@ -136,3 +144,107 @@ def test_precision_costs_measure_each_model_at_each_precision(base_model_path):
         ("embedder", "fp32"), ("reranker", "fp32"), ("embedder", "bf16"), ("reranker", "bf16")]
     assert costs[1].queries_timed == 1 and costs[1].passages_timed == 3
     assert costs[2].weights_mb == pytest.approx(costs[0].weights_mb / 2, rel=0.05)
+
+
+# OpenVINO (flywheel/lib/registry/openvino_backend.py). Thresholds hold with a margin: measured at
+# seq 128 on these texts, openvino-bf16 keeps cosine 0.9999 to fp32 and openvino-int8 (default
+# calibration) 0.997; cross-encoder logits correlate 0.9998 (bf16) and 0.99 (int8) on 15 pairs.
+
+
+@pytest.mark.parametrize("precision, min_cos", [("openvino-bf16", 0.999), ("openvino-int8", 0.98)])
+def test_openvino_embeddings_stay_within_tolerance_of_fp32(base_model_path, fp32_embeddings, precision, min_cos):
+    model, emb = _embed(base_model_path, precision)
+    assert inference.precision_of(model) == precision
+    assert type(openvino_backend.transformer_module(model).model).__name__ == "_OpenVINOModel"
+    assert emb.dtype == np.float32 and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert (emb * fp32_embeddings).sum(axis=1).min() > min_cos
+    q = index.encode(model, ["how do statins reduce cholesterol"], task="query")
+    assert int(np.argmax(emb @ q[0])) == 3
+    # the cost table sees the OpenVINO network's weights (fp16 as saved for bf16, int8 for int8)
+    expected = (40, 50) if precision == "openvino-bf16" else (15, 30)
+    assert expected[0] < cost.weights_mb(model) < expected[1]
+
+
+def test_openvino_cross_encoder_scores_correlate_with_fp32(base_model_path):
+    import torch
+
+    from flywheel.lib.training.reranker import load_reranker
+
+    pairs = [(q, t) for q in ("how do statins reduce cholesterol", "gene editing with a guide rna",
+                              "vitamin d and bone fractures") for t in TEXTS]
+    logits = {}
+    for precision in ("fp32", "openvino-bf16", "openvino-int8"):
+        torch.manual_seed(0)  # the same seeded fresh scoring head each time
+        ce = load_reranker(base_model_path, device="cpu", max_length=64, precision=precision)
+        logits[precision] = ce.predict(pairs, show_progress_bar=False, activation_fn=torch.nn.Identity())
+        assert logits[precision].dtype == np.float32 and logits[precision].shape == (len(pairs),)
+    assert np.corrcoef(logits["fp32"], logits["openvino-bf16"])[0, 1] > 0.99
+    assert np.corrcoef(logits["fp32"], logits["openvino-int8"])[0, 1] > 0.9
+
+
+def test_openvino_precision_cannot_be_stacked(base_model_path):
+    model = index.load_embedder(base_model_path, device="cpu", max_seq_length=32, precision="openvino-bf16")
+    assert inference.apply_precision(model, "openvino-bf16") is model
+    with pytest.raises(ValueError, match="already runs at openvino-bf16"):
+        inference.apply_precision(model, "int8")
+    torch_bf16 = index.load_embedder(base_model_path, device="cpu", max_seq_length=32, precision="bf16")
+    with pytest.raises(ValueError, match="already runs at bf16"):
+        inference.apply_precision(torch_bf16, "openvino-int8")
+
+
+def test_openvino_cache_is_reused_and_keyed_by_calibration(base_model_path, tmp_path):
+    def load(calibration):
+        model = index.load_embedder(base_model_path, device="cpu", max_seq_length=64, precision="openvino-int8",
+                                    calibration_texts=calibration, cache_dir=tmp_path)
+        return index.encode(model, TEXTS, task="document")
+
+    before = openvino_backend.CONVERSIONS.copy()
+    first = load(TEXTS)
+    saved = sorted(tmp_path.glob("openvino-int8-*/model.xml"))
+    assert len(saved) == 1 and not list(tmp_path.glob("*.tmp*"))
+    mtime = saved[0].stat().st_mtime_ns
+    after_first = openvino_backend.CONVERSIONS.copy()
+    assert after_first[("openvino-int8", "quantize")] == before[("openvino-int8", "quantize")] + 1
+    second = load(TEXTS)
+    assert openvino_backend.CONVERSIONS[("openvino-int8", "quantize")] == after_first[("openvino-int8", "quantize")]
+    assert openvino_backend.CONVERSIONS[("openvino-int8", "cache-hit")] == after_first[("openvino-int8", "cache-hit")] + 1
+    assert saved[0].stat().st_mtime_ns == mtime
+    assert np.array_equal(first, second)  # the cached network is the one that was quantized
+    # the key changes with the weights, the precision, the calibration inputs and the sequence length
+    batch = {"input_ids": np.array([[101, 7, 102]]), "attention_mask": np.ones((1, 3), dtype=np.int64)}
+    other = {**batch, "input_ids": np.array([[101, 8, 102]])}
+    key = openvino_backend.cache_key("w", "openvino-int8", [batch], 64, "last_hidden_state")
+    assert key == openvino_backend.cache_key("w", "openvino-int8", [dict(batch)], 64, "last_hidden_state")
+    assert len({key, openvino_backend.cache_key("w2", "openvino-int8", [batch], 64, "last_hidden_state"),
+                openvino_backend.cache_key("w", "openvino-bf16", None, 64, "last_hidden_state"),
+                openvino_backend.cache_key("w", "openvino-int8", [other], 64, "last_hidden_state"),
+                openvino_backend.cache_key("w", "openvino-int8", [batch], 128, "last_hidden_state")}) == 5
+
+
+def test_openvino_calibration_inputs_are_a_fixed_sample(base_model_path):
+    from flywheel.lib.training.reranker import load_reranker
+
+    model = index.load_embedder(base_model_path, device="cpu", max_seq_length=16)
+    texts = [f"passage number {i} about topic {i % 7}" for i in range(1000)]
+    batches = openvino_backend.calibration_inputs(model, texts, pairs=False)
+    assert sum(len(b["input_ids"]) for b in batches) == openvino_backend.CALIBRATION_MAX_TEXTS
+    again = openvino_backend.calibration_inputs(model, texts, pairs=False)
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
+    assert batches[0]["input_ids"].shape[1] <= 16  # tokenized as the model tokenizes: at its max length
+    ce = load_reranker(base_model_path, device="cpu", max_length=32)
+    pair_batches = openvino_backend.calibration_inputs(ce, TEXTS, pairs=True)
+    assert (pair_batches[0]["token_type_ids"] == 1).any()  # (first sentence, text) pairs
+    assert openvino_backend.first_sentence("Statins work. They lower LDL.") == "Statins work"
+    with pytest.raises(ValueError, match="needs calibration texts"):
+        openvino_backend.calibration_inputs(model, ["", "  "], pairs=False)
+
+
+def test_missing_openvino_packages_name_the_setting(base_model_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    inference.require_openvino("openvino-bf16")  # bf16 needs openvino only
+    with pytest.raises(ImportError, match=r"'openvino-int8' \(FLYWHEEL_ENCODE_PRECISION / FLYWHEEL_RERANKER_PRECISION\) "
+                                          r"needs the nncf package"):
+        index.load_embedder(base_model_path, device="cpu", precision="openvino-int8")

@@ -49,8 +49,15 @@ def size_on_disk_mb(path: str | Path) -> float:
 
 
 def weights_mb(model) -> float:
-    """Megabytes of the model's state dict as it runs now (bf16 halves it; int8 packs Linear weights)."""
+    """Megabytes of the model's state dict as it runs now (bf16 halves it; int8 packs Linear weights).
+
+    A model running on OpenVINO holds its weights outside torch: the size of its network as saved."""
     import torch
+
+    from flywheel.lib.registry.inference import runtime_weights_mb
+
+    if (mb := runtime_weights_mb(model)) is not None:
+        return mb
 
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)

@@ -37,11 +37,13 @@ def resolve_device(device: str = "auto") -> str:
 
 def load_embedder(
     path: str | Path, *, device: str = "auto", max_seq_length: int | None = None, precision: str = "fp32",
+    calibration_texts=None, cache_dir: str | Path | None = None,
 ):
     """A SentenceTransformer from a local folder; never reaches for a model hub.
 
-    ``precision`` ("fp32", "bf16", "int8" or "auto"; see ``registry.inference``) is for inference
-    only: load at fp32 to train."""
+    ``precision`` ("fp32", "bf16", "int8", "openvino-bf16", "openvino-int8" or "auto"; see
+    ``registry.inference``, which also explains ``calibration_texts`` and ``cache_dir``) is for
+    inference only: load at fp32 to train."""
     from sentence_transformers import SentenceTransformer
 
     from flywheel.lib.registry.inference import apply_precision
@@ -54,7 +56,8 @@ def load_embedder(
     model = SentenceTransformer(str(path), device=resolve_device(device), local_files_only=True)
     if max_seq_length:
         model.max_seq_length = max_seq_length
-    return apply_precision(model, precision, str(model.device))
+    return apply_precision(model, precision, str(model.device), calibration_texts=calibration_texts,
+                           cache_dir=cache_dir)
 
 
 TOWERS_FILE = "flywheel_towers.json"  # written beside a query-only fine-tune: whose documents it reads

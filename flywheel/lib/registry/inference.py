@@ -8,6 +8,10 @@ on disk and in memory, but further from fp32 than bf16 (see the benchmark's side
 picks bf16 where the hardware runs it natively and fp32 elsewhere (on a CPU without native bf16,
 bf16 is emulated and slower than fp32).
 
+``openvino-bf16`` and ``openvino-int8`` run the model's network on OpenVINO instead of PyTorch
+(compiled CPU kernels; int8 by NNCF post-training quantization on calibration texts): see
+``registry.openvino_backend``. They need the ``openvino`` and ``nncf`` packages and a CPU.
+
 Embeddings always come back as float32, whatever the weights: LanceDB tables and scores do not
 change type. A corpus encoded at a precision other than fp32 gets a table of its own (the
 precision is part of the table name), so fp32 and bf16 runs never mix their vectors.
@@ -19,7 +23,9 @@ import functools
 import warnings
 from pathlib import Path
 
-PRECISIONS = ("fp32", "bf16", "int8")
+OPENVINO_PRECISIONS = ("openvino-bf16", "openvino-int8")
+PRECISIONS = ("fp32", "bf16", "int8") + OPENVINO_PRECISIONS
+SETTINGS = "FLYWHEEL_ENCODE_PRECISION / FLYWHEEL_RERANKER_PRECISION"
 SETTING_CHOICES = ("auto",) + PRECISIONS
 ATTR = "flywheel_precision"  # set on a model once its precision is applied
 
@@ -49,14 +55,31 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
     if precision == "int8" and on_cuda:
         raise ValueError("inference precision 'int8' (PyTorch dynamic quantization) runs on the CPU only; "
                          "use 'bf16' or 'fp32' on a GPU")
+    if precision in OPENVINO_PRECISIONS and on_cuda:
+        raise ValueError(f"inference precision {precision!r} (OpenVINO's CPU runtime) runs on the CPU only; "
+                         "use 'bf16' or 'fp32' on a GPU")
     return precision
 
 
-def apply_precision(model, precision: str, device: str = "cpu"):
-    """Cast (bf16) or quantize (int8) a SentenceTransformer or CrossEncoder in place for inference.
+def require_openvino(precision: str) -> None:
+    """A clear error, naming the settings, when the OpenVINO precisions' packages are missing."""
+    import importlib.util
+
+    needed = ["openvino"] + (["nncf"] if precision == "openvino-int8" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"inference precision {precision!r} ({SETTINGS}) needs the {' and '.join(missing)} "
+                          f"package(s): pip install {' '.join(missing)}, or choose fp32, bf16 or int8")
+
+
+def apply_precision(model, precision: str, device: str = "cpu", *,
+                    calibration_texts=None, cache_dir: str | Path | None = None):
+    """Cast (bf16), quantize (int8) or compile on OpenVINO a SentenceTransformer or CrossEncoder in place.
 
     Returns the model; ``precision_of(model)`` then tells what it runs at. Training a model after
-    this is not supported: load a fresh copy to train."""
+    this is not supported: load a fresh copy to train. ``calibration_texts`` (passages, in a fixed
+    order) calibrate ``openvino-int8`` (default: a small generic set); ``cache_dir`` keeps the
+    converted OpenVINO networks so that loading the same model again skips the conversion."""
     import torch
 
     precision = resolve_precision(precision, device)
@@ -66,7 +89,13 @@ def apply_precision(model, precision: str, device: str = "cpu"):
     if current != "fp32":
         raise ValueError(f"model already runs at {current}; load a fresh copy for {precision}")
     module = model if isinstance(model, torch.nn.Module) else model.model
-    if precision == "bf16":
+    if precision in OPENVINO_PRECISIONS:
+        require_openvino(precision)
+        from flywheel.lib.registry.openvino_backend import run_on_openvino
+
+        run_on_openvino(model, precision, bf16=cpu_has_native_bf16(), threads=torch.get_num_threads(),
+                        calibration_texts=calibration_texts, cache_dir=cache_dir)
+    elif precision == "bf16":
         module.to(torch.bfloat16)
     elif precision == "int8":
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -82,6 +111,15 @@ def precision_of(model) -> str:
     return getattr(model, ATTR, "fp32")
 
 
+def runtime_weights_mb(model) -> float | None:
+    """Megabytes of the weights of a model running on OpenVINO (its IR as saved); None on PyTorch."""
+    from flywheel.lib.registry.openvino_backend import transformer_module
+
+    if precision_of(model) not in OPENVINO_PRECISIONS:
+        return None
+    return transformer_module(model).model.weights_mb
+
+
 def table_suffix(precision: str) -> str:
     """Part of a corpus table's name: empty for fp32 (the tables written before precisions existed)."""
-    return "" if precision == "fp32" else f"_{precision}"
+    return "" if precision == "fp32" else "_" + precision.replace("-", "_")

@@ -25,15 +25,17 @@ from flywheel.lib.registry import index
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
 
 
-def load_reranker(path: str | Path, *, device: str = "auto", max_length: int | None = None, precision: str = "fp32"):
-    """A trained CrossEncoder for inference; ``precision`` as in ``flywheel.lib.registry.inference``."""
+def load_reranker(path: str | Path, *, device: str = "auto", max_length: int | None = None, precision: str = "fp32",
+                  calibration_texts=None, cache_dir: str | Path | None = None):
+    """A trained CrossEncoder for inference; ``precision`` (and the OpenVINO options) as in
+    ``flywheel.lib.registry.inference.apply_precision``."""
     from sentence_transformers.cross_encoder import CrossEncoder
 
     from flywheel.lib.registry.inference import apply_precision
 
     device = index.resolve_device(device)
     model = CrossEncoder(str(path), device=device, local_files_only=True, max_length=max_length)
-    return apply_precision(model, precision, device)
+    return apply_precision(model, precision, device, calibration_texts=calibration_texts, cache_dir=cache_dir)
 
 
 def rerank(

@@ -1,0 +1,277 @@
+"""OpenVINO inference for a loaded SentenceTransformer or CrossEncoder: bf16 and NNCF int8.
+
+PyTorch's bf16 and dynamic int8 leave most of a small encoder's time in framework overhead on a
+2-core CPU; OpenVINO compiles the whole network into fused CPU kernels. The model's inner
+transformers network (what sentence-transformers' ``Transformer`` module calls) is converted
+with ``openvino.convert_model`` and compiled for the CPU; a small torch module then takes
+its place inside the ``Transformer`` module and returns what that module reads from it
+(``last_hidden_state`` for an embedder, ``logits`` for a cross-encoder) as float32 torch
+tensors, so tokenization, pooling, normalization and every caller stay sentence-transformers'.
+
+- ``openvino-bf16``: the fp32 network compiled with bf16 inference precision (native bf16
+  matrix units where the CPU has them; f32 elsewhere).
+- ``openvino-int8``: NNCF post-training quantization (``nncf.quantize``, transformer preset:
+  int8 weights and activations, ranges from calibration inputs), non-quantized parts as above.
+  Calibration is deterministic: the caller's texts (an even sample of up to
+  ``CALIBRATION_MAX_TEXTS``, in the order given) or :data:`DEFAULT_CALIBRATION_TEXTS`; a
+  cross-encoder is calibrated on pairs (the text's first sentence as the query, the text).
+
+sentence-transformers' own ``backend="openvino"`` needs optimum-intel 2, which does not install
+beside the transformers this project uses; openvino and nncf are the libraries that do the work.
+
+With a ``cache_dir``, the converted (and quantized) network is saved as OpenVINO IR under a key
+of the weights' fingerprint, the precision, the calibration's fingerprint, the sequence length
+and the library versions, and read back next time instead of converting again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+PRECISIONS = ("openvino-bf16", "openvino-int8")
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+CALIBRATION_MAX_TEXTS = 200  # up to 25 NNCF calibration batches of 8
+CALIBRATION_BATCH = 8
+CONVERSIONS: Counter = Counter()  # (precision, "convert" | "quantize" | "cache-hit") -> count, per process
+
+DEFAULT_CALIBRATION_TEXTS = (
+    # Used when the caller has no corpus at hand: short passages from several domains, so that
+    # activation ranges are not fitted to one vocabulary. Written for this project.
+    "Vitamin D is made in the skin under sunlight and helps the body absorb calcium from food.",
+    "Statins lower LDL cholesterol by blocking an enzyme the liver uses to make it.",
+    "The ribosome reads messenger RNA three bases at a time and joins the matching amino acids into a chain.",
+    "Insulin resistance means muscle, fat and liver cells respond poorly to insulin, so blood sugar stays high.",
+    "A randomized controlled trial assigns participants to treatment or control by chance to remove selection bias.",
+    "Antibiotics do not work against viruses; overusing them breeds resistant bacteria.",
+    "CRISPR-Cas9 cuts DNA at a site chosen by a short guide RNA, letting researchers edit genes.",
+    "Chronic inflammation is linked to heart disease, type 2 diabetes and some cancers.",
+    "To reset your password, open Settings, choose Security, and follow the link sent to your email.",
+    "The invoice is due within 30 days; late payments incur a fee of 1.5% per month.",
+    "Our API returns HTTP 429 when you exceed the rate limit; retry after the number of seconds in Retry-After.",
+    "Install the package with pip, then import it and call connect() with the path to your database.",
+    "The function raises ValueError if the input list is empty or contains a negative number.",
+    "Kubernetes restarts a container whose liveness probe fails three times in a row.",
+    "A hash index answers equality lookups quickly but cannot serve range queries.",
+    "Use a virtual environment so each project's dependencies stay separate.",
+    "The Treaty of Westphalia in 1648 ended the Thirty Years' War and reshaped the map of Europe.",
+    "Photosynthesis converts light energy, water and carbon dioxide into glucose and oxygen.",
+    "The Amazon rainforest produces a large share of the world's river water flowing into the Atlantic.",
+    "Interest rates rose as the central bank tried to bring inflation back toward its two percent target.",
+    "The recipe calls for two cups of flour, a teaspoon of salt, and butter cut into small cubes.",
+    "Shipping is free on orders over fifty dollars; returns are accepted within 30 days with a receipt.",
+    "The striker scored twice in the second half, and the team moved up to third place in the league.",
+    "Mount Everest, on the border of Nepal and China, is the highest mountain above sea level.",
+    "how does vitamin d affect bone density",
+    "what is the rate limit of the api",
+    "side effects of statins in older adults",
+    "when did the thirty years war end",
+    "Employees accrue 1.5 days of paid leave per month; unused days carry over up to a maximum of ten.",
+    "The contract may be terminated by either party with sixty days' written notice.",
+    "Black holes form when massive stars collapse at the end of their lives, leaving a region light cannot escape.",
+    "Regular exercise improves insulin sensitivity, lowers blood pressure and reduces the risk of depression.",
+)
+
+
+def _wrapper_class():
+    """The torch module class that runs a compiled network (built here: torch is imported lazily)."""
+    import numpy as np
+    import torch
+
+    class _OpenVINOModel(torch.nn.Module):
+        """Stands in for a transformers model inside sentence-transformers' ``Transformer`` module."""
+
+        def __init__(self, compiled, config, output_name: str, input_names: Sequence[str], weights_mb: float):
+            super().__init__()
+            self.compiled, self.config, self.output_name = compiled, config, output_name
+            self.input_names, self.weights_mb = tuple(input_names), weights_mb
+            self.device = torch.device("cpu")
+
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **_bookkeeping):
+            given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            feed = {}
+            for name in self.input_names:
+                value = given[name] if given[name] is not None else torch.zeros_like(input_ids)
+                feed[name] = value.cpu().numpy()
+            out = self.compiled(feed)[0]
+            return {self.output_name: torch.from_numpy(np.array(out, dtype=np.float32))}
+
+    return _OpenVINOModel
+
+
+def transformer_module(model):
+    """The sentence-transformers ``Transformer`` module of a SentenceTransformer or CrossEncoder."""
+    from sentence_transformers.base.modules.transformer import Transformer
+
+    module = next((m for m in model.modules() if isinstance(m, Transformer)), None)
+    if module is None:
+        raise ValueError(f"{type(model).__name__} has no transformers module to run on OpenVINO")
+    spec = module.modality_config.get("text", {})
+    if spec.get("method") != "forward" or not isinstance(spec.get("method_output_name"), str):
+        raise ValueError(f"OpenVINO runs text models whose forward returns one output, not {spec}")
+    return module
+
+
+def weights_fingerprint(module) -> str:
+    """Hash of every tensor in the torch module's state dict (names, dtypes, shapes and bytes)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def calibration_inputs(model, texts: Sequence[str] | None, pairs: bool) -> list[dict]:
+    """Tokenized calibration batches, exactly as the model tokenizes at inference."""
+    texts = [t for t in (texts if texts is not None else DEFAULT_CALIBRATION_TEXTS) if t and t.strip()]
+    if not texts:
+        raise ValueError("openvino-int8 needs calibration texts; none were given (all empty)")
+    step = max(1, len(texts) // CALIBRATION_MAX_TEXTS)
+    texts = texts[::step][:CALIBRATION_MAX_TEXTS]
+    items = [(first_sentence(t), t) for t in texts] if pairs else texts
+    batches = []
+    for i in range(0, len(items), CALIBRATION_BATCH):
+        features = model.preprocess(items[i:i + CALIBRATION_BATCH])
+        batches.append({k: features[k].numpy() for k in INPUT_NAMES if k in features})
+    return batches
+
+
+def first_sentence(text: str) -> str:
+    """A query-like stand-in for calibration pairs: the text up to its first sentence end (<= 20 words)."""
+    for end in (". ", "? ", "! "):
+        if end in text:
+            text = text.split(end, 1)[0]
+            break
+    return " ".join(text.split()[:20])
+
+
+def cache_key(weights: str, precision: str, calibration: list[dict] | None, seq: int, output: str) -> str:
+    import nncf
+    import openvino as ov
+
+    h = hashlib.sha256(f"{weights}|{precision}|{seq}|{output}|{ov.__version__}|{nncf.__version__}".encode())
+    for batch in calibration or ():
+        for name in sorted(batch):
+            h.update(name.encode())
+            h.update(batch[name].tobytes())
+    return h.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _quiet_conversion():
+    """No tracer warnings, NNCF log lines or NNCF's rich progress bars on the terminal."""
+    import rich
+
+    console = rich.get_console()
+    quiet, level = console.quiet, logging.getLogger("nncf").level
+    console.quiet = True
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        console.quiet = quiet
+        logging.getLogger("nncf").setLevel(level)
+
+
+def convert(model, module, precision: str, calibration: list[dict] | None):
+    """The ``Transformer`` module's network as an ``openvino.Model`` (NNCF-quantized for int8)."""
+    import openvino as ov
+    import torch
+
+    output = module.modality_config["text"]["method_output_name"]
+    example = calibration[0] if calibration else {
+        k: v.numpy() for k, v in model.preprocess(list(DEFAULT_CALIBRATION_TEXTS[:2])).items() if k in INPUT_NAMES}
+    names = [k for k in INPUT_NAMES if k in example]
+    hf = module.model
+
+    class Traced(torch.nn.Module):  # the transformers model returning one tensor, for the tracer
+        def __init__(self):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kw["token_type_ids"] = token_type_ids
+            return self.hf(**kw)[output]
+
+    with _quiet_conversion(), torch.no_grad():
+        ov_model = ov.convert_model(Traced().eval(), example_input={k: torch.from_numpy(example[k]) for k in names})
+        CONVERSIONS[(precision, "convert")] += 1
+        if precision == "openvino-int8":
+            import nncf
+
+            ov_model = nncf.quantize(ov_model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                                     subset_size=len(calibration))
+            CONVERSIONS[(precision, "quantize")] += 1
+    return ov_model
+
+
+def ir_weights_mb(ov_model) -> float:
+    """Megabytes of the network's constants as saved (``save_model`` stores float weights as fp16)."""
+    import openvino as ov
+
+    total = 0
+    for op in ov_model.get_ops():
+        if op.get_type_name() == "Constant":
+            size = op.get_byte_size()
+            total += size // 2 if op.get_output_element_type(0) == ov.Type.f32 else size
+    return total / 1e6
+
+
+def load_or_convert(model, module, precision: str, calibration, cache_dir: Path | None):
+    """The ``openvino.Model``: read from ``cache_dir`` when converted before, else converted (and saved)."""
+    import openvino as ov
+
+    if cache_dir is None:
+        return convert(model, module, precision, calibration)
+    key = cache_key(weights_fingerprint(module.model), precision, calibration, int(model.max_seq_length or 0),
+                    module.modality_config["text"]["method_output_name"])
+    xml = Path(cache_dir) / f"{precision}-{key}" / "model.xml"
+    if xml.exists():
+        CONVERSIONS[(precision, "cache-hit")] += 1
+        return ov.Core().read_model(xml)
+    ov_model = convert(model, module, precision, calibration)
+    tmp = xml.parent.with_name(xml.parent.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov_model, tmp / "model.xml")
+    try:
+        tmp.rename(xml.parent)  # atomic: a concurrent reader sees a whole IR or none
+    except OSError:  # another process saved the same key first: theirs is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ov_model
+
+
+def run_on_openvino(model, precision: str, *, bf16: bool, threads: int,
+                    calibration_texts: Sequence[str] | None = None, cache_dir: str | Path | None = None):
+    """Swap the model's transformers network for its compiled OpenVINO version, in place."""
+    import openvino as ov
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    module = transformer_module(model)
+    calibration = None
+    if precision == "openvino-int8":
+        calibration = calibration_inputs(model, calibration_texts, pairs=isinstance(model, CrossEncoder))
+    ov_model = load_or_convert(model, module, precision, calibration, Path(cache_dir) if cache_dir else None)
+    names = [i.get_any_name() for i in ov_model.inputs]
+    compiled = ov.Core().compile_model(ov_model, "CPU", {
+        "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+        "INFERENCE_NUM_THREADS": max(1, threads),
+        "PERFORMANCE_HINT": "LATENCY",
+    })
+    config, output = module.model.config, module.modality_config["text"]["method_output_name"]
+    module.model = _wrapper_class()(compiled, config, output, names, ir_weights_mb(ov_model))
+    return model
