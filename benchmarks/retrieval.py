@@ -1,4 +1,4 @@
-"""Benchmark the first stage and inference speed: BM25, hybrid, and fp32 vs bf16 vs int8.
+"""Benchmark the first stage and inference speed: BM25, hybrid, and the inference precisions.
 
 On the dataset's test split (the bundled SciFact unless FLYWHEEL_DATASET names another BEIR
 folder), no training needed:
@@ -8,6 +8,9 @@ folder), no training needed:
    latency for ``--depth`` (40) candidates on 20 test queries, at each precision side by side.
    Without ``--reranker`` the cross-encoder is the base MiniLM with a fresh scoring head: the
    same network as the flywheel's reranker, so the same cost (its scores mean nothing).
+   Precisions: PyTorch fp32, bf16 and int8 (dynamic quantization), and the same network compiled
+   on OpenVINO at bf16 and int8 (NNCF post-training quantization, calibrated on the generic
+   texts of ``flywheel.lib.registry.openvino_backend``); see ``flywheel.lib.registry.inference``.
 2. Quality, on the whole test split: the base embedder at each precision (each encodes the full
    corpus once into a LanceDB table of its own; tables are reused by later runs), BM25 (LanceDB's
    full-text index), and hybrids: z-score fusion at weight 0.5, RRF, and z-score at the weight
@@ -19,8 +22,9 @@ passages takes minutes per precision on 2 cores the first time.
 
 Prints figures as it goes; the last line is one JSON object (ndcg10_base, ndcg10_bm25,
 ndcg10_hybrid, recall40_*, encode_passages_per_s[_fp32], rerank_ms_p50[_fp32], ...).
-Usage: python benchmarks/retrieval.py [--passages 500] [--precisions fp32,bf16,int8]
-       [--quality-precisions fp32,bf16] [--reranker PATH]
+Usage: python benchmarks/retrieval.py [--part all|speed|quality] [--passages 500]
+       [--precisions fp32,bf16,int8,openvino-bf16,openvino-int8]
+       [--quality-precisions fp32,bf16,openvino-bf16,openvino-int8] [--reranker PATH]
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from flywheel.lib.evaluation.benchmark import (  # noqa: E402
 from flywheel.lib.evaluation.metrics import evaluate_rankings, summarize  # noqa: E402
 from flywheel.lib.quiet import quiet_libraries  # noqa: E402
 from flywheel.lib.registry import hybrid, index  # noqa: E402
-from flywheel.lib.registry.inference import resolve_precision  # noqa: E402
+from flywheel.lib.registry.inference import PRECISIONS, resolve_precision  # noqa: E402
 
 T0 = time.monotonic()
 
@@ -157,12 +161,22 @@ def speed_figures(costs: list[cost.ModelCost], chosen: str, chosen_rr: str, prec
     return out
 
 
+def precision_list(text: str) -> list[str]:
+    """A comma-separated list of inference precisions, each one this project knows."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PRECISIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
+    return list(dict.fromkeys(names))
+
+
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--passages", type=int, default=500, help="passages timed for the encode rate")
     ap.add_argument("--depth", type=int, default=40, help="candidates per query the reranker scores")
-    ap.add_argument("--precisions", default="fp32,bf16,int8", help="timed side by side; fp32 is always included")
-    ap.add_argument("--quality-precisions", default="fp32,bf16",
+    ap.add_argument("--precisions", type=precision_list, default="fp32,bf16,int8,openvino-bf16,openvino-int8",
+                    help="timed side by side; fp32 is always included")
+    ap.add_argument("--quality-precisions", type=precision_list, default="fp32,bf16,openvino-bf16,openvino-int8",
                     help="evaluated on the whole test split (each encodes the corpus once); fp32 is always included")
     ap.add_argument("--reranker", default="", help="a trained CrossEncoder folder (quality over the hybrid)")
     ap.add_argument("--part", choices=("all", "speed", "quality"), default="all", help="run only one half")
@@ -170,12 +184,12 @@ def main() -> dict:
     quiet_libraries()  # no progress bars or load reports (a fresh scoring head is expected here)
     index.set_torch_threads()
     cfg = load_config()
-    precisions = ["fp32"] + [p for p in args.precisions.split(",") if p and p != "fp32"]
+    precisions = ["fp32"] + [p for p in args.precisions if p != "fp32"]
     chosen = resolve_precision(cfg.training.inference_precision, "cpu")
     chosen_rr = resolve_precision(cfg.reranker.inference_precision, "cpu")
     for p in sorted({chosen, chosen_rr} - set(precisions)):
         precisions.append(p)
-    judged = ["fp32"] + [p for p in args.quality_precisions.split(",") if p and p != "fp32"]
+    judged = ["fp32"] + [p for p in args.quality_precisions if p != "fp32"]
     for p in sorted({chosen} - set(judged)):
         judged.append(p)
     ds = load_beir(cfg.paths.dataset)

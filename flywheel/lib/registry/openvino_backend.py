@@ -19,6 +19,10 @@ tensors, so tokenization, pooling, normalization and every caller stay sentence-
 sentence-transformers' own ``backend="openvino"`` needs optimum-intel 2, which does not install
 beside the transformers this project uses; openvino and nncf are the libraries that do the work.
 
+OpenVINO's converter and NNCF send usage telemetry (each event forks a process, which LanceDB
+warns about in a process that uses it) unless the machine has opted out, once, with the
+openvino-telemetry package's ``opt_in_out --opt_out``; they skip it where ``CI=true``.
+
 With a ``cache_dir``, the converted (and quantized) network is saved as OpenVINO IR under a key
 of the weights' fingerprint, the precision, the calibration's fingerprint, the sequence length
 and the library versions, and read back next time instead of converting again.
