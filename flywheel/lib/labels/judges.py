@@ -181,10 +181,7 @@ class NearMisses:
 
     def _tfidf(self):
         if self._matrix is None:
-            from sklearn.feature_extraction.text import TfidfVectorizer
-
-            vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english", min_df=2, dtype=np.float32)
-            self._matrix = vectorizer.fit_transform(self.dataset.corpus.texts)  # rows are L2-normalised
+            self._matrix = _tfidf_rows(self.dataset.corpus)
         return self._matrix
 
     def of(self, query: str) -> frozenset[str]:
@@ -205,6 +202,19 @@ class NearMisses:
 
     def is_near_miss(self, query: str, doc: str) -> bool:
         return doc in self.of(query)
+
+
+_TFIDF_BY_CORPUS: dict[str, object] = {}  # corpus sha256 -> its TF-IDF rows (every vote's judge shares them)
+
+
+def _tfidf_rows(corpus):
+    """L2-normalised TF-IDF rows of a corpus, computed once per process per corpus."""
+    if corpus.sha256 not in _TFIDF_BY_CORPUS:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english", min_df=2, dtype=np.float32)
+        _TFIDF_BY_CORPUS[corpus.sha256] = vectorizer.fit_transform(corpus.texts)
+    return _TFIDF_BY_CORPUS[corpus.sha256]
 
 
 def _text_key(text: str) -> str:
