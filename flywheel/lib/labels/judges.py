@@ -131,7 +131,7 @@ class SimulatedJudge:
         self.lenient_rate = cfg.lenient_rate
         self.near_misses = NearMisses(dataset, self.human, depth=cfg.near_miss_depth)
         self.seed = seed
-        self.name = f"simulated(miss={cfg.miss_rate},lenient={cfg.lenient_rate},seed={seed})"
+        self.name = f"simulated(miss={cfg.miss_rate},lenient={cfg.lenient_rate},near={cfg.near_miss_depth},seed={seed})"
         self.usage = JudgeUsage()
 
     def _grade(self, r: JudgeRequest) -> Judgement:
