@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# OpenVINO's converter and NNCF send usage telemetry unless the machine opts out (this writes
+	# ~/intel/openvino_telemetry); each event would fork a process beside LanceDB's threads
+	$(VENV)/bin/opt_in_out --opt_out >/dev/null || echo "warning: could not opt out of OpenVINO telemetry" >&2
 	touch $@
 
 demo: install

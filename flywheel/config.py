@@ -228,8 +228,8 @@ class TrainingSettings(Section):
     encode_max_seq_length: int = setting(256, "tokens per text when encoding for retrieval", ge=8, le=512, env="FLYWHEEL_ENCODE_MAX_SEQ_LENGTH")
     encode_batch_size: int = setting(64, "texts per encoding batch", ge=1, env="FLYWHEEL_ENCODE_BATCH_SIZE")
     inference_precision: Literal["auto", "fp32", "bf16", "int8", "openvino-bf16", "openvino-int8"] = setting(
-        "auto", "weights when encoding queries and the corpus: auto = bf16 where the hardware runs it natively, "
-        "else fp32; int8 = dynamic quantization (CPU only); openvino-* = compiled on OpenVINO (CPU only)",
+        "auto", "weights when encoding queries and the corpus: auto = openvino-int8 on a CPU (bf16 or fp32 without "
+        "OpenVINO, bf16 on a GPU that has it); int8 = dynamic quantization (CPU only); openvino-* = compiled on OpenVINO (CPU only)",
         env="FLYWHEEL_ENCODE_PRECISION")
     device: str = setting("auto", "torch device (auto: cuda if present, else cpu)", env="FLYWHEEL_DEVICE")
     shuffle_labels: bool = setting(False, "train on shuffled positives (shows that the gate stops noise)")
@@ -252,8 +252,8 @@ class RerankerSettings(Section):
     fusion_weight: float = setting(0.5, "the cross-encoder's share in zscore fusion", ge=0, le=1)
     depth: int = setting(40, "candidates reranked per query", ge=1, env="FLYWHEEL_RERANK_DEPTH")
     inference_precision: Literal["auto", "fp32", "bf16", "int8", "openvino-bf16", "openvino-int8"] = setting(
-        "auto", "weights when reranking: auto = bf16 where the hardware runs it natively, else fp32; "
-        "int8 = dynamic quantization (CPU only); openvino-* = compiled on OpenVINO (CPU only)",
+        "auto", "weights when reranking: auto = openvino-int8 on a CPU (bf16 or fp32 without OpenVINO, bf16 on a "
+        "GPU that has it); int8 = dynamic quantization (CPU only); openvino-* = compiled on OpenVINO (CPU only)",
         env="FLYWHEEL_RERANKER_PRECISION")
 
 

@@ -92,9 +92,11 @@ def small_config(home: Path, dataset: Path, base_model: str, **sections):
     tiny = {
         "tiers": {"start_date": "2026-09-28", "eval_queries": 3, "first_week_eval_queries": 6, "fewshot_examples": 30,
                   "finetune_examples": 120},
+        # bf16 (PyTorch) rather than the default openvino-int8: each newly trained model would pay an
+        # OpenVINO conversion and quantization; test_inference.py tests the OpenVINO precisions
         "training": {"batch_size": 16, "max_seq_length": 64, "max_steps": 8, "learning_rate": 5e-5,
-                     "encode_max_seq_length": 128, "mine_range_max": 10},
-        "reranker": {"max_steps": 8, "max_length": 64, "depth": 20},
+                     "encode_max_seq_length": 128, "mine_range_max": 10, "inference_precision": "bf16"},
+        "reranker": {"max_steps": 8, "max_length": 64, "depth": 20, "inference_precision": "bf16"},
     }
     for name, fields in sections.items():
         tiny[name] = {**tiny.get(name, {}), **fields}

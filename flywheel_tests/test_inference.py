@@ -73,6 +73,9 @@ def test_precision_is_applied_once_and_cannot_be_stacked(base_model_path):
 
 
 def test_resolve_precision(monkeypatch):
+    monkeypatch.setattr(inference, "openvino_installed", lambda: True)
+    assert inference.resolve_precision("auto", "cpu") == "openvino-int8"
+    monkeypatch.setattr(inference, "openvino_installed", lambda: False)
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
     assert inference.resolve_precision("auto", "cpu") == "bf16"
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
@@ -205,11 +208,14 @@ def test_openvino_cache_is_reused_and_keyed_by_calibration(base_model_path, tmp_
     mtime = saved[0].stat().st_mtime_ns
     after_first = openvino_backend.CONVERSIONS.copy()
     assert after_first[("openvino-int8", "quantize")] == before[("openvino-int8", "quantize")] + 1
+    again = load(TEXTS)  # the same weights in the same process: the network converted a moment ago
+    assert openvino_backend.CONVERSIONS[("openvino-int8", "memory-hit")] == after_first[("openvino-int8", "memory-hit")] + 1
+    openvino_backend._CONVERTED.clear()  # as in a new process: read from the cache folder
     second = load(TEXTS)
     assert openvino_backend.CONVERSIONS[("openvino-int8", "quantize")] == after_first[("openvino-int8", "quantize")]
     assert openvino_backend.CONVERSIONS[("openvino-int8", "cache-hit")] == after_first[("openvino-int8", "cache-hit")] + 1
     assert saved[0].stat().st_mtime_ns == mtime
-    assert np.array_equal(first, second)  # the cached network is the one that was quantized
+    assert np.array_equal(first, second) and np.array_equal(first, again)  # the network that was quantized
     # the key changes with the weights, the precision, the calibration inputs and the sequence length
     batch = {"input_ids": np.array([[101, 7, 102]]), "attention_mask": np.ones((1, 3), dtype=np.int64)}
     other = {**batch, "input_ids": np.array([[101, 8, 102]])}

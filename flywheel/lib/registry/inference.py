@@ -4,13 +4,16 @@ On a CPU with AVX-512 BF16 (or AMX) a bf16 matrix multiply runs several times fa
 and a small encoder such as MiniLM keeps its embeddings (cosine to fp32 above 0.999): casting the
 model's weights to bfloat16 is the cheap win. ``int8`` is PyTorch's dynamic quantization of every
 ``nn.Linear`` (per-channel int8 weights, activations quantized on the fly; VNNI kernels): smaller
-on disk and in memory, but further from fp32 than bf16 (see the benchmark's side-by-side). ``auto``
-picks bf16 where the hardware runs it natively and fp32 elsewhere (on a CPU without native bf16,
-bf16 is emulated and slower than fp32).
+on disk and in memory, but further from fp32 than bf16 (see the benchmark's side-by-side).
 
 ``openvino-bf16`` and ``openvino-int8`` run the model's network on OpenVINO instead of PyTorch
 (compiled CPU kernels; int8 by NNCF post-training quantization on calibration texts): see
 ``registry.openvino_backend``. They need the ``openvino`` and ``nncf`` packages and a CPU.
+
+``auto`` picks ``openvino-int8`` on a CPU where those packages are installed (the fastest, and its
+retrieval quality matched fp32's in ``benchmarks/retrieval.py``); without them, bf16 where the CPU
+runs it natively and fp32 elsewhere (emulated bf16 is slower than fp32); on a GPU, bf16 where
+supported, else fp32.
 
 Embeddings always come back as float32, whatever the weights: LanceDB tables and scores do not
 change type. A corpus encoded at a precision other than fp32 gets a table of its own (the
@@ -42,7 +45,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> str:
-    """``auto`` -> ``bf16`` where it runs natively, else ``fp32``; anything else is checked."""
+    """``auto`` -> ``openvino-int8`` on a CPU with OpenVINO installed, else ``bf16`` where it runs
+    natively, else ``fp32``; anything else is checked."""
     if precision not in SETTING_CHOICES:
         raise ValueError(f"inference precision {precision!r} is not one of {SETTING_CHOICES}")
     on_cuda = str(device).startswith("cuda")
@@ -51,6 +55,8 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
             import torch
 
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        if openvino_installed():
+            return "openvino-int8"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "int8" and on_cuda:
         raise ValueError("inference precision 'int8' (PyTorch dynamic quantization) runs on the CPU only; "
@@ -59,6 +65,13 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
         raise ValueError(f"inference precision {precision!r} (OpenVINO's CPU runtime) runs on the CPU only; "
                          "use 'bf16' or 'fp32' on a GPU")
     return precision
+
+
+@functools.lru_cache(maxsize=1)
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
 
 
 def require_openvino(precision: str) -> None:

@@ -35,7 +35,7 @@ import hashlib
 import logging
 import os
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +43,9 @@ PRECISIONS = ("openvino-bf16", "openvino-int8")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 CALIBRATION_MAX_TEXTS = 200  # up to 25 NNCF calibration batches of 8
 CALIBRATION_BATCH = 8
-CONVERSIONS: Counter = Counter()  # (precision, "convert" | "quantize" | "cache-hit") -> count, per process
+CONVERSIONS: Counter = Counter()  # (precision, "convert" | "quantize" | "cache-hit" | "memory-hit") -> count, per process
+CONVERTED_IN_MEMORY = 8  # networks converted in this process, kept for the next load of the same weights
+_CONVERTED: OrderedDict = OrderedDict()  # cache key -> openvino.Model
 
 DEFAULT_CALIBRATION_TEXTS = (
     # Used when the caller has no corpus at hand: short passages from several domains, so that
@@ -235,13 +237,27 @@ def ir_weights_mb(ov_model) -> float:
 
 
 def load_or_convert(model, module, precision: str, calibration, cache_dir: Path | None):
-    """The ``openvino.Model``: read from ``cache_dir`` when converted before, else converted (and saved)."""
+    """The ``openvino.Model``: one converted earlier in this process (a weekly report loads the
+    same model several times), else read from ``cache_dir`` when saved there, else converted
+    (and saved)."""
+    key = cache_key(weights_fingerprint(module.model), precision, calibration, int(model.max_seq_length or 0),
+                    module.modality_config["text"]["method_output_name"])
+    if key in _CONVERTED:
+        _CONVERTED.move_to_end(key)
+        CONVERSIONS[(precision, "memory-hit")] += 1
+        return _CONVERTED[key]
+    ov_model = _read_or_convert(model, module, precision, calibration, cache_dir, key)
+    _CONVERTED[key] = ov_model
+    while len(_CONVERTED) > CONVERTED_IN_MEMORY:
+        _CONVERTED.popitem(last=False)
+    return ov_model
+
+
+def _read_or_convert(model, module, precision: str, calibration, cache_dir: Path | None, key: str):
     import openvino as ov
 
     if cache_dir is None:
         return convert(model, module, precision, calibration)
-    key = cache_key(weights_fingerprint(module.model), precision, calibration, int(model.max_seq_length or 0),
-                    module.modality_config["text"]["method_output_name"])
     xml = Path(cache_dir) / f"{precision}-{key}" / "model.xml"
     if xml.exists():
         CONVERSIONS[(precision, "cache-hit")] += 1
