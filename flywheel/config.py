@@ -177,6 +177,7 @@ class JudgeSettings(Section):
     miss_rate: float = setting(0.35, "simulated: chance of grading a relevant chunk irrelevant", ge=0, le=1)
     lenient_rate: float = setting(0.13, "simulated: chance of grading a near miss (an irrelevant chunk close in topic to a relevant one) relevant", ge=0, le=1)
     near_miss_depth: int = setting(10, "simulated: near misses per query (the irrelevant documents closest in topic to its relevant ones)", ge=0)
+    near_miss_min_closeness: float = setting(0.12, "simulated: a near miss's least TF-IDF cosine to one of the query's relevant documents", ge=0, le=1)
     # OpenAI-compatible judge
     model: str = setting("gpt-4o-mini", "model name the endpoint serves")
     base_url: Optional[str] = setting(None, "endpoint base URL (None: OpenAI's)")

@@ -129,9 +129,10 @@ class SimulatedJudge:
         self.by_text = {_text_key(t): cid for cid, t in zip(dataset.corpus.ids, dataset.corpus.texts)}
         self.miss_rate = cfg.miss_rate
         self.lenient_rate = cfg.lenient_rate
-        self.near_misses = NearMisses(dataset, self.human, depth=cfg.near_miss_depth)
+        self.near_misses = NearMisses(dataset, self.human, depth=cfg.near_miss_depth,
+                                      min_closeness=cfg.near_miss_min_closeness)
         self.seed = seed
-        self.name = f"simulated(miss={cfg.miss_rate},lenient={cfg.lenient_rate},near={cfg.near_miss_depth},seed={seed})"
+        self.name = f"simulated(miss={cfg.miss_rate},lenient={cfg.lenient_rate},near={cfg.near_miss_depth}@{cfg.near_miss_min_closeness},seed={seed})"
         self.usage = JudgeUsage()
 
     def _grade(self, r: JudgeRequest) -> Judgement:
@@ -165,16 +166,17 @@ class NearMisses:
     """The irrelevant documents a judge can plausibly mistake for relevant ones, per query.
 
     A near miss of a query is one of the ``depth`` documents not labelled relevant whose TF-IDF
-    cosine to one of the query's relevant documents is highest: on the topic of the answer, but
-    not the answer. LLM judges' false positives are of this kind (topical or lexical closeness
+    cosine to one of the query's relevant documents is highest, and at least ``min_closeness``:
+    on the topic of the answer, but not the answer (in a small or scattered corpus a query may
+    have fewer: the least distant documents there are not close). LLM judges' false positives are of this kind (topical or lexical closeness
     fools them: Alaofi et al., "LLMs can be fooled into labelling a document as relevant",
     SIGIR-AP 2024). The set depends on the query and the corpus only, never on a retrieval
     system, so no system's ranking is favoured by where the judge errs. Computed lazily, once
     per query.
     """
 
-    def __init__(self, dataset: BeirDataset, human: HumanLabels, *, depth: int):
-        self.dataset, self.human, self.depth = dataset, human, depth
+    def __init__(self, dataset: BeirDataset, human: HumanLabels, *, depth: int, min_closeness: float = 0.0):
+        self.dataset, self.human, self.depth, self.min_closeness = dataset, human, depth, min_closeness
         self._row = {cid: i for i, cid in enumerate(dataset.corpus.ids)}
         self._matrix = None
         self._by_query: dict[str, frozenset[str]] = {}
@@ -197,7 +199,7 @@ class NearMisses:
                 closeness[[self._row[c] for c in relevant]] = -1.0
                 top = np.argsort(-closeness, kind="stable")[: self.depth]
                 ids = self.dataset.corpus.ids
-                self._by_query[key] = frozenset(ids[i] for i in top if closeness[i] > 0)
+                self._by_query[key] = frozenset(ids[i] for i in top if closeness[i] >= max(self.min_closeness, 1e-9))
         return self._by_query[key]
 
     def is_near_miss(self, query: str, doc: str) -> bool:
