@@ -60,6 +60,9 @@ def test_the_simulated_judges_errors_follow_the_pair_not_the_list_that_showed_it
     assert all(judge.near_misses.is_near_miss(r.query, r.chunk_id) for r in false_pos)
     near = judge.near_misses.of(reqs[0].query)
     assert 0 < len(near) <= 10 and not any(human.relevant(reqs[0].query, d) for d in near)
+    # a near miss is close in topic, not merely the least distant: with the floor at 1.0 none is
+    far = SimulatedJudge(ds, lenient_rate=0.5, near_miss_min_closeness=1.0, seed=0)
+    assert not far.near_misses.of(reqs[0].query)
     # and a judge with no near misses makes none
     strict = SimulatedJudge(ds, lenient_rate=0.5, near_miss_depth=0, seed=0).judge(reqs)
     assert not [r for r, j in zip(reqs, strict) if j.grade >= 2 and not human.relevant(r.query, r.chunk_id)]
