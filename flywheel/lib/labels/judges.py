@@ -168,9 +168,9 @@ class NearMisses:
     A near miss of a query is one of the ``depth`` documents not labelled relevant whose TF-IDF
     cosine to one of the query's relevant documents is highest, and at least ``min_closeness``:
     on the topic of the answer, but not the answer (in a small or scattered corpus a query may
-    have fewer: the least distant documents there are not close). LLM judges' false positives are of this kind (topical or lexical closeness
-    fools them: Alaofi et al., "LLMs can be fooled into labelling a document as relevant",
-    SIGIR-AP 2024). The set depends on the query and the corpus only, never on a retrieval
+    have fewer: the least distant documents there are not close). LLM judges' false positives
+    are of this kind (topical or lexical closeness fools them: Alaofi et al., "LLMs can be
+    fooled into labelling a document as relevant", SIGIR-AP 2024). The set depends on the query and the corpus only, never on a retrieval
     system, so no system's ranking is favoured by where the judge errs. Computed lazily, once
     per query.
     """
