@@ -67,19 +67,21 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
     return precision
 
 
-@functools.lru_cache(maxsize=1)
-def openvino_installed() -> bool:
+def _missing_openvino_packages(precision: str = "openvino-int8") -> list[str]:
     import importlib.util
 
-    return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
+    needed = ["openvino"] + (["nncf"] if precision == "openvino-int8" else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+@functools.lru_cache(maxsize=1)
+def openvino_installed() -> bool:
+    return not _missing_openvino_packages()
 
 
 def require_openvino(precision: str) -> None:
     """A clear error, naming the settings, when the OpenVINO precisions' packages are missing."""
-    import importlib.util
-
-    needed = ["openvino"] + (["nncf"] if precision == "openvino-int8" else [])
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    missing = _missing_openvino_packages(precision)
     if missing:
         raise ImportError(f"inference precision {precision!r} ({SETTINGS}) needs the {' and '.join(missing)} "
                           f"package(s): pip install {' '.join(missing)}, or choose fp32, bf16 or int8")
