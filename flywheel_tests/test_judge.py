@@ -114,12 +114,16 @@ def test_untrusted_text_is_escaped_inside_its_delimiters():
     assert msgs[2]["content"] == '{"grade": 2, "reason": "relevant"}'
 
 
+_VOCAB: dict[str, int] = {}
+
+
 def _bow_embed(texts):
-    # a cheap deterministic embedder: hashed bag of words
+    # a cheap deterministic embedder: bag of words, one dimension per word. (Python's hash() of a
+    # str changes with every process, so hashed buckets made unrelated words collide in some runs.)
     out = np.zeros((len(texts), 64))
     for i, t in enumerate(texts):
         for w in t.lower().split():
-            out[i, hash(w) % 64] += 1.0
+            out[i, _VOCAB.setdefault(w, len(_VOCAB))] += 1.0
     return out
 
 
