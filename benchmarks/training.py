@@ -179,7 +179,8 @@ def main() -> dict:
     say(f"training the reranker: {rr.loss} loss from the {rr.init} weights, lr {rr.learning_rate}, "
         f"seq {rr.max_length}, fusion {rr.fusion}")
     rr_week = train_reranker_week(emb_week.rows, rr, tr, base_model=p.base_model, seed=config.tiers.seed,
-                                  output_dir=work / "reranker", embedder_dir=emb.model_dir, progress=say)
+                                  output_dir=work / "reranker", embedder_dir=emb.model_dir, labels=labels,
+                                  progress=say)
     rres = rr_week.result
     say(f"reranker trained in {rres.train_seconds:.0f}s on {rres.train_pairs} pairs")
     bench2 = run_benchmark(

@@ -220,6 +220,9 @@ class TrainingSettings(Section):
     max_steps: int = setting(-1, "cap on optimizer steps (-1: none)", ge=-1)
     time_budget_s: float = setting(600.0, "estimated training time is cut to fit this", gt=0)
     corpus_scale: float = setting(50.0, "inverse temperature of the corpus loss's softmax", gt=0)
+    corpus_targets: Literal["positive", "graded"] = setting(
+        "positive", "corpus loss target: positive = the row's positive, the query's other chunks graded >= 1 masked; "
+        "graded = spread over every chunk graded >= 1 for the query by gain 2^grade - 1 (perfect 7, relevant 3, related 1)")
     validation_fraction: float = setting(0.1, "training queries held out for early stopping", ge=0, lt=1)
     forgetting_margin: float = setting(0.02, "general-slice NDCG@10 drop allowed before merging with the base", ge=0)
     merge_alpha: float = setting(0.7, "fine-tuned weight when merging with the base (1: fine-tuned only)", ge=0, le=1, env="FLYWHEEL_MERGE_ALPHA")
@@ -240,7 +243,9 @@ class RerankerSettings(Section):
     """The cross-encoder reranker and how its scores are used."""
 
     env_prefix: ClassVar[str] = "RERANKER_"
-    loss: Literal["listwise", "bce"] = setting("listwise", "listwise: pick the positive among negatives; bce: pointwise")
+    loss: Literal["listwise", "bce", "graded"] = setting(
+        "listwise", "listwise: pick the positive among negatives; bce: pointwise; graded: ListNet over each training "
+        "query's judged list, the judge's grades 0-3 as targets (related and perfect teach different things)")
     init: Literal["embedder", "base"] = setting("embedder", "start from the week's fine-tuned embedder or the base")
     learning_rate: float = setting(3e-4, "encoder learning rate", gt=0, le=1, env="FLYWHEEL_RERANKER_LR")
     head_learning_rate: float = setting(2e-3, "learning rate of the new scoring head", gt=0, le=1, env="FLYWHEEL_RERANKER_HEAD_LR")
@@ -249,6 +254,9 @@ class RerankerSettings(Section):
     max_steps: int = setting(40, "cap on optimizer steps (-1: none)", ge=-1)
     batch_size: int = setting(16, "rows per step", ge=1)
     num_negatives: int = setting(1, "in-batch negatives per row (listwise)", ge=0)
+    list_size: int = setting(16, "chunks per query in the graded loss: its judged grade >= 1 chunks, then its hardest "
+                             "grade-0 ones", ge=2)
+    graded_queries_per_step: int = setting(4, "queries per optimizer step in the graded loss (each a list of list_size)", ge=1)
     fusion: Literal["zscore", "rrf", "none"] = setting("zscore", "how cross-encoder scores meet the bi-encoder's")
     fusion_weight: float = setting(0.5, "the cross-encoder's share in zscore fusion", ge=0, le=1)
     depth: int = setting(40, "candidates reranked per query", ge=1, env="FLYWHEEL_RERANK_DEPTH")

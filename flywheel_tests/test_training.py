@@ -471,3 +471,107 @@ def test_reranker_week_from_the_embedder_needs_the_embedder(rows, tmp_path, base
     with pytest.raises(ValueError, match="FLYWHEEL_RERANKER_INIT=embedder"):
         train_reranker_week(rows, RerankerSettings().with_(init="embedder"), TrainingSettings(),
                             base_model=base_model_path, seed=0, output_dir=tmp_path / "r", embedder_dir=None)
+
+
+def _judged(rows_):
+    """Every row's query, chunk and grade as relevance_labels holds them."""
+    return pd.DataFrame(rows_, columns=["week", "query", "query_key", "chunk_id", "chunk_text", "grade", "rank"])
+
+
+def test_graded_lists_rank_each_training_querys_judged_chunks_by_grade():
+    from flywheel.lib.training.cross_encoder import graded_lists
+
+    train = pd.DataFrame([
+        {"query": "Q a", "query_key": "q a", "positive_id": "p3", "positive": "t p3", "negative_id": "mined",
+         "negative": "t mined", "negative_rank": 1, "week": "w2"},
+        {"query": "Q c", "query_key": "q c", "positive_id": "c2", "positive": "t c2", "negative_id": "c2",
+         "negative": "t c2", "negative_rank": 1, "week": "w2"},
+    ])
+    judged = _judged([
+        ("w1", "Q a", "q a", "p3", "t p3", 1, 4),  # an older week's grade: the later one wins
+        ("w2", "Q a", "q a", "p3", "t p3", 3, 4),
+        ("w2", "Q a", "q a", "p2", "t p2", 2, 1),
+        ("w2", "Q a", "q a", "r1", "t r1", 1, 2),
+        ("w2", "Q a", "q a", "n0", "t n0", 0, 3),
+        ("w2", "Q a", "q a", "n5", "t n5", 0, 5),
+        ("w2", "Q a", "q a", "u", "t u", None, 6),  # unlabelled: never a list member
+        ("w2", "Q b", "q b", "b2", "t b2", 2, 1),  # not a training query (held out): never enters
+        ("w2", "Q b", "q b", "b0", "t b0", 0, 2),
+        ("w2", "Q c", "q c", "c2", "t c2", 2, 1),  # one grade only: nothing to rank
+    ])
+    lists, skipped = graded_lists(train, judged, list_size=16, seed=0)
+    assert skipped == 1 and lists["query"].tolist() == ["Q a"]
+    a = lists.iloc[0]
+    # grades high to low; zeros best-ranked first, then the rows' mined negative (grade 0)
+    assert a["docs"] == ["t p3", "t p2", "t r1", "t n0", "t n5", "t mined"]
+    assert a["labels"] == [3.0, 2.0, 1.0, 0.0, 0.0, 0.0]
+    # a short list keeps the graded chunks and the hardest negative
+    short, _ = graded_lists(train, judged, list_size=4, seed=0)
+    assert short.iloc[0]["docs"] == ["t p3", "t p2", "t r1", "t n0"]
+    # an injection-flagged pair never teaches
+    flagged = judged.assign(injection_flag=judged["chunk_id"].eq("p2"))
+    assert "t p2" not in graded_lists(train, flagged, list_size=16, seed=0)[0].iloc[0]["docs"]
+    # shuffled labels (the control run) keep the grades, not their places
+    shuffled, _ = graded_lists(train, judged, list_size=16, seed=3, shuffle_labels=True)
+    assert sorted(shuffled.iloc[0]["labels"]) == sorted(a["labels"])
+
+
+def test_graded_reranker_trains_on_one_list_per_query(rows, tmp_path, base_model_path):
+    judged = _judged(
+        [("2026-09-28", r.query, r.query_key, r.positive_id, r.positive, 3 if i % 2 else 2, 1)
+         for i, r in enumerate(rows.itertuples())]
+        + [("2026-09-28", r.query, r.query_key, r.negative_id, r.negative, 0, 2) for r in rows.itertuples()])
+    cfg = reranker_cfg(base_model_path, tmp_path / "rrg", loss="graded", list_size=4, graded_queries_per_step=2,
+                       max_length=64, max_steps=3)
+    res = train_reranker(rows, cfg, judged=judged)
+    assert res.steps == 3 and res.examples == rows["query_key"].nunique()
+    assert json.loads((res.model_dir / "flywheel_reranker.json").read_text())["config"]["loss"] == "graded"
+    with pytest.raises(ValueError, match="needs the judged labels"):
+        train_reranker(rows, cfg)
+
+
+def test_graded_corpus_targets_weigh_each_judged_chunk_by_its_gain():
+    from flywheel.lib.training.corpus import graded_targets, judged_grades
+
+    labels = pd.DataFrame({
+        "week": ["w1", "w2", "w2", "w2", "w2", "w2"],
+        "query_key": ["a", "a", "a", "a", "a", "b"],
+        "chunk_id": ["d2", "d2", "d1", "d3", "d4", "d5"],
+        "grade": [0, 3, 2, 1, 0, None],  # d2: its latest grade counts; d4 irrelevant; d5 unlabelled
+    })
+    grades = judged_grades(labels)
+    assert grades == {"a": {"d2": 3, "d1": 2, "d3": 1}}
+    rows = pd.DataFrame({"query_key": ["a", "b"], "positive_id": ["d1", "d5"]})
+    (a_idx, a_w), (b_idx, b_w) = graded_targets(rows, ["d1", "d2", "d3", "d4", "d5"], grades)
+    assert a_idx == [0, 1, 2] and a_w == pytest.approx([3 / 11, 7 / 11, 1 / 11])  # gains 2^g - 1
+    assert (b_idx, b_w) == ([4], [1.0])  # no judged chunks: the row's positive alone
+
+
+def test_a_one_chunk_graded_target_is_the_plain_corpus_loss_and_grades_move_it():
+    import torch
+
+    from flywheel.lib.training.losses import CorpusSoftmaxLoss
+
+    class _Model:  # a "query encoder" whose embedding is the feature tensor itself
+        def __call__(self, features):
+            return {"sentence_embedding": features["x"]}
+
+    corpus = np.eye(3, dtype=np.float32)
+    x = torch.tensor([[0.9, 0.3, 0.1]])
+    plain = CorpusSoftmaxLoss(_Model(), corpus, [0], [[]], scale=5.0)([{"x": x}], torch.tensor([0]))
+    one = CorpusSoftmaxLoss(_Model(), corpus, [0], [[]], scale=5.0, soft=[([0], [1.0])])([{"x": x}], torch.tensor([0]))
+    assert float(one) == pytest.approx(float(plain), rel=1e-6)
+    # weight on the second chunk: a query nearer the first one pays more
+    spread = CorpusSoftmaxLoss(_Model(), corpus, [0], [[]], scale=5.0, soft=[([0, 1], [0.5, 0.5])])([{"x": x}], torch.tensor([0]))
+    assert float(spread) > float(one)
+
+
+def test_graded_corpus_targets_train_and_need_the_grades(rows, small_beir, base_model_path, tmp_path):
+    _, _, corpus = _corpus_embeddings(small_beir, base_model_path, tmp_path)
+    cfg = train_cfg(base_model_path, tmp_path / "g", batch_size=16, max_seq_length=64, max_steps=2,
+                    validation_fraction=0.0, loss="corpus", corpus_targets="graded")
+    with pytest.raises(ValueError, match="needs the judged grades"):
+        train_bi_encoder(rows, cfg, corpus=corpus)
+    grades = {k: {p: 3} for k, p in zip(rows["query_key"], rows["positive_id"])}
+    res = train_bi_encoder(rows, cfg, corpus=corpus, grades=grades)
+    assert res.steps == 2 and all(np.isfinite([h["loss"] for h in res.loss_history]))

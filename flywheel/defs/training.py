@@ -81,16 +81,18 @@ def trained_reranker(
     reranker: RerankerResource,
     gate: GateResource,
 ) -> dg.MaterializeResult:
-    """A cross-encoder fine-tuned on the same rows as the embedder (positives 1, hard negatives 0),
-    logged as MLflow artifacts and registered as a ``flywheel-reranker`` challenger."""
+    """A cross-encoder fine-tuned on the same rows as the embedder (positives 1, hard negatives 0;
+    the graded loss ranks each of those queries' judged lists by grade), logged as MLflow artifacts
+    and registered as a ``flywheel-reranker`` challenger."""
     week, layout, p, g = context.partition_key, paths.layout(), paths.settings(), gate.settings()
     t = tracker_for(paths, gate)
     rows = store.read_table(layout.training_rows(week))
+    labels, _ = labels_to_date(layout, week)
     with t.run(f"reranker-{week}", _tags(context, week, RERANKER)) as run_id:
         out = train_reranker_week(
             rows, reranker.settings(), training.settings(), base_model=p.base_model, seed=tiers.settings().seed,
             output_dir=layout.model_dir(RERANKER, week, context.run.run_id),
-            embedder_dir=read_run_info(layout, week, EMBEDDER)["model_dir"], progress=context.log.info,
+            embedder_dir=read_run_info(layout, week, EMBEDDER)["model_dir"], labels=labels, progress=context.log.info,
         )
         log_to_mlflow(t, run_id, out)
         version = t.log_reranker(run_id, out.model_dir, g.reranker_name)

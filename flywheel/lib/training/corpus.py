@@ -3,7 +3,8 @@
 Only the query encoder trains. The model is a sentence-transformers ``Router`` whose document
 route is the base itself, frozen, so the corpus embeddings the app already serves stay valid (no
 re-embedding after training). The loss (``losses.CorpusSoftmaxLoss``) scores each query against
-every chunk of those embeddings; chunks judged relevant or related to the query are masked.
+every chunk of those embeddings; chunks judged relevant or related to the query are masked, or
+(``corpus_targets = "graded"``, :func:`graded_targets`) are the target, each by its grade's gain.
 """
 
 from __future__ import annotations
@@ -43,6 +44,36 @@ def related_chunks(labels: pd.DataFrame) -> dict[str, set[str]]:
     """query_key -> chunks judged relevant or related (grade >= 1): never negatives of that query."""
     judged = labels[labels["grade"].notna() & (labels["grade"] >= 1)]
     return judged.groupby("query_key")["chunk_id"].agg(set).to_dict()
+
+
+def judged_grades(labels: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """query_key -> {chunk_id: grade} for chunks graded >= 1 (a pair judged in several weeks: its latest grade)."""
+    judged = labels[labels["grade"].notna()]
+    if "week" in judged.columns:
+        judged = judged.sort_values("week", kind="stable")
+    judged = judged.drop_duplicates(["query_key", "chunk_id"], keep="last")
+    judged = judged[judged["grade"] >= 1]
+    out: dict[str, dict[str, int]] = {}
+    for key, cid, grade in zip(judged["query_key"], judged["chunk_id"], judged["grade"]):
+        out.setdefault(key, {})[cid] = int(grade)
+    return out
+
+
+def graded_targets(rows: pd.DataFrame, corpus_ids: list[str],
+                   grades: dict[str, dict[str, int]]) -> list[tuple[list[int], list[float]]]:
+    """Per row: (corpus indices, weights summing to 1) over its query's chunks graded >= 1, each
+    weighted by the NDCG gain 2^grade - 1 (perfect 7, relevant 3, related 1). The row's positive is
+    always in (at its judged grade, else as relevant). A soft, listwise target in the manner of
+    ListNet (Cao et al., 2007): the query moves toward its perfect chunks most and its related ones
+    a little, where the one-positive target pushes neither and masks both."""
+    where = {cid: i for i, cid in enumerate(corpus_ids)}
+    out = []
+    for key, pos in zip(rows["query_key"], rows["positive_id"]):
+        chunks = {pos: 2, **grades.get(key, {})}
+        kept = sorted((where[c], 2.0 ** g - 1.0) for c, g in chunks.items() if c in where and g >= 1)
+        total = sum(w for _, w in kept) or 1.0
+        out.append(([i for i, _ in kept], [w / total for _, w in kept]))
+    return out
 
 
 def query_document_model(base_model: str, *, device: str = "auto", max_seq_length: int | None = None):

@@ -3,13 +3,20 @@
 It starts from a local MiniLM folder (the base, or the week's fine-tuned embedder, which already
 knows the domain): sentence-transformers' ``CrossEncoder`` adds a fresh one-logit head on top of
 the encoder. That head learns at its own, higher rate (``head_learning_rate``; see
-:func:`head_optimizer`). Two losses (``RerankerSettings.loss``):
+:func:`head_optimizer`). Three losses (``RerankerSettings.loss``):
 
 - ``listwise``: each (query, positive, hard negative) row scored against its negative and
   ``num_negatives`` in-batch ones, cross-entropy over the list (sentence-transformers'
   cross-encoder MultipleNegativesRankingLoss).
 - ``bce``: (query, chunk, 1/0) pairs, positives 1 and hard negatives 0, binary cross-entropy with
   positives up-weighted by the class ratio.
+- ``graded``: each training query's judged list (:func:`graded_lists`) with the judge's grades 0-3
+  as targets, through sentence-transformers' cross-encoder ``ListNetLoss``: cross-entropy between
+  the softmax of the scores and the softmax of the grades (Cao et al., ICML 2007, "Learning to
+  Rank: From Pairwise Approach to Listwise Approach"). A "perfect" chunk should outscore a
+  "relevant" one, a "related" one sit between relevant and irrelevant: the other two losses see
+  only relevant vs irrelevant and never see a related chunk at all. (sentence-transformers'
+  ``LambdaLoss`` takes the same lists; at this project's step budget it learned less.)
 
 Scoring with a trained reranker (``load_reranker``, ``rerank``) lives in ``reranker.py``.
 """
@@ -28,6 +35,7 @@ from typing import Callable
 import pandas as pd
 
 from flywheel.config import RerankerSettings, TrainingSettings
+from flywheel.lib.datasets.tiers import usable
 from flywheel.lib.labels.judges import stable_uniform
 from flywheel.lib.registry import index
 
@@ -67,6 +75,7 @@ class RerankerResult:
     steps: int
     train_seconds: float
     loss_history: list = field(default_factory=list)
+    examples: int = 0  # the trainer's dataset rows: triples, pairs, or (graded) one list per query
 
 
 def labelled_pairs(rows: pd.DataFrame, seed: int, shuffle_labels: bool = False) -> pd.DataFrame:
@@ -91,6 +100,53 @@ def listwise_rows(rows: pd.DataFrame, seed: int, shuffle_labels: bool = False) -
     return triples.assign(_o=order).sort_values("_o").drop(columns="_o").reset_index(drop=True)
 
 
+def graded_lists(rows: pd.DataFrame, judged: pd.DataFrame, *, list_size: int, seed: int,
+                 shuffle_labels: bool = False) -> tuple[pd.DataFrame, int]:
+    """(query, docs, labels) per training query, and how many queries had nothing to rank.
+
+    The queries are the training rows' own (so held-out queries never enter). Each list holds the
+    query's judged chunks graded >= 1 (highest grade first), then its grade-0 chunks, best-ranked
+    (hardest) first: judged ones, then the rows' mined negatives, up to ``list_size``. A list
+    whose chunks all share one grade teaches a ranking loss nothing and is left out (counted).
+    ``judged``: every judged pair to date (query_key, chunk_id, chunk_text, grade, rank, week).
+    """
+    keys = rows.drop_duplicates("query_key").set_index("query_key")["query"]
+    pool = usable(judged)
+    pool = pool[pool["query_key"].isin(keys.index)]
+    pool = pool.sort_values("week").drop_duplicates(["query_key", "chunk_id"], keep="last")
+    pool = pool.assign(grade=pool["grade"].astype(int), rank=pd.to_numeric(pool["rank"], errors="coerce"))
+    mined = rows[["query_key", "negative_id", "negative"]].rename(columns={"negative_id": "chunk_id", "negative": "chunk_text"})
+    mined = mined.assign(grade=0, rank=float("inf"), _mined=1)
+    everything = pd.concat([pool[["query_key", "chunk_id", "chunk_text", "grade", "rank"]].assign(_mined=0), mined],
+                           ignore_index=True)
+    everything = everything.drop_duplicates(["query_key", "chunk_id"], keep="first")  # a judged grade wins
+    everything["_r"] = everything["rank"].fillna(float("inf"))
+    out, flat, skipped = [], [], 0
+    for key, group in everything.groupby("query_key", sort=True):
+        graded = group[group["grade"] >= 1].sort_values(["grade", "_r", "chunk_id"], ascending=[False, True, True])
+        zeros = group[group["grade"] == 0].sort_values(["_mined", "_r", "chunk_id"])
+        chosen = pd.concat([graded.head(list_size - 1), zeros]).head(list_size)
+        if chosen["grade"].nunique() < 2:
+            skipped += 1
+            continue
+        out.append({"query": keys[key], "docs": chosen["chunk_text"].tolist(),
+                    "labels": [float(g) for g in chosen["grade"]]})
+        flat.extend(out[-1]["labels"])
+    lists = pd.DataFrame(out, columns=["query", "docs", "labels"])
+    if shuffle_labels and len(lists):
+        import numpy as np
+
+        permuted = iter(np.random.default_rng(seed).permutation(np.array(flat)).tolist())
+        lists["labels"] = [[next(permuted) for _ in labels] for labels in lists["labels"]]
+    order = [stable_uniform("rerank-lists", seed, q) for q in lists["query"]]
+    return lists.assign(_o=order).sort_values("_o").drop(columns="_o").reset_index(drop=True), skipped
+
+
+def rows_per_step(s: RerankerSettings) -> int:
+    """Dataset rows per optimizer step: queries (each a list) for the graded loss, rows otherwise."""
+    return s.graded_queries_per_step if s.loss == "graded" else s.batch_size
+
+
 def load_model(cfg: RerankerConfig):
     """A local encoder with a fresh one-logit head (a query/document Router model starts the
     cross-encoder from its query-side transformer)."""
@@ -102,11 +158,14 @@ def load_model(cfg: RerankerConfig):
                         device=index.resolve_device(cfg.training.device), local_files_only=True)
 
 
-def dataset_and_loss(model, rows: pd.DataFrame, pairs: pd.DataFrame, cfg: RerankerConfig):
-    """The trainer's dataset and the loss ``cfg.settings.loss`` names."""
+def dataset_and_loss(model, rows: pd.DataFrame, pairs: pd.DataFrame, cfg: RerankerConfig,
+                     judged: pd.DataFrame | None = None):
+    """The trainer's dataset and the loss ``cfg.settings.loss`` names (``graded`` needs ``judged``)."""
     import torch
     from datasets import Dataset
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.cross_encoder.losses import (
+        BinaryCrossEntropyLoss, ListNetLoss, MultipleNegativesRankingLoss,
+    )
 
     loss = cfg.settings.loss
     if loss == "bce":
@@ -118,7 +177,17 @@ def dataset_and_loss(model, rows: pd.DataFrame, pairs: pd.DataFrame, cfg: Rerank
         triples = listwise_rows(rows, cfg.seed, cfg.training.shuffle_labels)
         ds = Dataset.from_dict({c: triples[c].tolist() for c in ("query", "positive", "negative")})
         return ds, MultipleNegativesRankingLoss(model, num_negatives=cfg.settings.num_negatives)
-    raise ValueError(f"unknown reranker loss {loss!r}: use 'bce' or 'listwise'")
+    if loss == "graded":
+        if judged is None:
+            raise ValueError("FLYWHEEL_RERANKER_LOSS=graded needs the judged labels (relevance_labels to date)")
+        lists, _ = graded_lists(rows, judged, list_size=cfg.settings.list_size, seed=cfg.seed,
+                                shuffle_labels=cfg.training.shuffle_labels)
+        if lists.empty:
+            raise ValueError("FLYWHEEL_RERANKER_LOSS=graded: no training query has chunks of two different grades")
+        ds = Dataset.from_dict({c: lists[c].tolist() for c in ("query", "docs", "labels")})
+        # every pair of a step in one forward pass (a step is graded_queries_per_step x list_size pairs)
+        return ds, ListNetLoss(model, mini_batch_size=0)
+    raise ValueError(f"unknown reranker loss {loss!r}: use 'bce', 'listwise' or 'graded'")
 
 
 def is_head(name: str) -> bool:
@@ -140,7 +209,7 @@ def head_optimizer(model, cfg: RerankerConfig, n_examples: int) -> dict:
     ]
     if not groups[1]["params"]:
         return {}
-    steps = s.max_steps if s.max_steps > 0 else max(1, math.ceil(n_examples / s.batch_size * s.epochs))
+    steps = s.max_steps if s.max_steps > 0 else max(1, math.ceil(n_examples / rows_per_step(s) * s.epochs))
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     return {"optimizers": (optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps))}
@@ -152,8 +221,8 @@ def training_args(cfg: RerankerConfig, n_examples: int):
     s = cfg.settings
     return CrossEncoderTrainingArguments(
         output_dir=str(cfg.checkpoint_dir), num_train_epochs=s.epochs, max_steps=s.max_steps,
-        per_device_train_batch_size=s.batch_size, learning_rate=s.learning_rate, warmup_steps=cfg.warmup,
-        save_strategy="no", eval_strategy="no", logging_steps=max(1, n_examples // s.batch_size // 10),
+        per_device_train_batch_size=rows_per_step(s), learning_rate=s.learning_rate, warmup_steps=cfg.warmup,
+        save_strategy="no", eval_strategy="no", logging_steps=max(1, n_examples // rows_per_step(s) // 10),
         report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=index.resolve_device(cfg.training.device) == "cpu", disable_tqdm=True,
     )
@@ -172,9 +241,10 @@ def save_model(model, cfg: RerankerConfig, result: RerankerResult, examples: int
     }, indent=2, default=str))
 
 
-def train_reranker(rows: pd.DataFrame, cfg: RerankerConfig, *,
+def train_reranker(rows: pd.DataFrame, cfg: RerankerConfig, *, judged: pd.DataFrame | None = None,
                    progress: Callable[[str], None] | None = None) -> RerankerResult:
-    """Fine-tune a cross-encoder on training rows (query, positive(_id), negative(_id))."""
+    """Fine-tune a cross-encoder on training rows (query, positive(_id), negative(_id)); the graded
+    loss also reads ``judged``, every judged pair to date (relevance_labels)."""
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
 
     from flywheel.lib.training.callbacks import ProgressLinesCallback, progress_lines
@@ -188,7 +258,7 @@ def train_reranker(rows: pd.DataFrame, cfg: RerankerConfig, *,
     # 2. Data and 3. loss
     pairs = labelled_pairs(rows, cfg.seed, cfg.training.shuffle_labels)
     n_pos = int((pairs["label"] == 1).sum())
-    ds, loss = dataset_and_loss(model, rows, pairs, cfg)
+    ds, loss = dataset_and_loss(model, rows, pairs, cfg, judged)
     # 4. Arguments, and the optimizer that gives the new head its own learning rate
     trainer = CrossEncoderTrainer(model=model, args=training_args(cfg, len(ds)), train_dataset=ds, loss=loss,
                                   **head_optimizer(model, cfg, len(ds)))
@@ -198,7 +268,7 @@ def train_reranker(rows: pd.DataFrame, cfg: RerankerConfig, *,
     trainer.train()
     result = RerankerResult(
         model_dir=Path(cfg.output_dir), train_pairs=len(pairs), positives=n_pos, negatives=len(pairs) - n_pos,
-        steps=trainer.state.global_step, train_seconds=time.monotonic() - started,
+        steps=trainer.state.global_step, train_seconds=time.monotonic() - started, examples=len(ds),
         loss_history=[{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
     )
     # 6. Save as files

@@ -33,7 +33,9 @@ import pandas as pd
 from flywheel.config import TrainingSettings
 from flywheel.lib.labels.judges import stable_uniform
 from flywheel.lib.registry import index
-from flywheel.lib.training.corpus import CorpusEmbeddings, corpus_targets, query_document_model, write_towers_file
+from flywheel.lib.training.corpus import (
+    CorpusEmbeddings, corpus_targets, graded_targets, query_document_model, write_towers_file,
+)
 
 TRAINING_FILE = "flywheel_training.json"
 
@@ -118,6 +120,7 @@ class TrainingData:
     dataset: object  # datasets.Dataset
     targets: list = field(default_factory=list)
     masked: list = field(default_factory=list)
+    soft: list | None = None  # graded target distributions (corpus_targets = "graded")
 
 
 def load_model(cfg: TrainConfig):
@@ -130,8 +133,10 @@ def load_model(cfg: TrainConfig):
 
 
 def prepare_data(rows: pd.DataFrame, cfg: TrainConfig, corpus: CorpusEmbeddings | None,
-                 related: dict | None, say: Callable[[str], None]) -> TrainingData:
-    """Whole training queries held out for validation; the rest trains (shuffled on request)."""
+                 related: dict | None, say: Callable[[str], None], grades: dict | None = None) -> TrainingData:
+    """Whole training queries held out for validation; the rest trains (shuffled on request).
+    ``grades`` (query_key -> {chunk_id: grade >= 1}) makes the corpus loss's targets graded when
+    ``corpus_targets`` asks for it (a shuffled-labels run keeps its one shuffled positive)."""
     from datasets import Dataset
 
     train_df, val_df = split_validation(rows, cfg.settings.validation_fraction, cfg.seed)
@@ -146,6 +151,11 @@ def prepare_data(rows: pd.DataFrame, cfg: TrainConfig, corpus: CorpusEmbeddings 
         train_df = train_df[[t >= 0 for t in targets]].reset_index(drop=True)
         targets, masked, _ = corpus_targets(train_df, corpus.ids, related)
     dataset = Dataset.from_dict({"anchor": list(train_df["query"]), "label": list(range(len(train_df)))})
+    if cfg.settings.corpus_targets == "graded" and not cfg.settings.shuffle_labels:
+        if grades is None:
+            raise ValueError("FLYWHEEL_TRAIN_CORPUS_TARGETS=graded needs the judged grades (relevance_labels to date)")
+        soft = graded_targets(train_df, corpus.ids, grades)
+        return TrainingData(train_df, val_df, dataset, targets, [[] for _ in targets], soft)
     return TrainingData(train_df, val_df, dataset, targets, masked)
 
 
@@ -170,7 +180,7 @@ def make_loss(model, cfg: TrainConfig, data: TrainingData | None = None, corpus:
     from flywheel.lib.training.losses import bi_encoder_loss
 
     if cfg.query_only:
-        return bi_encoder_loss(model, cfg, corpus=corpus.vectors, targets=data.targets, masked=data.masked)
+        return bi_encoder_loss(model, cfg, corpus=corpus.vectors, targets=data.targets, masked=data.masked, soft=data.soft)
     return bi_encoder_loss(model, cfg)
 
 
@@ -335,13 +345,14 @@ def train_bi_encoder(
     *,
     corpus: CorpusEmbeddings | None = None,
     related: dict[str, set[str]] | None = None,
+    grades: dict[str, dict[str, int]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Fine-tune ``cfg.base_model`` on rows with query, query_key, positive(_id), negative(_id).
 
     The ``corpus`` loss also needs ``corpus`` (the base's corpus embeddings, as served) and takes
     ``related`` (query_key -> chunk ids judged relevant or related) to keep them out of its
-    negatives."""
+    negatives, or ``grades`` (query_key -> {chunk_id: grade}) for its graded targets."""
     from flywheel.lib.training import forgetting
 
     say = progress or (lambda _m: None)
@@ -351,7 +362,7 @@ def train_bi_encoder(
 
     # 1. Model, 2. data and validation (held-out training queries; the general-domain slice)
     model = load_model(cfg)
-    data = prepare_data(rows, cfg, corpus, related, say)
+    data = prepare_data(rows, cfg, corpus, related, say, grades)
     set_widget_examples(model, data.train_df)
     evaluator = make_evaluator(data, cfg, corpus, related)
     general = forgetting.general_evaluator(forgetting.load_general_pairs())

@@ -34,6 +34,8 @@ class CorpusSoftmaxLoss(nn.Module):
         targets: per training row, the corpus index of its positive.
         masked: per training row, corpus indices left out of its softmax (other relevant chunks).
         scale: inverse temperature applied to the cosine scores.
+        soft: per training row, (corpus indices, weights summing to 1): a graded target
+            distribution (``corpus.graded_targets``) in place of the one positive; None: one positive.
 
     Inputs: the dataset's ``anchor`` column (query text) and ``label`` column holding the *row
     number*; the loss looks up that row's target and masked chunks, so one column carries all it
@@ -41,13 +43,14 @@ class CorpusSoftmaxLoss(nn.Module):
     """
 
     def __init__(self, model, corpus: np.ndarray, targets: Sequence[int], masked: Sequence[Sequence[int]],
-                 scale: float) -> None:
+                 scale: float, soft: Sequence[tuple[Sequence[int], Sequence[float]]] | None = None) -> None:
         super().__init__()
         self.model = model
         self.corpus = torch.from_numpy(np.array(corpus, dtype=np.float32))  # a writable copy
         self.targets = list(targets)
         self.masked = [list(m) for m in masked]
         self.scale = scale
+        self.soft = list(soft) if soft is not None else None
 
     def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
         queries = self.model(sentence_features[0])["sentence_embedding"]
@@ -59,20 +62,27 @@ class CorpusSoftmaxLoss(nn.Module):
         for i, r in enumerate(rows):
             if self.masked[r]:
                 mask[i, self.masked[r]] = True
-        return nn.functional.cross_entropy(scores.masked_fill(mask, MASKED_LOGIT), target)
+        scores = scores.masked_fill(mask, MASKED_LOGIT)
+        if self.soft is None:
+            return nn.functional.cross_entropy(scores, target)
+        dist = torch.zeros_like(scores)
+        for i, r in enumerate(rows):
+            where, weights = self.soft[r]
+            dist[i, list(where)] = torch.tensor(list(weights), dtype=scores.dtype, device=scores.device)
+        return -(dist * nn.functional.log_softmax(scores, dim=-1)).sum(dim=-1).mean()
 
     def get_config_dict(self) -> dict:
-        return {"scale": self.scale, "corpus_chunks": int(self.corpus.shape[0])}
+        return {"scale": self.scale, "corpus_chunks": int(self.corpus.shape[0]), "graded_targets": self.soft is not None}
 
     @property
     def citation(self) -> str:
         return "Full-softmax retrieval loss over a frozen corpus (InfoNCE without sampling; van den Oord et al., 2018)."
 
 
-def bi_encoder_loss(model, cfg, *, corpus: np.ndarray | None = None, targets=None, masked=None) -> nn.Module:
+def bi_encoder_loss(model, cfg, *, corpus: np.ndarray | None = None, targets=None, masked=None, soft=None) -> nn.Module:
     """The loss ``cfg.settings.loss`` names, for ``model`` (``cfg`` is a TrainConfig).
 
-    ``corpus``, ``targets`` and ``masked`` are needed by the ``corpus`` loss only."""
+    ``corpus``, ``targets``, ``masked`` (and the graded ``soft`` targets) are for the ``corpus`` loss only."""
     from sentence_transformers.sentence_transformer import losses
 
     from flywheel.lib.registry import index
@@ -81,7 +91,7 @@ def bi_encoder_loss(model, cfg, *, corpus: np.ndarray | None = None, targets=Non
     if name == "corpus":
         if corpus is None or targets is None or masked is None:
             raise ValueError("loss 'corpus' needs the corpus matrix and each row's target and masked chunks")
-        return CorpusSoftmaxLoss(model, corpus, targets, masked, cfg.settings.corpus_scale)
+        return CorpusSoftmaxLoss(model, corpus, targets, masked, cfg.settings.corpus_scale, soft=soft)
     if name == "mnrl":
         return losses.MultipleNegativesRankingLoss(model)
     if name == "gist":

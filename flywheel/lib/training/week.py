@@ -23,7 +23,7 @@ from flywheel.lib.datasets.mining import MiningConfig, build_training_rows
 from flywheel.lib.datasets.tiers import content_hash
 from flywheel.lib.registry import index
 from flywheel.lib.training import forgetting
-from flywheel.lib.training.corpus import frozen_corpus, related_chunks
+from flywheel.lib.training.corpus import frozen_corpus, judged_grades, related_chunks
 from flywheel.lib.training.cross_encoder import RerankerConfig, RerankerResult, train_reranker
 from flywheel.lib.training.embedder import TrainConfig, TrainResult, train_bi_encoder
 
@@ -143,15 +143,16 @@ def train_week(
     )
 
     # 2. The corpus loss's negatives: the base's corpus embeddings as served, minus related chunks
-    frozen, related = None, None
+    frozen, related, grades = None, None, None
     if cfg.query_only:
         frozen = frozen_corpus(lancedb_uri, cfg.base_model, corpus, max_seq_length=settings.encode_max_seq_length,
                                device=settings.device, batch_size=settings.encode_batch_size,
                                precision=settings.inference_precision, progress=progress)
         related = related_chunks(labels)
+        grades = judged_grades(labels) if settings.corpus_targets == "graded" else None
 
     # 3. Train: early stopping on held-out training queries, the forgetting guard, saved as files
-    result = train_bi_encoder(rows, cfg, corpus=frozen, related=related, progress=progress)
+    result = train_bi_encoder(rows, cfg, corpus=frozen, related=related, grades=grades, progress=progress)
 
     # 4. The corpus table the new model searches, embedded once here (the report, the gate and
     #    serving reuse it); a query-only model reads its base's table: nothing to embed
@@ -186,7 +187,7 @@ class RerankerWeek:
 
     def mlflow_metrics(self) -> dict:
         r = self.result
-        return {"train_seconds": r.train_seconds, "train_steps": r.steps, "train_pairs": r.train_pairs,
+        return {"train_seconds": r.train_seconds, "train_steps": r.steps, "train_examples": r.examples, "train_pairs": r.train_pairs,
                 "positives": r.positives, "negatives": r.negatives}
 
     def step_metrics(self) -> list[tuple[int, dict]]:
@@ -194,7 +195,8 @@ class RerankerWeek:
 
     def metadata(self) -> dict:
         r = self.result
-        return {"train_pairs": r.train_pairs, "positives": r.positives, "negatives": r.negatives,
+        return {"loss": self.config.settings.loss, "train_examples": r.examples,
+                "train_pairs": r.train_pairs, "positives": r.positives, "negatives": r.negatives,
                 "train_steps": r.steps, "train_seconds": round(r.train_seconds, 1),
                 "training_rows_sha256": self.training_rows_sha256}
 
@@ -216,17 +218,19 @@ def train_reranker_week(
     seed: int,
     output_dir: Path,
     embedder_dir: str | Path | None = None,
+    labels: pd.DataFrame | None = None,
     progress: Say = None,
 ) -> RerankerWeek:
     """Train the week's cross-encoder on the embedder's training rows, starting from the week's
-    embedder (``settings.init == "embedder"``; ``embedder_dir``) or from the base."""
+    embedder (``settings.init == "embedder"``; ``embedder_dir``) or from the base. ``labels``:
+    every judged pair to date, which the graded loss ranks query by query."""
     if settings.init == "embedder" and not embedder_dir:
         raise ValueError("FLYWHEEL_RERANKER_INIT=embedder needs the week's trained embedder (embedder_dir)")
     cfg = RerankerConfig(
         settings=settings, training=training, base_model=str(base_model), output_dir=Path(output_dir), seed=seed,
         init_model=str(embedder_dir) if settings.init == "embedder" else None,
     )
-    result = train_reranker(rows, cfg, progress=progress)
+    result = train_reranker(rows, cfg, judged=labels, progress=progress)
     return RerankerWeek(config=cfg, result=result, training_rows_sha256=content_hash(rows))
 
 
