@@ -168,6 +168,30 @@ def test_openvino_embeddings_stay_within_tolerance_of_fp32(base_model_path, fp32
     assert expected[0] < cost.weights_mb(model) < expected[1]
 
 
+def test_openvino_runs_both_routes_of_a_query_document_model(base_model_path):
+    # the corpus loss's models are Routers: a query route and a document route, each its own
+    # network; both run on OpenVINO (a document route left on PyTorch encoded at the fp32 rate)
+    import torch
+
+    from flywheel.lib.training.corpus import query_document_model
+
+    fp32 = query_document_model(base_model_path, device="cpu", max_seq_length=128)
+    with torch.no_grad():
+        for p in fp32[0].sub_modules["query"][0].parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a "trained" query route: not the base's weights
+    ov = query_document_model(base_model_path, device="cpu", max_seq_length=128)
+    ov.load_state_dict(fp32.state_dict())
+    inference.apply_precision(ov, "openvino-bf16")
+    modules = openvino_backend.transformer_modules(ov)
+    assert [type(m.model).__name__ for m in modules] == ["_OpenVINOModel", "_OpenVINOModel"]
+    for task in ("query", "document"):
+        a, b = index.encode(fp32, TEXTS, task=task), index.encode(ov, TEXTS, task=task)
+        assert (a * b).sum(axis=1).min() > 0.999
+    q, d = index.encode(ov, TEXTS, task="query"), index.encode(ov, TEXTS, task="document")
+    assert not np.allclose(q, d, atol=1e-3)  # each route runs its own network
+    assert 80 < cost.weights_mb(ov) < 100  # both networks counted
+
+
 def test_openvino_cross_encoder_scores_correlate_with_fp32(base_model_path):
     import torch
 

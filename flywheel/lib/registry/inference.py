@@ -128,11 +128,11 @@ def precision_of(model) -> str:
 
 def runtime_weights_mb(model) -> float | None:
     """Megabytes of the weights of a model running on OpenVINO (its IR as saved); None on PyTorch."""
-    from flywheel.lib.registry.openvino_backend import transformer_module
+    from flywheel.lib.registry.openvino_backend import transformer_modules
 
     if precision_of(model) not in OPENVINO_PRECISIONS:
         return None
-    return transformer_module(model).model.weights_mb
+    return sum(m.model.weights_mb for m in transformer_modules(model))
 
 
 def table_suffix(precision: str) -> str:

@@ -111,17 +111,24 @@ def _wrapper_class():
     return _OpenVINOModel
 
 
-def transformer_module(model):
-    """The sentence-transformers ``Transformer`` module of a SentenceTransformer or CrossEncoder."""
+def transformer_modules(model) -> list:
+    """Every sentence-transformers ``Transformer`` module of a SentenceTransformer or CrossEncoder:
+    one, or one per route of a query/document ``Router`` model (the corpus loss's)."""
     from sentence_transformers.base.modules.transformer import Transformer
 
-    module = next((m for m in model.modules() if isinstance(m, Transformer)), None)
-    if module is None:
+    modules = [m for m in model.modules() if isinstance(m, Transformer)]
+    if not modules:
         raise ValueError(f"{type(model).__name__} has no transformers module to run on OpenVINO")
-    spec = module.modality_config.get("text", {})
-    if spec.get("method") != "forward" or not isinstance(spec.get("method_output_name"), str):
-        raise ValueError(f"OpenVINO runs text models whose forward returns one output, not {spec}")
-    return module
+    for module in modules:
+        spec = module.modality_config.get("text", {})
+        if spec.get("method") != "forward" or not isinstance(spec.get("method_output_name"), str):
+            raise ValueError(f"OpenVINO runs text models whose forward returns one output, not {spec}")
+    return modules
+
+
+def transformer_module(model):
+    """The first ``Transformer`` module (the only one, but for a Router model: its first route's)."""
+    return transformer_modules(model)[0]
 
 
 def weights_fingerprint(module) -> str:
@@ -137,7 +144,8 @@ def weights_fingerprint(module) -> str:
 
 
 def calibration_inputs(model, texts: Sequence[str] | None, pairs: bool) -> list[dict]:
-    """Tokenized calibration batches, exactly as the model tokenizes at inference."""
+    """Tokenized calibration batches, exactly as the model (or one ``Transformer`` module of it)
+    tokenizes at inference."""
     texts = [t for t in (texts if texts is not None else DEFAULT_CALIBRATION_TEXTS) if t and t.strip()]
     if not texts:
         raise ValueError("openvino-int8 needs calibration texts; none were given (all empty)")
@@ -190,14 +198,14 @@ def _quiet_conversion():
         logging.getLogger("nncf").setLevel(level)
 
 
-def convert(model, module, precision: str, calibration: list[dict] | None):
+def convert(module, precision: str, calibration: list[dict] | None):
     """The ``Transformer`` module's network as an ``openvino.Model`` (NNCF-quantized for int8)."""
     import openvino as ov
     import torch
 
     output = module.modality_config["text"]["method_output_name"]
     example = calibration[0] if calibration else {
-        k: v.numpy() for k, v in model.preprocess(list(DEFAULT_CALIBRATION_TEXTS[:2])).items() if k in INPUT_NAMES}
+        k: v.numpy() for k, v in module.preprocess(list(DEFAULT_CALIBRATION_TEXTS[:2])).items() if k in INPUT_NAMES}
     names = [k for k in INPUT_NAMES if k in example]
     hf = module.model
 
@@ -236,33 +244,33 @@ def ir_weights_mb(ov_model) -> float:
     return total / 1e6
 
 
-def load_or_convert(model, module, precision: str, calibration, cache_dir: Path | None):
-    """The ``openvino.Model``: one converted earlier in this process (a weekly report loads the
-    same model several times), else read from ``cache_dir`` when saved there, else converted
-    (and saved)."""
-    key = cache_key(weights_fingerprint(module.model), precision, calibration, int(model.max_seq_length or 0),
+def load_or_convert(module, precision: str, calibration, cache_dir: Path | None):
+    """The ``openvino.Model`` of one ``Transformer`` module: one converted earlier in this process
+    (a weekly report loads the same model several times; a Router's document route is its base's
+    network), else read from ``cache_dir`` when saved there, else converted (and saved)."""
+    key = cache_key(weights_fingerprint(module.model), precision, calibration, int(module.max_seq_length or 0),
                     module.modality_config["text"]["method_output_name"])
     if key in _CONVERTED:
         _CONVERTED.move_to_end(key)
         CONVERSIONS[(precision, "memory-hit")] += 1
         return _CONVERTED[key]
-    ov_model = _read_or_convert(model, module, precision, calibration, cache_dir, key)
+    ov_model = _read_or_convert(module, precision, calibration, cache_dir, key)
     _CONVERTED[key] = ov_model
     while len(_CONVERTED) > CONVERTED_IN_MEMORY:
         _CONVERTED.popitem(last=False)
     return ov_model
 
 
-def _read_or_convert(model, module, precision: str, calibration, cache_dir: Path | None, key: str):
+def _read_or_convert(module, precision: str, calibration, cache_dir: Path | None, key: str):
     import openvino as ov
 
     if cache_dir is None:
-        return convert(model, module, precision, calibration)
+        return convert(module, precision, calibration)
     xml = Path(cache_dir) / f"{precision}-{key}" / "model.xml"
     if xml.exists():
         CONVERSIONS[(precision, "cache-hit")] += 1
         return ov.Core().read_model(xml)
-    ov_model = convert(model, module, precision, calibration)
+    ov_model = convert(module, precision, calibration)
     tmp = xml.parent.with_name(xml.parent.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     ov.save_model(ov_model, tmp / "model.xml")
@@ -277,21 +285,22 @@ def _read_or_convert(model, module, precision: str, calibration, cache_dir: Path
 
 def run_on_openvino(model, precision: str, *, bf16: bool, threads: int,
                     calibration_texts: Sequence[str] | None = None, cache_dir: str | Path | None = None):
-    """Swap the model's transformers network for its compiled OpenVINO version, in place."""
+    """Swap each of the model's transformers networks (one per Router route) for its compiled
+    OpenVINO version, in place; each route is calibrated with its own tokenizer."""
     import openvino as ov
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    module = transformer_module(model)
-    calibration = None
-    if precision == "openvino-int8":
-        calibration = calibration_inputs(model, calibration_texts, pairs=isinstance(model, CrossEncoder))
-    ov_model = load_or_convert(model, module, precision, calibration, Path(cache_dir) if cache_dir else None)
-    names = [i.get_any_name() for i in ov_model.inputs]
-    compiled = ov.Core().compile_model(ov_model, "CPU", {
-        "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-        "INFERENCE_NUM_THREADS": max(1, threads),
-        "PERFORMANCE_HINT": "LATENCY",
-    })
-    config, output = module.model.config, module.modality_config["text"]["method_output_name"]
-    module.model = _wrapper_class()(compiled, config, output, names, ir_weights_mb(ov_model))
+    for module in transformer_modules(model):
+        calibration = None
+        if precision == "openvino-int8":
+            calibration = calibration_inputs(module, calibration_texts, pairs=isinstance(model, CrossEncoder))
+        ov_model = load_or_convert(module, precision, calibration, Path(cache_dir) if cache_dir else None)
+        names = [i.get_any_name() for i in ov_model.inputs]
+        compiled = ov.Core().compile_model(ov_model, "CPU", {
+            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+            "INFERENCE_NUM_THREADS": max(1, threads),
+            "PERFORMANCE_HINT": "LATENCY",
+        })
+        config, output = module.model.config, module.modality_config["text"]["method_output_name"]
+        module.model = _wrapper_class()(compiled, config, output, names, ir_weights_mb(ov_model))
     return model
