@@ -46,6 +46,11 @@ def usable(labels: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def latest_usable(labels: pd.DataFrame) -> pd.DataFrame:
+    """Usable labels with one row per (query, chunk): a pair judged in several weeks keeps its latest."""
+    return usable(labels).sort_values("week", kind="stable").drop_duplicates(["query_key", "chunk_id"], keep="last")
+
+
 def _latest_request_per_query(labels: pd.DataFrame) -> pd.DataFrame:
     """A query asked twice keeps only its latest request's results (what users saw last)."""
     last = labels.groupby("query_key")["request_id"].max()

@@ -126,11 +126,6 @@ def transformer_modules(model) -> list:
     return modules
 
 
-def transformer_module(model):
-    """The first ``Transformer`` module (the only one, but for a Router model: its first route's)."""
-    return transformer_modules(model)[0]
-
-
 def weights_fingerprint(module) -> str:
     """Hash of every tensor in the torch module's state dict (names, dtypes, shapes and bytes)."""
     import torch

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from flywheel.lib.datasets.tiers import latest_usable
 from flywheel.lib.registry import index
 
 
@@ -48,10 +49,7 @@ def related_chunks(labels: pd.DataFrame) -> dict[str, set[str]]:
 
 def judged_grades(labels: pd.DataFrame) -> dict[str, dict[str, int]]:
     """query_key -> {chunk_id: grade} for chunks graded >= 1 (a pair judged in several weeks: its latest grade)."""
-    judged = labels[labels["grade"].notna()]
-    if "week" in judged.columns:
-        judged = judged.sort_values("week", kind="stable")
-    judged = judged.drop_duplicates(["query_key", "chunk_id"], keep="last")
+    judged = latest_usable(labels)
     judged = judged[judged["grade"] >= 1]
     out: dict[str, dict[str, int]] = {}
     for key, cid, grade in zip(judged["query_key"], judged["chunk_id"], judged["grade"]):

@@ -35,7 +35,7 @@ from typing import Callable
 import pandas as pd
 
 from flywheel.config import RerankerSettings, TrainingSettings
-from flywheel.lib.datasets.tiers import usable
+from flywheel.lib.datasets.tiers import latest_usable
 from flywheel.lib.labels.judges import stable_uniform
 from flywheel.lib.registry import index
 
@@ -111,9 +111,8 @@ def graded_lists(rows: pd.DataFrame, judged: pd.DataFrame, *, list_size: int, se
     ``judged``: every judged pair to date (query_key, chunk_id, chunk_text, grade, rank, week).
     """
     keys = rows.drop_duplicates("query_key").set_index("query_key")["query"]
-    pool = usable(judged)
+    pool = latest_usable(judged)
     pool = pool[pool["query_key"].isin(keys.index)]
-    pool = pool.sort_values("week").drop_duplicates(["query_key", "chunk_id"], keep="last")
     pool = pool.assign(grade=pool["grade"].astype(int), rank=pd.to_numeric(pool["rank"], errors="coerce"))
     mined = rows[["query_key", "negative_id", "negative"]].rename(columns={"negative_id": "chunk_id", "negative": "chunk_text"})
     mined = mined.assign(grade=0, rank=float("inf"), _mined=1)

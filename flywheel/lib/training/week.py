@@ -187,8 +187,8 @@ class RerankerWeek:
 
     def mlflow_metrics(self) -> dict:
         r = self.result
-        return {"train_seconds": r.train_seconds, "train_steps": r.steps, "train_examples": r.examples, "train_pairs": r.train_pairs,
-                "positives": r.positives, "negatives": r.negatives}
+        return {"train_seconds": r.train_seconds, "train_steps": r.steps, "train_examples": r.examples,
+                "train_pairs": r.train_pairs, "positives": r.positives, "negatives": r.negatives}
 
     def step_metrics(self) -> list[tuple[int, dict]]:
         return [(h["step"], {"train_loss": h["loss"]}) for h in self.result.loss_history]
