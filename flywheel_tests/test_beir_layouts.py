@@ -153,7 +153,7 @@ def test_graded_and_zero_scores_are_kept_and_zero_is_not_relevant(tmp_path):
     assert not labels.knows(ds.queries["PLAIN-17"])  # the test split never feeds labels
     queries, qrels = test_split_suite(ds)
     assert set(queries) == {f"PLAIN-{i}" for i in TEST}
-    assert qrels["PLAIN-17"] == {"MED-17", "MED-18"}
+    assert qrels["PLAIN-17"] == {"MED-17": 2, "MED-18": 1}  # levels kept as gains, as BEIR scores NDCG
 
 
 def test_empty_titles_metadata_and_non_numeric_ids(tmp_path):

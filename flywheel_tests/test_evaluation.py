@@ -18,6 +18,19 @@ def test_query_metrics_match_hand_computed_values():
     assert m["first_relevant_rank"] == 2
 
 
+def test_graded_qrels_are_gains_as_beir_scores_them():
+    # BEIR scores NDCG@10 with pytrec_eval's ndcg_cut.10 (trec_eval): gain = the qrel's level,
+    # discount log2(rank + 1), the ideal DCG from the qrels' levels sorted high to low
+    m = evaluation.query_metrics(["a", "b", "c"], {"a": 1, "c": 2, "d": 2})
+    dcg = 1 / math.log2(2) + 2 / math.log2(4)
+    idcg = 2 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4)
+    assert m["ndcg@10"] == pytest.approx(dcg / idcg)
+    assert m["ndcg@10"] < evaluation.query_metrics(["a", "b", "c"], {"a", "c", "d"})["ndcg@10"]  # a level-1 chunk first costs more when graded
+    assert m["recall@3"] == pytest.approx(2 / 3) and m["mrr@10"] == 1.0  # any level above 0 is relevant
+    # with every level 1, graded and binary agree
+    assert evaluation.query_metrics(["a", "b", "c"], dict.fromkeys("acd", 1)) == evaluation.query_metrics(["a", "b", "c"], {"a", "c", "d"})
+
+
 def test_query_metrics_when_nothing_relevant_is_found():
     m = evaluation.query_metrics(["x"] * 20, {"b"})
     assert m["ndcg@10"] == 0 and m["mrr@10"] == 0 and math.isnan(m["first_relevant_rank"])

@@ -30,8 +30,10 @@ Pool = Callable[[Mapping[str, Mapping[str, Mapping[str, list[str]]]], Mapping[st
 REPORT_METRICS = ["ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "recall@40", "mrr@10"]
 
 
-def test_split_suite(ds: BeirDataset) -> tuple[dict[str, str], dict[str, set[str]]]:
-    qrels = {qid: {d for d, s in docs.items() if s > 0} for qid, docs in ds.qrels.get("test", {}).items()}
+def test_split_suite(ds: BeirDataset) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """The human-labelled test split: queries, and per query its relevant chunks with their qrel
+    levels as gains (a level of 0 is judged irrelevant), as BEIR scores them."""
+    qrels = {qid: {d: s for d, s in docs.items() if s > 0} for qid, docs in ds.qrels.get("test", {}).items()}
     return {qid: ds.queries[qid] for qid in qrels if qid in ds.queries}, qrels
 
 

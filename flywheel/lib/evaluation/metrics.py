@@ -1,14 +1,17 @@
 """Retrieval metrics, per query, so that every comparison can be paired and bootstrapped.
 
-Rankings come from the same LanceDB search the app serves from; relevance is binary (a human
-qrel, or a judged grade >= 2). NDCG@10 follows BEIR (gain 1 per relevant chunk, log2
-discount), so the base model's figure can be checked against the published one.
+Rankings come from the same LanceDB search the app serves from. Relevance is a set of relevant
+chunks (the judge's eval sets: grade >= 2, gain 1 each) or a mapping chunk -> gain (a dataset's
+human qrels, graded where the dataset grades: NFCorpus 1-2, TREC-COVID 1-2). NDCG@10 follows
+BEIR, which scores with pytrec_eval's ``ndcg_cut.10`` (trec_eval: gain = the qrel's level, log2
+discount, ideal DCG from the qrels' levels), so the base model's figure can be checked against
+the published one on graded datasets too. Recall and MRR count any level above 0 as relevant.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import AbstractSet, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -19,10 +22,19 @@ RECALL_KS = (1, 2, 3, 5, 10, 20, 40)  # the report's Recall@k curve
 SEARCH_DEPTH = 100  # how deep we look for the first relevant chunk
 
 
-def query_metrics(ranked: Sequence[str], relevant: set[str], *, recall_ks=RECALL_KS) -> dict:
-    rel_flags = [doc in relevant for doc in ranked]
-    dcg = sum(1.0 / math.log2(i + 2) for i, r in enumerate(rel_flags[:10]) if r)
-    idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(relevant), 10)))
+Relevant = Union[AbstractSet[str], Mapping[str, float]]  # relevant chunks (gain 1), or chunk -> gain > 0
+
+
+def gains(relevant: Relevant) -> Mapping[str, float]:
+    """chunk -> gain: a set's chunks gain 1 each; a mapping's levels are the gains."""
+    return relevant if isinstance(relevant, Mapping) else dict.fromkeys(relevant, 1.0)
+
+
+def query_metrics(ranked: Sequence[str], relevant: Relevant, *, recall_ks=RECALL_KS) -> dict:
+    gain = gains(relevant)
+    rel_flags = [doc in gain for doc in ranked]
+    dcg = sum(gain[doc] / math.log2(i + 2) for i, doc in enumerate(ranked[:10]) if doc in gain)
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(gain.values(), reverse=True)[:10]))
     first = next((i + 1 for i, r in enumerate(rel_flags) if r), None)
     out = {
         "ndcg@10": dcg / idcg if idcg else 0.0,
@@ -36,7 +48,7 @@ def query_metrics(ranked: Sequence[str], relevant: set[str], *, recall_ks=RECALL
 
 def evaluate_rankings(
     rankings: Mapping[str, Sequence[str]],
-    qrels: Mapping[str, set[str]],
+    qrels: Mapping[str, Relevant],
     *,
     recall_ks=RECALL_KS,
     judged: Mapping[str, set[str]] | None = None,
