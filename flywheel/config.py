@@ -236,6 +236,10 @@ class TrainingSettings(Section):
         "OpenVINO, bf16 on a GPU that has it); int8 = dynamic quantization (CPU only); openvino-* = compiled on OpenVINO (CPU only)",
         env="FLYWHEEL_ENCODE_PRECISION")
     device: str = setting("auto", "torch device (auto: cuda if present, else cpu)", env="FLYWHEEL_DEVICE")
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "auto", "mixed precision while training both models: auto = bf16 where it runs natively (a CPU with "
+        "AVX512-BF16 or AMX, a GPU with bf16), else fp32; the corpus loss scores in fp32 either way",
+        env="FLYWHEEL_TRAIN_PRECISION")
     shuffle_labels: bool = setting(False, "train on shuffled positives (shows that the gate stops noise)")
 
 

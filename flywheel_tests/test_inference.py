@@ -90,6 +90,20 @@ def test_resolve_precision(monkeypatch):
         inference.resolve_precision("openvino-bf16", "cuda")
 
 
+def test_training_precision_is_bf16_where_it_runs_natively(monkeypatch):
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    assert inference.training_bf16("auto", "cpu") is True
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    assert inference.training_bf16("auto", "cpu") is False
+    assert inference.training_bf16("bf16", "cpu") is True and inference.training_bf16("fp32", "cpu") is False
+    with pytest.raises(ValueError, match="'fp16' is not one of"):
+        inference.training_bf16("fp16", "cpu")
+    assert load_config({}).training.precision == "auto"
+    assert load_config({"FLYWHEEL_TRAIN_PRECISION": "fp32"}).training.precision == "fp32"
+    with pytest.raises(ConfigError, match="FLYWHEEL_TRAIN_PRECISION='int8' is not allowed"):
+        load_config({"FLYWHEEL_TRAIN_PRECISION": "int8"})
+
+
 def test_corpus_tables_of_different_precisions_never_mix():
     corpus = Corpus(("a",), ("text",), "0" * 64)
     fp32 = index.corpus_table_name("m1", corpus, 256)

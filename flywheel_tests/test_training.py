@@ -566,6 +566,44 @@ def test_a_one_chunk_graded_target_is_the_plain_corpus_loss_and_grades_move_it()
     assert float(spread) > float(one)
 
 
+def test_the_corpus_loss_scores_in_fp32_under_bf16_autocast():
+    # bf16 has 8 bits of mantissa: at scale 50, near neighbours' logits would blur; the loss
+    # turns autocast off for its scores, so mixed-precision training gives the fp32 loss
+    import torch
+
+    from flywheel.lib.training.losses import CorpusSoftmaxLoss
+
+    class _Model:
+        def __call__(self, features):
+            return {"sentence_embedding": features["x"]}
+
+    rng = np.random.default_rng(0)
+    corpus = (rng.normal(size=(1, 32)) + 0.05 * rng.normal(size=(200, 32))).astype(np.float32)  # near neighbours
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    x = torch.from_numpy(corpus[:4] + 0.01 * rng.normal(size=(4, 32)).astype(np.float32))
+    x = x / x.norm(dim=1, keepdim=True)
+    loss = CorpusSoftmaxLoss(_Model(), corpus, [0, 1, 2, 3], [[], [], [], []], scale=50.0)
+    fp32 = loss([{"x": x}], torch.arange(4))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = loss([{"x": x}], torch.arange(4))
+        blurred = torch.nn.functional.cross_entropy((x @ torch.from_numpy(corpus).T) * 50.0, torch.arange(4))
+    assert mixed.dtype == torch.float32 and float(mixed) == pytest.approx(float(fp32), rel=1e-6)
+    assert abs(float(blurred) - float(fp32)) > 1e-4  # what autocast alone would have computed
+
+
+def test_training_arguments_follow_the_training_precision(tmp_path, base_model_path):
+    from flywheel.config import RerankerSettings, TrainingSettings
+    from flywheel.lib.training import cross_encoder
+    from flywheel.lib.training.embedder import TrainConfig, training_args
+
+    for precision, bf16 in (("bf16", True), ("fp32", False)):
+        s = TrainingSettings(device="cpu", precision=precision)
+        assert training_args(TrainConfig(s, base_model_path, tmp_path / "m", 0), 10, 10).bf16 is bf16
+        cfg = cross_encoder.RerankerConfig(settings=RerankerSettings(), training=s, base_model=base_model_path,
+                                           output_dir=tmp_path / "r", seed=0)
+        assert cross_encoder.training_args(cfg, 16).bf16 is bf16
+
+
 def test_graded_corpus_targets_train_and_need_the_grades(rows, small_beir, base_model_path, tmp_path):
     _, _, corpus = _corpus_embeddings(small_beir, base_model_path, tmp_path)
     cfg = train_cfg(base_model_path, tmp_path / "g", batch_size=16, max_seq_length=64, max_steps=2,

@@ -67,6 +67,20 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
     return precision
 
 
+def training_bf16(precision: str, device: str = "cpu") -> bool:
+    """Train in bf16 mixed precision (the trainer's ``bf16``: autocast, fp32 master weights)?
+    ``auto``: where bf16 runs natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"training precision {precision!r} is not one of ('auto', 'fp32', 'bf16')")
+    if precision != "auto":
+        return precision == "bf16"
+    if str(device).startswith("cuda"):
+        import torch
+
+        return bool(torch.cuda.is_bf16_supported())
+    return cpu_has_native_bf16()
+
+
 def _missing_openvino_packages(precision: str = "openvino-int8") -> list[str]:
     import importlib.util
 

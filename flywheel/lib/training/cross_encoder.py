@@ -62,8 +62,12 @@ class RerankerConfig:
 
     def params(self) -> dict:
         run = {k: v for k, v in asdict(self).items() if k not in ("settings", "training")}
-        return {**self.settings.model_dump(mode="json"), "device": self.training.device,
-                "shuffle_labels": self.training.shuffle_labels, **run, "output_dir": str(self.output_dir)}
+        from flywheel.lib.registry.inference import training_bf16
+
+        t = self.training
+        return {**self.settings.model_dump(mode="json"), "device": t.device, "shuffle_labels": t.shuffle_labels,
+                "bf16": training_bf16(t.precision, index.resolve_device(t.device)), **run,
+                "output_dir": str(self.output_dir)}
 
 
 @dataclass
@@ -217,13 +221,16 @@ def head_optimizer(model, cfg: RerankerConfig, n_examples: int) -> dict:
 def training_args(cfg: RerankerConfig, n_examples: int):
     from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
 
+    from flywheel.lib.registry.inference import training_bf16
+
     s = cfg.settings
+    device = index.resolve_device(cfg.training.device)
     return CrossEncoderTrainingArguments(
         output_dir=str(cfg.checkpoint_dir), num_train_epochs=s.epochs, max_steps=s.max_steps,
         per_device_train_batch_size=rows_per_step(s), learning_rate=s.learning_rate, warmup_steps=cfg.warmup,
         save_strategy="no", eval_strategy="no", logging_steps=max(1, n_examples // rows_per_step(s) // 10),
         report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-        use_cpu=index.resolve_device(cfg.training.device) == "cpu", disable_tqdm=True,
+        use_cpu=device == "cpu", disable_tqdm=True, bf16=training_bf16(cfg.training.precision, device),
     )
 
 

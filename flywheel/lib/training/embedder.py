@@ -64,8 +64,12 @@ class TrainConfig:
         return Path(self.output_dir).with_name(Path(self.output_dir).name + ".checkpoints")
 
     def params(self) -> dict:
+        from flywheel.lib.registry.inference import training_bf16
+
         run = {k: v for k, v in asdict(self).items() if k != "settings"}
-        return {**self.settings.model_dump(mode="json"), **run, "output_dir": str(self.output_dir)}
+        s = self.settings
+        return {**s.model_dump(mode="json"), **run, "output_dir": str(self.output_dir),
+                "bf16": training_bf16(s.precision, index.resolve_device(s.device))}  # what "auto" chose
 
 
 @dataclass
@@ -197,6 +201,8 @@ def training_args(cfg: TrainConfig, max_steps: int, planned: int, evaluator=None
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
+    from flywheel.lib.registry.inference import training_bf16
+
     s = cfg.settings
     evaluate = evaluator is not None
     eval_steps = max(1, planned // max(cfg.evaluations, 1))
@@ -209,6 +215,7 @@ def training_args(cfg: TrainConfig, max_steps: int, planned: int, evaluator=None
         metric_for_best_model=f"eval_{evaluator.primary_metric}" if evaluate else None, greater_is_better=True,
         logging_steps=max(1, planned // 10), report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=index.resolve_device(s.device) == "cpu", disable_tqdm=True,
+        bf16=training_bf16(s.precision, index.resolve_device(s.device)),
     )
 
 

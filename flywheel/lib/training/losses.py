@@ -54,7 +54,10 @@ class CorpusSoftmaxLoss(nn.Module):
 
     def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
         queries = self.model(sentence_features[0])["sentence_embedding"]
-        queries = nn.functional.normalize(queries, dim=-1)
+        with torch.autocast(device_type=queries.device.type, enabled=False):  # bf16 training: score in fp32
+            return self._loss(nn.functional.normalize(queries.float(), dim=-1), labels)
+
+    def _loss(self, queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         scores = queries @ self.corpus.to(queries.device).T * self.scale
         rows = labels.long().tolist()
         target = torch.tensor([self.targets[r] for r in rows], device=queries.device)
