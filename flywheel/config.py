@@ -255,14 +255,14 @@ class RerankerSettings(Section):
     head_learning_rate: float = setting(2e-3, "learning rate of the new scoring head", gt=0, le=1, env="FLYWHEEL_RERANKER_HEAD_LR")
     max_length: int = setting(128, "tokens per (query, chunk) pair", ge=16, le=512)
     epochs: float = setting(1.0, "passes over the rows", gt=0)
-    max_steps: int = setting(40, "cap on optimizer steps (-1: none)", ge=-1)
+    max_steps: int = setting(125, "cap on optimizer steps (-1: none; 125 is one pass over a 2,000-row fine-tuning set)", ge=-1)
     batch_size: int = setting(16, "rows per step", ge=1)
     num_negatives: int = setting(1, "in-batch negatives per row (listwise)", ge=0)
     list_size: int = setting(16, "chunks per query in the graded loss: its judged grade >= 1 chunks, then its hardest "
                              "grade-0 ones", ge=2)
     graded_queries_per_step: int = setting(4, "queries per optimizer step in the graded loss (each a list of list_size)", ge=1)
     fusion: Literal["zscore", "rrf", "none"] = setting("zscore", "how cross-encoder scores meet the bi-encoder's")
-    fusion_weight: float = setting(0.5, "the cross-encoder's share in zscore fusion", ge=0, le=1)
+    fusion_weight: float = setting(0.3, "the cross-encoder's share in zscore fusion", ge=0, le=1)
     depth: int = setting(40, "candidates reranked per query", ge=1, env="FLYWHEEL_RERANK_DEPTH")
     inference_precision: Literal["auto", "fp32", "bf16", "int8", "openvino-bf16", "openvino-int8"] = setting(
         "auto", "weights when reranking: auto = openvino-int8 on a CPU (bf16 or fp32 without OpenVINO, bf16 on a "
