@@ -38,6 +38,7 @@ from flywheel.config import RerankerSettings, TrainingSettings
 from flywheel.lib.datasets.tiers import latest_usable
 from flywheel.lib.labels.judges import stable_uniform
 from flywheel.lib.registry import index
+from flywheel.lib.registry.inference import training_bf16
 
 RERANKER_FILE = "flywheel_reranker.json"
 
@@ -62,8 +63,6 @@ class RerankerConfig:
 
     def params(self) -> dict:
         run = {k: v for k, v in asdict(self).items() if k not in ("settings", "training")}
-        from flywheel.lib.registry.inference import training_bf16
-
         t = self.training
         return {**self.settings.model_dump(mode="json"), "device": t.device, "shuffle_labels": t.shuffle_labels,
                 "bf16": training_bf16(t.precision, index.resolve_device(t.device)), **run,
@@ -220,8 +219,6 @@ def head_optimizer(model, cfg: RerankerConfig, n_examples: int) -> dict:
 
 def training_args(cfg: RerankerConfig, n_examples: int):
     from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
-
-    from flywheel.lib.registry.inference import training_bf16
 
     s = cfg.settings
     device = index.resolve_device(cfg.training.device)

@@ -33,6 +33,7 @@ import pandas as pd
 from flywheel.config import TrainingSettings
 from flywheel.lib.labels.judges import stable_uniform
 from flywheel.lib.registry import index
+from flywheel.lib.registry.inference import training_bf16
 from flywheel.lib.training.corpus import (
     CorpusEmbeddings, corpus_targets, graded_targets, query_document_model, write_towers_file,
 )
@@ -64,8 +65,6 @@ class TrainConfig:
         return Path(self.output_dir).with_name(Path(self.output_dir).name + ".checkpoints")
 
     def params(self) -> dict:
-        from flywheel.lib.registry.inference import training_bf16
-
         run = {k: v for k, v in asdict(self).items() if k != "settings"}
         s = self.settings
         return {**s.model_dump(mode="json"), **run, "output_dir": str(self.output_dir),
@@ -200,8 +199,6 @@ def training_args(cfg: TrainConfig, max_steps: int, planned: int, evaluator=None
     a few times, keep the best checkpoint (early stopping decides when to stop)."""
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
-
-    from flywheel.lib.registry.inference import training_bf16
 
     s = cfg.settings
     evaluate = evaluator is not None
