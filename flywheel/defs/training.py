@@ -86,11 +86,11 @@ def trained_reranker(
     and registered as a ``flywheel-reranker`` challenger."""
     week, layout, p, g = context.partition_key, paths.layout(), paths.settings(), gate.settings()
     t = tracker_for(paths, gate)
-    rows = store.read_table(layout.training_rows(week))
-    labels, _ = labels_to_date(layout, week)
+    rows, rs = store.read_table(layout.training_rows(week)), reranker.settings()
+    labels = labels_to_date(layout, week)[0] if rs.loss == "graded" else None  # only the graded loss ranks them
     with t.run(f"reranker-{week}", _tags(context, week, RERANKER)) as run_id:
         out = train_reranker_week(
-            rows, reranker.settings(), training.settings(), base_model=p.base_model, seed=tiers.settings().seed,
+            rows, rs, training.settings(), base_model=p.base_model, seed=tiers.settings().seed,
             output_dir=layout.model_dir(RERANKER, week, context.run.run_id),
             embedder_dir=read_run_info(layout, week, EMBEDDER)["model_dir"], labels=labels, progress=context.log.info,
         )
