@@ -336,11 +336,7 @@ def svc(request, base_model_path):
         "FLYWHEEL_SERVICES_POSTGRES_PORT": str(free_port()), "FLYWHEEL_SERVICES_CODE_SERVER_PORT": str(free_port()),
         "FLYWHEEL_SERVICES_MLFLOW_PORT": str(free_port()),
     })
-    taken = {int(v) for k, v in env.items() if k.startswith("FLYWHEEL_SERVICES_")}
-    web = free_port()
-    while web + 1 in taken:  # the second webserver listens on the next port
-        web = free_port()
-    env["FLYWHEEL_SERVICES_DAGSTER_PORT"] = str(web)
+    env["FLYWHEEL_SERVICES_DAGSTER_PORT"] = str(free_port(consecutive=2))  # the second webserver listens on the next port
     from flywheel.config import load_config
     from flywheel.layout import Layout
 
@@ -548,6 +544,28 @@ def test_submit_refuses_settings_the_services_do_not_run_with():
     assert override_mismatch(recorded, {"reranker": {"max_steps": 20}}) == []
     [line] = override_mismatch(recorded, {"reranker": {"max_steps": 20, "depth": 20}})
     assert line.startswith("FLYWHEEL_RERANK_DEPTH: services '(unset)'")
+
+
+def test_services_up_refuses_a_taken_or_shared_port_before_starting_anything(tmp_path):
+    """A port another process holds (the second webserver's, the Dagster port + 1) or two services
+    on one port: `up` names the service and the setting, and starts nothing, PostgreSQL included."""
+    import socket
+
+    web = free_port(consecutive=2)
+    env = {"FLYWHEEL_HOME": str(tmp_path / "home"), "FLYWHEEL_SERVICES_DAGSTER_PORT": str(web),
+           "FLYWHEEL_SERVICES_POSTGRES_PORT": str(free_port()), "FLYWHEEL_SERVICES_CODE_SERVER_PORT": str(free_port()),
+           "FLYWHEEL_SERVICES_MLFLOW_PORT": str(free_port())}
+    stack = _stack(env)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", web + 1))
+        holder.listen()
+        with pytest.raises(RuntimeError, match=rf"webserver-2: port {web + 1} .* in use .*FLYWHEEL_SERVICES_DAGSTER_PORT \+ 1"):
+            stack.up(webservers=2)
+    assert not stack.postgres.data_dir.exists() and not stack.postgres.running()
+    clash = _stack({**env, "FLYWHEEL_SERVICES_MLFLOW_PORT": str(web + 1)})
+    with pytest.raises(RuntimeError, match=rf"webserver-2 and mlflow would both listen on port {web + 1}"):
+        clash.up(webservers=2)
+    assert procs.read_state(stack.state_file)[0] == {}
 
 
 def test_services_start_with_sigterm_restored_even_when_the_parent_ignores_it(tmp_path):

@@ -109,6 +109,7 @@ class ServiceStack:
         running, _ = procs.read_state(self.state_file)
         if any(p.alive() for p in running.values()):
             raise RuntimeError(f"services already running (see {self.state_file}); `flywheel services down` first")
+        self._check_ports(webservers)
         if not self.services.postgres_url:
             self.say(f"PostgreSQL on {self.services.host}:{self.services.postgres_port} (data in {self.postgres.root})")
             self.postgres.start()
@@ -131,6 +132,32 @@ class ServiceStack:
             self.down()
             raise
         return self.status()
+
+    def ports(self, webservers: int = 1) -> dict[str, tuple[int, str]]:
+        """Each service's port and the setting that chooses it (webserver N listens on the Dagster port + N - 1)."""
+        s, env = self.services, ServicesSettings.env_name
+        out = {} if s.postgres_url else {"postgres": (s.postgres_port, env("postgres_port"))}
+        out |= {"code-server": (s.code_server_port, env("code_server_port")), "mlflow": (s.mlflow_port, env("mlflow_port"))}
+        for i, name in enumerate(self.webserver_names(webservers)):
+            out[name] = (s.dagster_port + i, env("dagster_port") + (f" + {i}" if i else ""))
+        return out
+
+    def _check_ports(self, webservers: int) -> None:
+        """Before anything starts: every port distinct and free on the host, or an error naming the setting."""
+        ports = self.ports(webservers)
+        seen: dict[int, str] = {}
+        problems = []
+        for name, (port, setting) in ports.items():
+            if port in seen:
+                problems.append(f"{name} and {seen[port]} would both listen on port {port} ({setting})")
+                continue
+            seen[port] = name
+            if name == "postgres" and self.postgres.running():
+                continue  # ours, left running: `up` uses it
+            if not _port_free(self.services.host, port):
+                problems.append(f"{name}: port {port} on {self.services.host} is already in use by another process ({setting})")
+        if problems:
+            raise RuntimeError("cannot start the services: " + "; ".join(problems) + ". Free the port or choose another.")
 
     @staticmethod
     def webserver_names(n: int) -> list[str]:
@@ -272,3 +299,19 @@ def _tail(path: str, chars: int = 3000) -> str:
         return Path(path).read_text(errors="replace")[-chars:]
     except OSError:
         return ""
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now (as servers do, with SO_REUSEADDR)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return True  # the server will report the bad host itself
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError:
+            return False
+    return True

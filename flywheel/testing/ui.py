@@ -45,10 +45,46 @@ def chromium_executable() -> str | None:
     return None
 
 
-def free_port() -> int:
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(consecutive: int = 1) -> int:
+    """A free port for a server a test starts (with the ``consecutive - 1`` ports after it free too).
+
+    Chosen below the kernel's ephemeral range: a port the kernel hands out for ``bind(0)`` lies in
+    the range it also gives every outgoing connection, so one chosen that way can be taken by some
+    client's socket in the seconds before the server binds it (seen in CI as "address already in
+    use"). No port is handed out twice in one process.
+    """
+    import random
+
+    lo, _ = _ephemeral_range()
+    first, last = 20000, min(lo, 65536) - consecutive
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(first, last) if last > first else rng.randrange(1024, 65536 - consecutive)
+        ports = range(port, port + consecutive)
+        if not _HANDED_OUT.intersection(ports) and all(_bindable(p) for p in ports):
+            _HANDED_OUT.update(ports)
+            return port
+    raise RuntimeError(f"no {consecutive} free consecutive port(s) found below the ephemeral range ({lo})")
 
 
 def _restore_default_signals() -> None:  # runs in the child, between fork and exec
