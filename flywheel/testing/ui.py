@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -73,8 +74,6 @@ def free_port(consecutive: int = 1) -> int:
     client's socket in the seconds before the server binds it (seen in CI as "address already in
     use"). No port is handed out twice in one process.
     """
-    import random
-
     lo, _ = _ephemeral_range()
     first, last = 20000, min(lo, 65536) - consecutive
     rng = random.Random()
