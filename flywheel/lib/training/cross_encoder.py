@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from flywheel.config import RerankerSettings, TrainingSettings
@@ -136,8 +137,6 @@ def graded_lists(rows: pd.DataFrame, judged: pd.DataFrame, *, list_size: int, se
         flat.extend(out[-1]["labels"])
     lists = pd.DataFrame(out, columns=["query", "docs", "labels"])
     if shuffle_labels and len(lists):
-        import numpy as np
-
         permuted = iter(np.random.default_rng(seed).permutation(np.array(flat)).tolist())
         lists["labels"] = [[next(permuted) for _ in labels] for labels in lists["labels"]]
     order = [stable_uniform("rerank-lists", seed, q) for q in lists["query"]]
