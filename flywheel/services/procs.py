@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,3 +140,19 @@ def read_state(path: Path) -> tuple[dict[str, Proc], dict]:
     data = json.loads(path.read_text())
     procs = {k: Proc(**v) for k, v in data.pop("procs", {}).items()}
     return procs, data
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now (as servers do, with SO_REUSEADDR)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return True  # the server will report the bad host itself
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError:
+            return False
+    return True

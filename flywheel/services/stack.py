@@ -154,7 +154,7 @@ class ServiceStack:
             seen[port] = name
             if name == "postgres" and self.postgres.running():
                 continue  # ours, left running: `up` uses it
-            if not _port_free(self.services.host, port):
+            if not procs.port_free(self.services.host, port):
                 problems.append(f"{name}: port {port} on {self.services.host} is already in use by another process ({setting})")
         if problems:
             raise RuntimeError("cannot start the services: " + "; ".join(problems) + ". Free the port or choose another.")
@@ -299,19 +299,3 @@ def _tail(path: str, chars: int = 3000) -> str:
         return Path(path).read_text(errors="replace")[-chars:]
     except OSError:
         return ""
-
-
-def _port_free(host: str, port: int) -> bool:
-    """Whether a server could bind ``host:port`` now (as servers do, with SO_REUSEADDR)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return True  # the server will report the bad host itself
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError:
-            return False
-    return True

@@ -16,13 +16,14 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from flywheel.services.procs import port_free
 
 # Headless, as root, on a machine with no internet: without the background-networking flags
 # Chromium keeps trying (and failing) to reach Google's hosts.
@@ -57,15 +58,6 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port(consecutive: int = 1) -> int:
     """A free port for a server a test starts (with the ``consecutive - 1`` ports after it free too).
 
@@ -80,7 +72,7 @@ def free_port(consecutive: int = 1) -> int:
     for _ in range(500):
         port = rng.randrange(first, last) if last > first else rng.randrange(1024, 65536 - consecutive)
         ports = range(port, port + consecutive)
-        if not _HANDED_OUT.intersection(ports) and all(_bindable(p) for p in ports):
+        if not _HANDED_OUT.intersection(ports) and all(port_free("127.0.0.1", p) for p in ports):
             _HANDED_OUT.update(ports)
             return port
     raise RuntimeError(f"no {consecutive} free consecutive port(s) found below the ephemeral range ({lo})")
