@@ -248,8 +248,8 @@ class RerankerSettings(Section):
 
     env_prefix: ClassVar[str] = "RERANKER_"
     loss: Literal["listwise", "bce", "graded"] = setting(
-        "listwise", "listwise: pick the positive among negatives; bce: pointwise; graded: ListNet over each training "
-        "query's judged list, the judge's grades 0-3 as targets (related and perfect teach different things)")
+        "graded", "graded: ListNet over each training query's judged list, the judge's grades 0-3 as targets (related "
+        "and perfect teach different things); listwise: pick the positive among negatives; bce: pointwise")
     init: Literal["embedder", "base"] = setting("embedder", "start from the week's fine-tuned embedder or the base")
     learning_rate: float = setting(3e-4, "encoder learning rate", gt=0, le=1, env="FLYWHEEL_RERANKER_LR")
     head_learning_rate: float = setting(2e-3, "learning rate of the new scoring head", gt=0, le=1, env="FLYWHEEL_RERANKER_HEAD_LR")
