@@ -225,6 +225,7 @@ def main() -> dict:
         "general_ndcg10_base": round(emb.general_before, 4),
         "general_ndcg10_embedder": round(emb.general_after, 4),
         "merged_with_base": emb.merged,
+        "merge_alpha": emb.merge_alpha,
         "test_queries": int(b["queries"]),
         "weeks_of_labels": len(weeks),
         "learning_rate": tr.learning_rate,

@@ -1,7 +1,7 @@
 """Fine-tune the bi-encoder on (query, positive, hard negative) rows.
 
 Reads like sentence-transformers' own training examples: model, data, loss, arguments,
-evaluate the base, train, evaluate again (and guard against forgetting), save.
+evaluate the base, train, merge with the base (WiSE-FT), evaluate again (and guard against forgetting), save.
 
 Every week trains from the configured base on all labelled data to date, with a fixed seed, so a
 week's model is reproducible from its finetune_set. Early stopping watches NDCG@10 on a
@@ -89,6 +89,8 @@ class TrainResult:
     best_step: int | None
     loss_history: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)
+    merge_alpha: float = 1.0  # the fine-tuned weight kept when merging with the base (1.0: not merged)
+    merge_scores: dict = field(default_factory=dict)  # validation NDCG@10 at each weight tried
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -327,20 +329,23 @@ def _plan(model, cfg: TrainConfig, data: TrainingData, corpus, evaluator, eval_s
     return planned, max_steps, estimate
 
 
-def _guard_and_evaluate(model, cfg: TrainConfig, evaluator, general, general_before: float, train_seconds: float,
-                        say: Callable[[str], None]):
-    """Merge toward the base if the general slice forgot too much, then validate again:
-    (the guard's outcome, validation metrics after training)."""
+def _merge_guard_and_evaluate(model, cfg: TrainConfig, evaluator, general, general_before: float,
+                              train_seconds: float, say: Callable[[str], None]):
+    """Merge with the base at the weight the validation slice prefers (WiSE-FT), merge further if
+    the general slice forgot too much, then validate again: (the merge chosen, the guard's
+    outcome, validation metrics after training)."""
     from flywheel.lib.training import forgetting
     from flywheel.lib.training.evaluators import primary_value
 
     s = cfg.settings
+    score = (lambda m: primary_value(evaluator(m), evaluator)) if evaluator else None  # noqa: E731
+    merge = forgetting.choose_merge(model, cfg.base_model, score, min_alpha=s.merge_min_alpha, say=say)
     guarded = forgetting.guard(model, cfg.base_model, general, general_before,
                                margin=s.forgetting_margin, alpha=s.merge_alpha, say=say)
     after = evaluator(model) if evaluator else {}
     say(f"trained: validation NDCG@10 {primary_value(after, evaluator):.4f}, "
         f"general NDCG@10 {guarded.after:.4f}, {train_seconds:.0f}s")
-    return guarded, after
+    return merge, guarded, after
 
 
 def train_bi_encoder(
@@ -382,8 +387,10 @@ def train_bi_encoder(
     trainer = run_trainer(model, cfg, data, corpus, evaluator, max_steps, planned, say)
     train_seconds = time.monotonic() - started
 
-    # 6. Guard against forgetting (merge toward the base), evaluate again
-    guarded, after = _guard_and_evaluate(model, cfg, evaluator, general, general_before, train_seconds, say)
+    # 6. Merge with the base (WiSE-FT, the weight chosen on the validation slice), guard against
+    #    forgetting (merge further), evaluate again
+    merge, guarded, after = _merge_guard_and_evaluate(model, cfg, evaluator, general, general_before,
+                                                      train_seconds, say)
 
     # 7. Save as files, with what this run measured
     losses, evals = histories(trainer)
@@ -394,6 +401,7 @@ def train_bi_encoder(
         validation_after={k: float(v) for k, v in after.items()}, general_before=general_before,
         general_after=guarded.after, general_finetuned=guarded.finetuned, merged=guarded.merged,
         best_step=best_step(trainer), loss_history=losses, eval_history=evals,
+        merge_alpha=merge.alpha, merge_scores={str(a): v for a, v in merge.scores.items()},
     )
     save_model(model, cfg, result)
     return result

@@ -1,11 +1,17 @@
-"""Guard against forgetting: a general-domain slice, and merging weights back toward the base.
+"""Merging with the base: WiSE-FT after training, and a guard against forgetting.
 
-The slice (``data/general/pairs.jsonl``, see its README) is 99 query -> passage pairs from Python
-standard-library docstrings: offline, licensed, far from the fine-tuning domain. A fine-tuned
-model that scores below the base there by more than ``forgetting_margin`` NDCG@10 is merged with
-the base: every floating-point weight becomes ``alpha * fine_tuned + (1 - alpha) * base``
-(linear interpolation of the two checkpoints, as in WiSE-FT, Wortsman et al. 2022). ``alpha`` is the
-setting ``merge_alpha``: 1.0 keeps the fine-tuned model, 0.0 the base.
+Merging (``choose_merge``): every floating-point weight becomes ``alpha * fine_tuned + (1 - alpha) * base``
+(linear interpolation of the two checkpoints: WiSE-FT, Wortsman et al. 2022, "Robust fine-tuning
+of zero-shot models"). Fine-tuned on a couple of thousand judged queries, a model moves the right
+chunks up for queries like its training ones and loses some of what the base got right; the
+interpolation keeps most of the first and recovers much of the second. After training, ``alpha``
+is chosen on the held-out training queries (the validation slice) among ``merge_min_alpha``,
+... 0.9, 1.0 (setting ``merge_min_alpha``; 1 never merges).
+
+The guard (``guard``): the slice (``data/general/pairs.jsonl``, see its README) is 99 query -> passage
+pairs from Python standard-library docstrings: offline, licensed, far from the fine-tuning domain.
+A fine-tuned model that scores below the base there by more than ``forgetting_margin`` NDCG@10 is
+merged (again) with the base at ``merge_alpha``: 1.0 keeps the fine-tuned model, 0.0 the base.
 """
 
 from __future__ import annotations
@@ -83,22 +89,72 @@ def guard(model, base_model_path: str | Path, evaluator, before: float, *, margi
     return GuardOutcome(finetuned, after, True, n)
 
 
-def merge_with_base(model, base_model_path: str | Path, alpha: float) -> int:
-    """In place: weights <- alpha * model + (1 - alpha) * base. Returns the number of tensors merged."""
-    import torch
+MERGE_STEP = 0.1  # the grid of fine-tuned weights tried: 1.0, 0.9, ... down to merge_min_alpha
 
+
+@dataclass(frozen=True)
+class MergeChoice:
+    alpha: float  # the fine-tuned weight kept (1.0: not merged)
+    scores: dict  # validation NDCG@10 at each alpha tried (empty: nothing to choose on)
+    tensors_merged: int = 0
+
+
+def _mergeable(model, base_model_path: str | Path) -> list[tuple[object, object]]:
+    """(the model's tensor, the base's matching tensor) for every floating-point weight."""
     from flywheel.lib.registry.index import load_embedder
 
+    base_state = load_embedder(base_model_path, device=str(model.device)).state_dict()
+    pairs = []
+    for name, tensor in model.state_dict().items():
+        # a Router model's routes ("0.sub_modules.query.0.model...") each mirror the base ("0.model...")
+        key = re.sub(r"^\d+\.sub_modules\.[^.]+\.", "", name)
+        if key in base_state and tensor.is_floating_point() and base_state[key].shape == tensor.shape:
+            pairs.append((tensor, base_state[key].to(tensor.device)))
+    return pairs
+
+
+def _interpolate(pairs, finetuned: list, alpha: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for (tensor, base), tuned in zip(pairs, finetuned):
+            tensor.copy_(alpha * tuned + (1.0 - alpha) * base)
+
+
+def merge_with_base(model, base_model_path: str | Path, alpha: float) -> int:
+    """In place: weights <- alpha * model + (1 - alpha) * base. Returns the number of tensors merged."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"merge_alpha must be in [0, 1], got {alpha}")
-    base = load_embedder(base_model_path, device=str(model.device))
-    base_state = base.state_dict()
-    merged = 0
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            # a Router model's routes ("0.sub_modules.query.0.model...") each mirror the base ("0.model...")
-            key = re.sub(r"^\d+\.sub_modules\.[^.]+\.", "", name)
-            if key in base_state and tensor.is_floating_point() and base_state[key].shape == tensor.shape:
-                tensor.copy_(alpha * tensor + (1.0 - alpha) * base_state[key].to(tensor.device))
-                merged += 1
-    return merged
+    pairs = _mergeable(model, base_model_path)
+    _interpolate(pairs, [t.detach().clone() for t, _ in pairs], alpha)
+    return len(pairs)
+
+
+def merge_alphas(min_alpha: float) -> list[float]:
+    """The fine-tuned weights tried, from 1.0 down to ``min_alpha`` in steps of MERGE_STEP."""
+    if not 0.0 <= min_alpha <= 1.0:
+        raise ValueError(f"merge_min_alpha must be in [0, 1], got {min_alpha}")
+    n = int(round((1.0 - min_alpha) / MERGE_STEP + 1e-9))
+    return [round(1.0 - i * MERGE_STEP, 10) for i in range(n + 1)]
+
+
+def choose_merge(model, base_model_path: str | Path, score: Optional[Callable[[object], float]], *,
+                 min_alpha: float, say: Optional[Callable[[str], None]] = None) -> MergeChoice:
+    """In place: merge ``model`` with the base at the alpha in ``merge_alphas(min_alpha)`` that
+    ``score`` (validation NDCG@10 of a model) rates highest; a tie keeps the larger alpha. Without
+    ``score`` (nothing held out) or with ``min_alpha`` 1, the model is left as trained."""
+    alphas = merge_alphas(min_alpha)
+    if score is None or len(alphas) == 1:
+        return MergeChoice(1.0, {})
+    pairs = _mergeable(model, base_model_path)
+    finetuned = [t.detach().clone() for t, _ in pairs]
+    scores: dict[float, float] = {}
+    for alpha in alphas:
+        _interpolate(pairs, finetuned, alpha)
+        scores[alpha] = float(score(model))
+    best = max(alphas, key=lambda a: (scores[a] if scores[a] == scores[a] else float("-inf"), a))
+    _interpolate(pairs, finetuned, best)
+    if say:
+        tried = ", ".join(f"{a:g}: {v:.4f}" for a, v in scores.items())
+        say(f"merge with the base (WiSE-FT): validation NDCG@10 by fine-tuned weight {tried}; kept {best:g}")
+    return MergeChoice(best, scores, len(pairs) if best < 1.0 else 0)
