@@ -224,9 +224,9 @@ class TrainingSettings(Section):
         "positive", "corpus loss target: positive = the row's positive, the query's other chunks graded >= 1 masked; "
         "graded = spread over every chunk graded >= 1 for the query by gain 2^grade - 1 (perfect 7, relevant 3, related 1)")
     validation_fraction: float = setting(0.1, "training queries held out for early stopping", ge=0, lt=1)
-    merge_min_alpha: float = setting(
-        0.5, "after training, merge with the base (WiSE-FT) at the fine-tuned weight the validation slice prefers "
-        "among this, ... 0.9, 1.0 (1: never merge)", ge=0, le=1, env="FLYWHEEL_MERGE_MIN_ALPHA")
+    wise_ft_alpha: float = setting(
+        0.6, "after training, every weight becomes alpha x fine-tuned + (1 - alpha) x base (WiSE-FT); 1: keep the "
+        "fine-tuned weights", gt=0, le=1, env="FLYWHEEL_WISE_FT_ALPHA")
     forgetting_margin: float = setting(0.02, "general-slice NDCG@10 drop allowed before merging with the base", ge=0)
     merge_alpha: float = setting(0.7, "fine-tuned weight when merging with the base (1: fine-tuned only)", ge=0, le=1, env="FLYWHEEL_MERGE_ALPHA")
     mine_negatives: bool = setting(True, "mine hard negatives with the serving model (shared-tower losses)", env="FLYWHEEL_MINE_NEGATIVES")

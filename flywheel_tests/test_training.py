@@ -153,11 +153,10 @@ def test_bi_encoder_trains_with_validation_estimate_and_general_slice(rows, tmp_
     # progress comes as the project's own lines, never as the trainer's raw {'loss': ...} dicts
     assert any(line.startswith("train: 8/8 steps (100%)") and "loss " in line for line in said), said
     assert "{'loss'" not in capsys.readouterr().out
-    # then merged with the base at the fine-tuned weight the validation slice scored best (ties: the larger)
-    assert [float(a) for a in saved["merge_scores"]] == forgetting.merge_alphas(0.5)
-    best = max(saved["merge_scores"].items(), key=lambda kv: (kv[1], float(kv[0])))[0]
-    assert saved["merge_alpha"] == res.merge_alpha == float(best)
-    assert any(line.startswith("merge with the base (WiSE-FT)") for line in said), said
+    # then merged with the base (WiSE-FT) at the default weight, validated before and after
+    assert saved["merge_alpha"] == res.merge_alpha == TrainingSettings().wise_ft_alpha < 1
+    assert 0 <= saved["validation_unmerged"] <= 1
+    assert any(line.startswith("merged with the base (WiSE-FT") for line in said), said
     # validation queries are whole training queries: none of them trains
     tr, va = split_validation(rows, 0.2, 0)
     assert not set(tr["query_key"]) & set(va["query_key"])
@@ -204,33 +203,30 @@ def test_merging_with_alpha_0_gives_the_base_and_alpha_1_the_fine_tuned_weights(
         forgetting.merge_with_base(half, base_model_path, 1.5)
 
 
-def test_merge_keeps_the_fine_tuned_weight_the_validation_slice_prefers(base_model_path):
-    assert forgetting.merge_alphas(0.5) == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
-    assert forgetting.merge_alphas(1.0) == [1.0] and len(forgetting.merge_alphas(0.0)) == 11
-    with pytest.raises(ValueError, match="merge_min_alpha"):
-        forgetting.merge_alphas(-0.1)
+def test_wise_ft_merges_at_its_weight_and_records_validation_before_and_after(base_model_path):
     base = _floats(index.load_embedder(base_model_path))
     name = next(iter(base))
 
-    def offset(model) -> float:  # how far the weights sit from the base: 0.5 x alpha for _shifted
+    def offset(model) -> float:  # how far the weights sit from the base (0.5 for _shifted)
         return float((_floats(model)[name] - base[name]).mean())
 
-    # a score that peaks where the weights are 70% fine-tuned: that alpha is kept, every weight merged
     tuned, said = _shifted(base_model_path), []
-    out = forgetting.choose_merge(tuned, base_model_path, lambda m: -abs(offset(m) - 0.35), min_alpha=0.5,
-                                  say=said.append)
-    assert out.alpha == 0.7 and list(out.scores) == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
-    assert out.tensors_merged == len(base)
-    assert all(torch.allclose(v, base[k] + 0.35, atol=1e-6) for k, v in _floats(tuned).items())
-    assert said and "kept 0.7" in said[0]
-    # a tie keeps the larger weight (here: the model as trained); nothing to score on, or a
-    # lowest weight of 1, leaves the model untouched without scoring it
-    for score, min_alpha in ((lambda m: 0.5, 0.5), (None, 0.5), (lambda m: 1 / 0, 1.0)):
-        kept = _shifted(base_model_path)
-        before = _floats(kept)
-        out = forgetting.choose_merge(kept, base_model_path, score, min_alpha=min_alpha)
-        assert out.alpha == 1.0 and out.tensors_merged == 0
-        assert all(torch.equal(v, before[k]) for k, v in _floats(kept).items())
+    out = forgetting.wise_ft(tuned, base_model_path, 0.6, offset, say=said.append)
+    assert out.alpha == 0.6 and out.tensors_merged == len(base)
+    assert out.validation_finetuned == pytest.approx(0.5, abs=1e-6) and out.validation_merged == pytest.approx(0.3, abs=1e-6)
+    assert all(torch.allclose(v, base[k] + 0.3, atol=1e-6) for k, v in _floats(tuned).items())
+    assert said and "fine-tuned weight 0.6" in said[0]
+    # nothing held out: merged all the same, with no validation figures
+    quiet = _shifted(base_model_path)
+    out = forgetting.wise_ft(quiet, base_model_path, 0.5)
+    assert out.tensors_merged == len(base) and out.validation_finetuned != out.validation_finetuned
+    assert all(torch.allclose(v, base[k] + 0.25, atol=1e-6) for k, v in _floats(quiet).items())
+    # weight 1: the model as trained, not even scored
+    kept = _shifted(base_model_path)
+    before = _floats(kept)
+    out = forgetting.wise_ft(kept, base_model_path, 1.0, lambda m: 1 / 0)
+    assert out.alpha == 1.0 and out.tensors_merged == 0
+    assert all(torch.equal(v, before[k]) for k, v in _floats(kept).items())
 
 
 def test_forgetting_guard_merges_when_the_drop_exceeds_the_margin_and_not_otherwise(base_model_path):
@@ -265,7 +261,6 @@ def test_bi_encoder_records_what_the_guard_decided(rows, tmp_path, base_model_pa
         assert (res.general_before, res.general_finetuned, res.merged) == (0.80, finetuned, merged)
         assert res.general_after == (0.70 if merged else finetuned)
         assert json.loads((res.model_dir / "flywheel_training.json").read_text())["merged"] is merged
-        assert (res.merge_alpha, res.merge_scores) == (1.0, {})  # nothing held out: nothing to choose a merge on
 
 
 def test_reranker_trains_saves_and_reranks(rows, tmp_path, base_model_path, small_beir):

@@ -90,7 +90,7 @@ class TrainResult:
     loss_history: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)
     merge_alpha: float = 1.0  # the fine-tuned weight kept when merging with the base (1.0: not merged)
-    merge_scores: dict = field(default_factory=dict)  # validation NDCG@10 at each weight tried
+    validation_unmerged: float = float("nan")  # validation NDCG@10 before that merge
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -331,15 +331,14 @@ def _plan(model, cfg: TrainConfig, data: TrainingData, corpus, evaluator, eval_s
 
 def _merge_guard_and_evaluate(model, cfg: TrainConfig, evaluator, general, general_before: float,
                               train_seconds: float, say: Callable[[str], None]):
-    """Merge with the base at the weight the validation slice prefers (WiSE-FT), merge further if
-    the general slice forgot too much, then validate again: (the merge chosen, the guard's
-    outcome, validation metrics after training)."""
+    """Merge with the base (WiSE-FT), merge further if the general slice forgot too much, then
+    validate again: (the merge, the guard's outcome, validation metrics after training)."""
     from flywheel.lib.training import forgetting
     from flywheel.lib.training.evaluators import primary_value
 
     s = cfg.settings
     score = (lambda m: primary_value(evaluator(m), evaluator)) if evaluator else None  # noqa: E731
-    merge = forgetting.choose_merge(model, cfg.base_model, score, min_alpha=s.merge_min_alpha, say=say)
+    merge = forgetting.wise_ft(model, cfg.base_model, s.wise_ft_alpha, score, say=say)
     guarded = forgetting.guard(model, cfg.base_model, general, general_before,
                                margin=s.forgetting_margin, alpha=s.merge_alpha, say=say)
     after = evaluator(model) if evaluator else {}
@@ -387,8 +386,7 @@ def train_bi_encoder(
     trainer = run_trainer(model, cfg, data, corpus, evaluator, max_steps, planned, say)
     train_seconds = time.monotonic() - started
 
-    # 6. Merge with the base (WiSE-FT, the weight chosen on the validation slice), guard against
-    #    forgetting (merge further), evaluate again
+    # 6. Merge with the base (WiSE-FT), guard against forgetting (merge further), evaluate again
     merge, guarded, after = _merge_guard_and_evaluate(model, cfg, evaluator, general, general_before,
                                                       train_seconds, say)
 
@@ -401,7 +399,7 @@ def train_bi_encoder(
         validation_after={k: float(v) for k, v in after.items()}, general_before=general_before,
         general_after=guarded.after, general_finetuned=guarded.finetuned, merged=guarded.merged,
         best_step=best_step(trainer), loss_history=losses, eval_history=evals,
-        merge_alpha=merge.alpha, merge_scores={str(a): v for a, v in merge.scores.items()},
+        merge_alpha=merge.alpha, validation_unmerged=merge.validation_finetuned,
     )
     save_model(model, cfg, result)
     return result

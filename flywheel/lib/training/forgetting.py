@@ -1,12 +1,13 @@
 """Merging with the base: WiSE-FT after training, and a guard against forgetting.
 
-Merging (``choose_merge``): every floating-point weight becomes ``alpha * fine_tuned + (1 - alpha) * base``
-(linear interpolation of the two checkpoints: WiSE-FT, Wortsman et al. 2022, "Robust fine-tuning
-of zero-shot models"). Fine-tuned on a couple of thousand judged queries, a model moves the right
-chunks up for queries like its training ones and loses some of what the base got right; the
-interpolation keeps most of the first and recovers much of the second. After training, ``alpha``
-is chosen on the held-out training queries (the validation slice) among ``merge_min_alpha``,
-... 0.9, 1.0 (setting ``merge_min_alpha``; 1 never merges).
+Merging (``wise_ft``): after training, every floating-point weight becomes
+``alpha * fine_tuned + (1 - alpha) * base`` (linear interpolation of the two checkpoints: WiSE-FT,
+Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"), ``alpha`` the setting
+``wise_ft_alpha`` (1 never merges). Fine-tuned on a couple of thousand judged queries, a model
+moves the right chunks up for queries like its training ones and loses some of what the base got
+right; the interpolation keeps most of the first and recovers much of the second. A fixed weight,
+not one chosen each week on the validation slice: that slice's few dozen queries are too noisy to
+choose it (README, "Merging with the base").
 
 The guard (``guard``): the slice (``data/general/pairs.jsonl``, see its README) is 99 query -> passage
 pairs from Python standard-library docstrings: offline, licensed, far from the fine-tuning domain.
@@ -69,7 +70,7 @@ def forgets(before: float, finetuned: float, margin: float) -> bool:
 
 @dataclass(frozen=True)
 class GuardOutcome:
-    finetuned: float  # general-slice NDCG@10 of the fine-tuned model
+    finetuned: float  # general-slice NDCG@10 of the fine-tuned model (after wise_ft)
     after: float  # ... of the model kept (merged or not)
     merged: bool
     tensors_merged: int = 0
@@ -89,13 +90,11 @@ def guard(model, base_model_path: str | Path, evaluator, before: float, *, margi
     return GuardOutcome(finetuned, after, True, n)
 
 
-MERGE_STEP = 0.1  # the grid of fine-tuned weights tried: 1.0, 0.9, ... down to merge_min_alpha
-
-
 @dataclass(frozen=True)
-class MergeChoice:
+class Merge:
     alpha: float  # the fine-tuned weight kept (1.0: not merged)
-    scores: dict  # validation NDCG@10 at each alpha tried (empty: nothing to choose on)
+    validation_finetuned: float  # validation NDCG@10 before the merge (NaN: nothing held out)
+    validation_merged: float  # ... after it
     tensors_merged: int = 0
 
 
@@ -130,31 +129,15 @@ def merge_with_base(model, base_model_path: str | Path, alpha: float) -> int:
     return len(pairs)
 
 
-def merge_alphas(min_alpha: float) -> list[float]:
-    """The fine-tuned weights tried, from 1.0 down to ``min_alpha`` in steps of MERGE_STEP."""
-    if not 0.0 <= min_alpha <= 1.0:
-        raise ValueError(f"merge_min_alpha must be in [0, 1], got {min_alpha}")
-    n = int(round((1.0 - min_alpha) / MERGE_STEP + 1e-9))
-    return [round(1.0 - i * MERGE_STEP, 10) for i in range(n + 1)]
-
-
-def choose_merge(model, base_model_path: str | Path, score: Optional[Callable[[object], float]], *,
-                 min_alpha: float, say: Optional[Callable[[str], None]] = None) -> MergeChoice:
-    """In place: merge ``model`` with the base at the alpha in ``merge_alphas(min_alpha)`` that
-    ``score`` (validation NDCG@10 of a model) rates highest; a tie keeps the larger alpha. Without
-    ``score`` (nothing held out) or with ``min_alpha`` 1, the model is left as trained."""
-    alphas = merge_alphas(min_alpha)
-    if score is None or len(alphas) == 1:
-        return MergeChoice(1.0, {})
-    pairs = _mergeable(model, base_model_path)
-    finetuned = [t.detach().clone() for t, _ in pairs]
-    scores: dict[float, float] = {}
-    for alpha in alphas:
-        _interpolate(pairs, finetuned, alpha)
-        scores[alpha] = float(score(model))
-    best = max(alphas, key=lambda a: (scores[a] if scores[a] == scores[a] else float("-inf"), a))
-    _interpolate(pairs, finetuned, best)
+def wise_ft(model, base_model_path: str | Path, alpha: float, score: Optional[Callable[[object], float]] = None, *,
+            say: Optional[Callable[[str], None]] = None) -> Merge:
+    """In place: merge the fine-tuned ``model`` with the base at ``alpha`` (WiSE-FT); ``score``
+    (validation NDCG@10 of a model, if anything is held out) is recorded before and after."""
+    if alpha >= 1.0:
+        return Merge(1.0, float("nan"), float("nan"))
+    before = float(score(model)) if score else float("nan")
+    n = merge_with_base(model, base_model_path, alpha)
+    after = float(score(model)) if score else float("nan")
     if say:
-        tried = ", ".join(f"{a:g}: {v:.4f}" for a, v in scores.items())
-        say(f"merge with the base (WiSE-FT): validation NDCG@10 by fine-tuned weight {tried}; kept {best:g}")
-    return MergeChoice(best, scores, len(pairs) if best < 1.0 else 0)
+        say(f"merged with the base (WiSE-FT, fine-tuned weight {alpha:g}): validation NDCG@10 {before:.4f} -> {after:.4f}")
+    return Merge(alpha, before, after, n)

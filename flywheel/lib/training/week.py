@@ -75,7 +75,7 @@ class EmbedderWeek:
             "train_seconds": r.train_seconds, "train_steps": r.steps, "estimated_train_seconds": r.estimated_seconds,
             "general_ndcg_at_10_base": r.general_before, "general_ndcg_at_10_finetuned": r.general_finetuned,
             "general_ndcg_at_10_after": r.general_after, "merged_with_base": float(r.merged),
-            "merge_alpha": r.merge_alpha,
+            "merge_alpha": r.merge_alpha, "validation_ndcg_at_10_before_merge": r.validation_unmerged,
         })
         return out
 
@@ -102,7 +102,7 @@ class EmbedderWeek:
             "validation_ndcg@10_after": float(r.validation_after.get(VALIDATION_KEY, float("nan"))),
             "general_ndcg@10_base": r.general_before, "general_ndcg@10_finetuned": r.general_finetuned,
             "general_ndcg@10_after": r.general_after, "merged_with_base": r.merged,
-            "merge_alpha": r.merge_alpha,
+            "merge_alpha": r.merge_alpha, "validation_ndcg@10_before_merge": r.validation_unmerged,
         }
 
     def run_info(self, week: str, run_id: str, registered_model: str, version: str) -> dict:
