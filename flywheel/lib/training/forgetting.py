@@ -98,35 +98,25 @@ class Merge:
     tensors_merged: int = 0
 
 
-def _mergeable(model, base_model_path: str | Path) -> list[tuple[object, object]]:
-    """(the model's tensor, the base's matching tensor) for every floating-point weight."""
-    from flywheel.lib.registry.index import load_embedder
-
-    base_state = load_embedder(base_model_path, device=str(model.device)).state_dict()
-    pairs = []
-    for name, tensor in model.state_dict().items():
-        # a Router model's routes ("0.sub_modules.query.0.model...") each mirror the base ("0.model...")
-        key = re.sub(r"^\d+\.sub_modules\.[^.]+\.", "", name)
-        if key in base_state and tensor.is_floating_point() and base_state[key].shape == tensor.shape:
-            pairs.append((tensor, base_state[key].to(tensor.device)))
-    return pairs
-
-
-def _interpolate(pairs, finetuned: list, alpha: float) -> None:
-    import torch
-
-    with torch.no_grad():
-        for (tensor, base), tuned in zip(pairs, finetuned):
-            tensor.copy_(alpha * tuned + (1.0 - alpha) * base)
-
-
 def merge_with_base(model, base_model_path: str | Path, alpha: float) -> int:
     """In place: weights <- alpha * model + (1 - alpha) * base. Returns the number of tensors merged."""
+    import torch
+
+    from flywheel.lib.registry.index import load_embedder
+
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"merge_alpha must be in [0, 1], got {alpha}")
-    pairs = _mergeable(model, base_model_path)
-    _interpolate(pairs, [t.detach().clone() for t, _ in pairs], alpha)
-    return len(pairs)
+    base = load_embedder(base_model_path, device=str(model.device))
+    base_state = base.state_dict()
+    merged = 0
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            # a Router model's routes ("0.sub_modules.query.0.model...") each mirror the base ("0.model...")
+            key = re.sub(r"^\d+\.sub_modules\.[^.]+\.", "", name)
+            if key in base_state and tensor.is_floating_point() and base_state[key].shape == tensor.shape:
+                tensor.copy_(alpha * tensor + (1.0 - alpha) * base_state[key].to(tensor.device))
+                merged += 1
+    return merged
 
 
 def wise_ft(model, base_model_path: str | Path, alpha: float, score: Optional[Callable[[object], float]] = None, *,
