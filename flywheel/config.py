@@ -28,6 +28,11 @@ from flywheel.lib.registry.store import LANCEDB_SCHEMES, parse_storage_options
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "FLYWHEEL_"
 
+# Weights when encoding or reranking, and mixed precision while training: the one list of each
+# (flywheel.lib.registry.inference validates against these).
+InferencePrecision = Literal["auto", "fp32", "bf16", "int8", "openvino-bf16", "openvino-int8"]
+TrainingPrecision = Literal["auto", "fp32", "bf16"]
+
 
 class ConfigError(ValueError):
     """A setting with a value that is not allowed; the message is one line naming it."""
@@ -234,12 +239,12 @@ class TrainingSettings(Section):
     mine_relative_margin: float = setting(0.05, "mined negatives score at most (1-margin) x the positive", ge=0, lt=1, env="FLYWHEEL_MINE_RELATIVE_MARGIN")
     encode_max_seq_length: int = setting(256, "tokens per text when encoding for retrieval", ge=8, le=512, env="FLYWHEEL_ENCODE_MAX_SEQ_LENGTH")
     encode_batch_size: int = setting(64, "texts per encoding batch", ge=1, env="FLYWHEEL_ENCODE_BATCH_SIZE")
-    inference_precision: Literal["auto", "fp32", "bf16", "int8", "openvino-bf16", "openvino-int8"] = setting(
+    inference_precision: InferencePrecision = setting(
         "auto", "weights when encoding queries and the corpus: auto = openvino-int8 on a CPU (bf16 or fp32 without "
         "OpenVINO, bf16 on a GPU that has it); int8 = dynamic quantization (CPU only); openvino-* = compiled on OpenVINO (CPU only)",
         env="FLYWHEEL_ENCODE_PRECISION")
     device: str = setting("auto", "torch device (auto: cuda if present, else cpu)", env="FLYWHEEL_DEVICE")
-    precision: Literal["auto", "fp32", "bf16"] = setting(
+    precision: TrainingPrecision = setting(
         "auto", "mixed precision while training both models: auto = bf16 where it runs natively (a CPU with "
         "AVX512-BF16 or AMX, a GPU with bf16), else fp32; the corpus loss scores in fp32 either way",
         env="FLYWHEEL_TRAIN_PRECISION")
@@ -267,7 +272,7 @@ class RerankerSettings(Section):
     fusion: Literal["zscore", "rrf", "none"] = setting("zscore", "how cross-encoder scores meet the bi-encoder's")
     fusion_weight: float = setting(0.3, "the cross-encoder's share in zscore fusion", ge=0, le=1)
     depth: int = setting(40, "candidates reranked per query", ge=1, env="FLYWHEEL_RERANK_DEPTH")
-    inference_precision: Literal["auto", "fp32", "bf16", "int8", "openvino-bf16", "openvino-int8"] = setting(
+    inference_precision: InferencePrecision = setting(
         "auto", "weights when reranking: auto = openvino-int8 on a CPU (bf16 or fp32 without OpenVINO, bf16 on a "
         "GPU that has it); int8 = dynamic quantization (CPU only); openvino-* = compiled on OpenVINO (CPU only)",
         env="FLYWHEEL_RERANKER_PRECISION")

@@ -25,11 +25,15 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
+from typing import get_args
+
+from flywheel.config import InferencePrecision, TrainingPrecision
 
 OPENVINO_PRECISIONS = ("openvino-bf16", "openvino-int8")
-PRECISIONS = ("fp32", "bf16", "int8") + OPENVINO_PRECISIONS
+SETTING_CHOICES = get_args(InferencePrecision)
+PRECISIONS = tuple(p for p in SETTING_CHOICES if p != "auto")
+TRAINING_CHOICES = get_args(TrainingPrecision)
 SETTINGS = "FLYWHEEL_ENCODE_PRECISION / FLYWHEEL_RERANKER_PRECISION"
-SETTING_CHOICES = ("auto",) + PRECISIONS
 ATTR = "flywheel_precision"  # set on a model once its precision is applied
 
 
@@ -70,8 +74,8 @@ def resolve_precision(precision: str, device: str = "cpu") -> str:
 def training_bf16(precision: str, device: str = "cpu") -> bool:
     """Train in bf16 mixed precision (the trainer's ``bf16``: autocast, fp32 master weights)?
     ``auto``: where bf16 runs natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16)."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"training precision {precision!r} is not one of ('auto', 'fp32', 'bf16')")
+    if precision not in TRAINING_CHOICES:
+        raise ValueError(f"training precision {precision!r} is not one of {TRAINING_CHOICES}")
     if precision != "auto":
         return precision == "bf16"
     if str(device).startswith("cuda"):
