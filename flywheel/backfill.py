@@ -137,10 +137,11 @@ def run_backfill(config: FlywheelConfig, sim: SimulationConfig, *, overrides: di
     wanted = {**{k: str(v) for k, v in vars(sim).items() if k not in ("log_dir", "lancedb_uri")}, "overrides": str(overrides)}
     state = _resume_state(layout, wanted)
     tracker = Tracker(config.paths.mlflow_uri, str(layout.mlflow_artifacts), config.gate.experiment)
-    started, rows = time.monotonic(), []
+    started, rows, resumed = time.monotonic(), [], 0
     for i, week in enumerate(weeks):
         if week in state["rows"]:
             rows.append(WeekRow(**state["rows"][week]))
+            resumed += 1
             say(f"week {week}: done in an earlier run ({'promoted' if rows[-1].promoted else 'blocked'})")
             continue
         t0 = time.monotonic()
@@ -163,10 +164,12 @@ def run_backfill(config: FlywheelConfig, sim: SimulationConfig, *, overrides: di
         store.atomic_write_bytes(layout.backfill_state, json.dumps(state, indent=2).encode())
         say(f"week {week}: {'PROMOTED' if row.promoted else 'blocked'}; champion {row.champion} NDCG@10 (test) "
             f"{row.champion_ndcg10_test:.4f}; reranker {row.reranker}; gate error: {row.gate_error or 'none'}; {row.seconds:.0f}s")
-    return backfill_figures(layout, weeks, rows, overrides, time.monotonic() - started)
+    return backfill_figures(layout, weeks, rows, overrides, time.monotonic() - started, resumed=resumed)
 
 
-def backfill_figures(layout: Layout, weeks: list[str], rows: list[WeekRow], overrides: dict, seconds: float) -> dict:
+def backfill_figures(layout: Layout, weeks: list[str], rows: list[WeekRow], overrides: dict, seconds: float,
+                     *, resumed: int = 0) -> dict:
+    """The backfill's JSON; ``resumed``: weeks an earlier run finished (their figures are that run's)."""
     reported = [layout.per_query(w) for w in weeks if layout.per_query(w).exists()]
     base = _test_ndcg(store.read_table(reported[-1]), "base") if reported else float("nan")
     paths = write_trend(rows, layout.reports_dir, base_ndcg10_test=base, config_note=light_note(overrides))
@@ -188,5 +191,6 @@ def backfill_figures(layout: Layout, weeks: list[str], rows: list[WeekRow], over
         "labelling_calls": {r.week: r.label_calls for r in rows},
         "min_detectable_change": {r.week: r4(r.min_detectable_change) for r in rows},
         "wall_seconds": round(seconds, 1),
+        "weeks_resumed": resumed,
         "trend_report": str(paths["md"]),
     }

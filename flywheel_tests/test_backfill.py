@@ -125,3 +125,5 @@ def test_a_finished_backfill_resumes_without_rerunning(backfill):
 
     again = run_backfill(config, sim, overrides={}, run_week=must_not_run, say=print)
     assert again["ndcg10_by_week"] == figures["ndcg10_by_week"]
+    # the JSON says that every week's figures came from the earlier run
+    assert (figures["weeks_resumed"], again["weeks_resumed"]) == (0, figures["weeks"])
