@@ -370,3 +370,39 @@ def test_the_import_sensor_starts_the_import_job_which_imports_dropped_files(tmp
     assert isinstance(log_imports(dg.build_sensor_context(resources={"paths": res["paths"]})), dg.SkipReason)
     stats, df, _ = ingest(tmp_path)
     assert len(df) == 2 and stats.quarantined_total == 0
+
+
+def _run_with_console_logger(tmp_path):
+    """raw_logs run as the CLI runs a week: its run config selects flywheel's console logger."""
+    from flywheel.defs.loggers import LOGGERS
+
+    res = resources(tmp_path)
+    job = dg.define_asset_job("ingest_only", selection=[raw_logs])
+    run_defs = dg.Definitions(assets=[raw_logs], jobs=[job], loggers=LOGGERS,
+                              resources={"paths": res["paths"], "tiers": res["tiers"]})
+    return run_defs.resolve_job_def("ingest_only").execute_in_process(
+        partition_key=WEEK.isoformat(), instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
+
+
+def test_the_console_shows_each_stage_line_in_the_cli_format_and_a_failure_with_its_error(tmp_path, capfd, monkeypatch):
+    import re
+
+    import flywheel.defs.logs as defs_logs
+
+    write(tmp_path / "logs", "2026-10-06", [search("a")])
+    assert _run_with_console_logger(tmp_path).success
+    err = capfd.readouterr().err
+    # the stage's own line, prefixed only by the time and the step; none of Dagster's run-id prefix
+    assert re.search(r"^\[flywheel \d\d:\d\d:\d\d\] raw_logs: week 2026-10-05: read 1 records", err, re.M), err
+    assert " - dagster - " not in err and "INFO" not in err
+
+    def broken(*args, **kwargs):
+        raise ValueError("row 3 of host-1.jsonl: field 'query' is not a string")
+
+    monkeypatch.setattr(defs_logs, "ingest_week", broken)
+    assert not _run_with_console_logger(tmp_path).success
+    err = capfd.readouterr().err
+    # a failure names its level and carries the error itself, not just "step failed"
+    assert re.search(r"^\[flywheel \d\d:\d\d:\d\d\] raw_logs: ERROR: Execution of step \"raw_logs\" failed", err, re.M), err
+    assert "ValueError: row 3 of host-1.jsonl: field 'query' is not a string" in err

@@ -17,6 +17,7 @@ warnings.filterwarnings(
 def build_definitions(resources: dict | None = None) -> dg.Definitions:
     """Every stage's definitions plus resources (the defaults, or a test's own)."""
     from flywheel.defs import datasets, labels, logs, report, schedules, training
+    from flywheel.defs.loggers import LOGGERS
     from flywheel.defs.resources import default_resources
     from flywheel.lib.quiet import quiet_libraries
 
@@ -29,5 +30,5 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
         training.defs,
         report.defs,
         schedules.defs,
-        dg.Definitions(resources=resources if resources is not None else default_resources()),
+        dg.Definitions(resources=resources if resources is not None else default_resources(), loggers=LOGGERS),
     )
