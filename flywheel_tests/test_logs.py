@@ -390,11 +390,12 @@ def test_the_console_shows_each_stage_line_in_the_cli_format_and_a_failure_with_
 
     import flywheel.defs.logs as defs_logs
 
-    write(tmp_path / "logs", "2026-10-06", [search("a")])
+    write(tmp_path / "logs", "2026-10-06", [search("a"), search("late", ts="2026-10-20T00:00:00Z")])
     assert _run_with_console_logger(tmp_path).success
     err = capfd.readouterr().err
     # the stage's own line, prefixed only by the time and the step; none of Dagster's run-id prefix
-    assert re.search(r"^\[flywheel \d\d:\d\d:\d\d\] raw_logs: week 2026-10-05: read 1 records", err, re.M), err
+    assert re.search(r"^\[flywheel \d\d:\d\d:\d\d\] raw_logs: week 2026-10-05: read 2 records .*, 1 quarantined "
+                     r"\(timestamp_outside_week: 1\)$", err, re.M), err
     assert " - dagster - " not in err and "INFO" not in err
 
     def broken(*args, **kwargs):

@@ -74,7 +74,9 @@ def raw_logs(context: dg.AssetExecutionContext, paths: PathsResource) -> dg.Mate
     stats = ingest_week(paths.settings().log_dir, start, end, out, quarantine)
     context.log.info(
         f"week {week}: read {stats.read:,} records from {stats.files} files, {stats.rows:,} requests, "
-        f"{stats.duplicates:,} duplicates, {stats.quarantined_total:,} quarantined {stats.quarantined}"
+        f"{stats.duplicates:,} duplicates, {stats.quarantined_total:,} quarantined"
+        + (" (" + ", ".join(f"{reason}: {n:,}" for reason, n in sorted(stats.quarantined.items())) + ")"
+           if stats.quarantined else "")
     )
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(out)),
