@@ -51,6 +51,20 @@ def _kappa(result) -> float:
     return float("nan")
 
 
+def interrupted(result) -> bool:
+    """Was the run stopped from outside (Ctrl-C, SIGTERM)? Dagster then ends it as a failed run and
+    the process carries on, so without this check a stopped week would be recorded as a blocked one
+    (and a later --resume would skip it)."""
+    return any(getattr(getattr(e.event_specific_data, "error", None), "cls_name", None) == "DagsterExecutionInterruptedError"
+               for e in result.all_events)
+
+
+def _stop_if_interrupted(result, week: str) -> None:
+    if interrupted(result):
+        raise KeyboardInterrupt(f"week {week} was stopped while it ran; nothing is recorded for it "
+                                "(the same backfill run again in this home finishes it)")
+
+
 def week_row(layout: Layout, week: str, served_by: str, poisoned: bool, seconds: float, result) -> WeekRow:
     """Read back what the week's run decided (its decision record and per-query results)."""
     labels = store.read_table(layout.asset(RELEVANCE_LABELS, week))
@@ -151,9 +165,11 @@ def run_backfill(config: FlywheelConfig, sim: SimulationConfig, *, overrides: di
         say(f"week {week}: simulating traffic served by {label}")
         simulate(sim, only_weeks=[i], serving=(path, label), hybrid=fusion, progress=say)
         result = run_week(week, "flywheel_weekly")
+        _stop_if_interrupted(result, week)
         row = week_row(layout, week, label, i in sim.poison_weeks, time.monotonic() - t0, result)
         if row.poisoned and run_without_labelling_gate is not None and not layout.decision(week).exists():
             row, result = forced_past_labelling_gate(layout, week, row, run_without_labelling_gate, say)
+            _stop_if_interrupted(result, week)
         if rows and not result.success:
             # a blocking check stopped the week (before or after the report): what served before still serves
             row.serving_ndcg10_test, row.reranker = rows[-1].serving_ndcg10_test, rows[-1].reranker

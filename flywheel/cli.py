@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"flywheel: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or a run that Dagster reports as stopped from outside
+        print(f"flywheel: stopped{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -127,3 +127,33 @@ def test_a_finished_backfill_resumes_without_rerunning(backfill):
     assert again["ndcg10_by_week"] == figures["ndcg10_by_week"]
     # the JSON says that every week's figures came from the earlier run
     assert (figures["weeks_resumed"], again["weeks_resumed"]) == (0, figures["weeks"])
+
+
+def test_a_week_stopped_while_it_runs_is_not_recorded_as_blocked(tmp_path, small_beir, base_model_path):
+    """Ctrl-C or SIGTERM during a week's run: Dagster ends the run as failed and the process carries
+    on. The backfill must stop there, with nothing recorded for the week, not score it as blocked."""
+    import os
+    import signal
+    import threading
+    import time
+
+    config = small_config(tmp_path / "home", small_beir, base_model_path)
+    layout = Layout.of(config.paths)
+    sim = SimulationConfig(dataset_dir=small_beir, log_dir=layout.log_dir, lancedb_uri=layout.lancedb_dir,
+                           model_path=base_model_path, start=config.tiers.start_date, weeks=1, seed=0,
+                           encode_max_seq_length=128)
+
+    @dg.asset
+    def long_step():
+        threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        time.sleep(5)
+
+    stopped = dg.Definitions(assets=[long_step], jobs=[dg.define_asset_job("week", selection=[long_step])])
+
+    def run_week(week, job):
+        return stopped.resolve_job_def("week").execute_in_process(raise_on_error=False)
+
+    with pytest.raises(KeyboardInterrupt, match="was stopped while it ran; nothing is recorded"):
+        run_backfill(config, sim, overrides={}, run_week=run_week, say=print)
+    state = json.loads(layout.backfill_state.read_text()) if layout.backfill_state.exists() else {"rows": {}}
+    assert state["rows"] == {}
