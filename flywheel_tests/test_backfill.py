@@ -4,7 +4,6 @@ by the gate while the champion stays, the trend report, and resuming a finished 
 from __future__ import annotations
 
 import json
-from datetime import date
 
 import dagster as dg
 import mlflow
