@@ -283,6 +283,9 @@ class GateSettings(Section):
 
     regression_margin: float = setting(0.03, "largest NDCG@10 regression the gate's CI may include", ge=0, env="FLYWHEEL_REGRESSION_MARGIN")
     min_improvement: float = setting(0.0, "the candidate's mean NDCG@10 change must exceed this (0: any gain; negative: ties allowed)", ge=-1, le=1, env="FLYWHEEL_MIN_IMPROVEMENT")
+    min_confidence: float = setting(
+        0.7, "share of paired-bootstrap resamples in which the candidate's mean NDCG@10 change must be above zero "
+        "(0.5: about a positive point estimate; 0.975: the 95% CI above zero)", ge=0, le=1, env="FLYWHEEL_MIN_CONFIDENCE")
     reranker_needs_significant_gain: bool = setting(
         True, "a reranker adds latency to every query: the first one serves only when the eval sets show it significantly "
         "better than its first stage alone (95% CI above zero), not merely not worse", env="FLYWHEEL_RERANKER_NEEDS_SIGNIFICANT_GAIN")

@@ -136,3 +136,41 @@ def test_eval_set_counts_the_judges_grade_not_feedback_only_the_served_chunks_co
     assert not ev.loc[ev["rank"] == 4, "relevant"].any() and (ev.loc[ev["rank"] == 4, "grade"] == 0).all()
     assert 5 not in set(ev["rank"])  # unjudged by the judge: pooling judges it like any other model's chunk
     assert ev.loc[ev["rank"] == 2, "relevant"].all()
+
+
+def test_new_queries_of_the_week_are_those_no_earlier_week_asked_nor_held_out_judged_by_the_judge_alone(tmp_path, small_beir):
+    """Keyword fusion's extra evidence (flywheel.lib.evaluation.weekly.new_query_evidence) must be
+    queries no earlier model trained on: not asked before (nor a near-duplicate of an earlier one),
+    not in any eval set or the test split; graded by the judge, not by feedback."""
+    from flywheel.config import TiersSettings
+    from flywheel.layout import EVAL_SET, RELEVANCE_LABELS, Layout
+    from flywheel.lib import store
+    from flywheel.lib.beir import load_beir
+    from flywheel.lib.datasets.weekly import new_queries_of_week
+
+    layout = Layout(home=tmp_path, log_dir=tmp_path / "logs")
+    week1, week2 = "2026-09-28", "2026-10-05"
+    earlier = make_labels(n_queries=5, week=week1)
+    this = make_labels(n_queries=12, week=week2)  # claims 0-4 were asked in week 1 too
+    this.loc[this["query_key"] == normalize_query("Claim number 5 about proteins"),
+             ["query", "query_key"]] = ["Claim number 4 about the proteins", normalize_query("Claim number 4 about the proteins")]
+    test_query = next(iter(load_beir(small_beir).split_queries("test").values()))
+    this.loc[this["query_key"] == normalize_query("Claim number 6 about proteins"),
+             ["query", "query_key"]] = [test_query, normalize_query(test_query)]
+    this["judge_grade"] = this["grade"]
+    this.loc[this["rank"] == 4, ["grade", "relevant"]] = [2, True]  # feedback only the served list could get
+    this.loc[this["rank"] == 5, "judge_grade"] = pd.NA
+    this["injection_flag"] = this["rank"] == 6
+    store.write_table(layout.asset(RELEVANCE_LABELS, week1), earlier)
+    store.write_table(layout.asset(RELEVANCE_LABELS, week2), this)
+    evals = this[this["query_key"] == normalize_query("Claim number 7 about proteins")].assign(votes="3,3,3")
+    store.write_table(layout.asset(EVAL_SET, week2), evals)
+
+    new = new_queries_of_week(layout, small_beir, week2, TiersSettings(near_duplicate_jaccard=0.8))
+    # 0-4: asked before; 5: now a near-duplicate of week 1's claim 4 (token Jaccard 5/6); 6: a test query; 7: eval set
+    assert sorted(new["query"].unique()) == [f"Claim number {q} about proteins" for q in (10, 11, 8, 9)]
+    assert list(new.columns) == ["query", "query_key", "chunk_id", "grade", "relevant"]
+    # per query: ranks 1-4 (rank 4 with the judge's 0, not feedback's 2); 5 unjudged and 6 flagged are left out
+    assert sorted(new["chunk_id"].str.split("-").str[1].unique()) == ["1", "2", "3", "4"] and len(new) == 4 * 4
+    assert new.loc[new["chunk_id"].str.endswith("-2"), "relevant"].all()
+    assert not new.loc[~new["chunk_id"].str.endswith("-2"), "relevant"].any()

@@ -8,7 +8,7 @@ import pytest
 
 from flywheel.config import GateSettings, default_of
 from flywheel.lib.evaluation.gate import gate_decision
-from flywheel.lib.evaluation.weekly import EVAL_SUITE, Candidates, _decide_hybrid, _decide_reranker
+from flywheel.lib.evaluation.weekly import EVAL_SUITE, NEW_QUERIES_SUITE, Candidates, _decide_hybrid, _decide_reranker
 from flywheel.lib.registry.promotion import CHALLENGER, CHAMPION, PREVIOUS, changes, promote, retire, serving_model
 from flywheel.lib.registry.tracking import Tracker
 
@@ -45,6 +45,22 @@ def test_gate_refuses_a_tie_but_a_negative_min_improvement_allows_it():
     tie = long_form({"base": base, "champion": base, "challenger": base + noise - noise.mean()})
     assert not gate_decision(tie, "eval", margin=0.02, champion_label="base").promote  # no gain: no churn
     assert gate_decision(tie, "eval", margin=0.02, min_improvement=-0.01, champion_label="base").promote
+
+
+def test_gate_refuses_a_gain_too_few_bootstrap_resamples_favour():
+    """A positive point estimate inside the margin is not enough: the required share of resamples
+    (min_confidence) must put the change above zero. The same comparison passes a lower bar."""
+    rng = np.random.default_rng(6)
+    base = rng.uniform(0.3, 0.9, 100)
+    noise = rng.normal(0, 0.1, 100)
+    slight = long_form({"base": base, "champion": base, "challenger": base + noise - noise.mean() + 0.003})
+    d = gate_decision(slight, "eval", margin=0.03, min_confidence=0.7, champion_label="v3")
+    c = d.vs_incumbent
+    assert c.delta > 0 and c.ci_low > -0.03 and 0.5 < c.p_better < 0.7
+    assert not d.promote and f"{c.p_better:.0%} of bootstrap resamples favour it, fewer than the 70% required" in d.reason
+    assert gate_decision(slight, "eval", margin=0.03, min_confidence=0.5, champion_label="v3").promote
+    clear = long_form({"base": base, "champion": base, "challenger": base + 0.05 + rng.normal(0, 0.02, 100)})
+    assert gate_decision(clear, "eval", margin=0.03, min_confidence=0.7, champion_label="v3").vs_incumbent.p_better == 1.0
 
 
 def test_gate_refuses_a_gain_whose_interval_includes_a_large_regression():
@@ -156,11 +172,11 @@ def test_keyword_fusion_is_a_component_of_its_own():
     tie = long_form({"champion": first, "champion+bm25": first + rng.normal(0, 0.03, 120)}, EVAL_SUITE)
     g = GateSettings()
     # not serving yet: it must pass the gate's rule against the dense list alone
-    assert _decide_hybrid(better, "champion", "champion+bm25", False, g).promote
-    assert not _decide_hybrid(worse, "champion", "champion+bm25", False, g).promote
+    assert _decide_hybrid(better, "champion", "champion+bm25", False, g)[0].promote
+    assert not _decide_hybrid(worse, "champion", "champion+bm25", False, g)[0].promote
     # serving: it keeps serving unless the eval sets show it significantly worse
-    assert _decide_hybrid(tie, "champion", "champion+bm25", True, g).promote
-    stop = _decide_hybrid(worse, "champion", "champion+bm25", True, g)
+    assert _decide_hybrid(tie, "champion", "champion+bm25", True, g)[0].promote
+    stop, _ = _decide_hybrid(worse, "champion", "champion+bm25", True, g)
     assert not stop.promote and "significantly worse, it stops serving" in stop.reason
     # what moves in serving.json
     record = {"promote": False, "serving_reranker_is_new": False, "serving_reranker": None, "challenger_version": "2",
@@ -168,6 +184,30 @@ def test_keyword_fusion_is_a_component_of_its_own():
     assert changes(record, {"hybrid": None}) == ["keyword fusion -> BM25 zscore fusion, weight 0.5"]
     assert changes(record, {"hybrid": {"fusion": "zscore", "bm25_weight": 0.5}}) == []
     assert changes({**record, "serving_hybrid": None}, {"hybrid": {"fusion": "zscore", "bm25_weight": 0.5}}) == ["keyword fusion -> off"]
+
+
+def test_until_keyword_fusion_serves_this_weeks_new_queries_count_as_evidence_too():
+    """A first week's eval set is too small to see fusion's gain: the eval queries alone leave a
+    regression larger than the margin in the CI. This week's new queries, fused with the champion
+    (which never trained on them), add their paired changes; together the rule passes, and the
+    decision says how many of each it counted. Once fusion serves, only the eval sets decide."""
+    rng = np.random.default_rng(5)
+    first = rng.uniform(0.2, 0.8, 40)
+    small = long_form({"challenger": first, "challenger+bm25": first + 0.02 + rng.normal(0, 0.25, 40)}, EVAL_SUITE)
+    fresh_first = rng.uniform(0.2, 0.8, 90)
+    fresh = long_form({"champion": fresh_first, "champion+bm25": fresh_first + 0.08 + rng.normal(0, 0.15, 90)},
+                      NEW_QUERIES_SUITE).assign(query_id=lambda d: "n" + d["query_id"])
+    g = GateSettings()
+    alone, evidence = _decide_hybrid(small, "challenger", "challenger+bm25", False, g)
+    assert not alone.promote and alone.vs_incumbent.ci_low < -g.regression_margin and "new_queries" not in evidence
+    both, evidence = _decide_hybrid(small, "challenger", "challenger+bm25", False, g, fresh)
+    assert both.promote and both.vs_incumbent.n == 130 and both.vs_incumbent.candidate == "challenger+bm25"
+    assert "40 eval, 90 new this week fused with the champion" in both.reason
+    assert evidence["eval"]["n"] == 40 and evidence["new_queries"]["n"] == 90 and evidence["combined"]["n"] == 130
+    assert evidence["new_queries"]["delta"] == pytest.approx(0.08, abs=0.04)
+    # serving already: the new queries are not consulted
+    kept, evidence = _decide_hybrid(small, "challenger", "challenger+bm25", True, g, fresh)
+    assert kept.vs_incumbent.n == 40 and "new_queries" not in evidence
 
 
 def test_the_first_reranker_must_show_a_significant_gain_a_replacement_only_the_plain_rule():

@@ -41,7 +41,8 @@ def benchmark_report(context: dg.AssetExecutionContext, paths: PathsResource, ti
     cand = Candidates(p.base_model, champion_path, champion_label, info, rinfo, serving.get("reranker"), serving.get("hybrid"))
     voters = [build_judge(judge, paths, tiers, vote=v) for v in range(tiers.settings().eval_votes)]
     wb = benchmark_week(layout, load_beir(p.dataset), week, cand, layout.lancedb, voters=voters,
-                        training=training.settings(), rer=reranker.settings(), g=g, progress=context.log.info)
+                        training=training.settings(), rer=reranker.settings(), g=g, tiers=tiers.settings(),
+                        progress=context.log.info)
     labels = store.read_table(layout.asset(RELEVANCE_LABELS, week))
     out = week_report(week, wb, cand, week_label_calls=int(labels[["query_key", "chunk_id"]].drop_duplicates().shape[0]))
     store.write_table(layout.per_query(week), wb.long)

@@ -88,7 +88,7 @@ def build_eval_set(
     labels = labels[~labels["query_key"].isin(seen_before)]
     labels = _latest_request_per_query(labels)
     candidates = sorted(labels["query_key"].unique(), key=lambda k: stable_uniform("eval", seed, k))
-    chosen = _judge_only(labels[labels["query_key"].isin(set(candidates[:n_queries]))].sort_values(["query_key", "rank"]))
+    chosen = judge_only(labels[labels["query_key"].isin(set(candidates[:n_queries]))].sort_values(["query_key", "rank"]))
     if chosen.empty:
         return pd.DataFrame(columns=EVAL_COLUMNS)
     if extra_votes is None:
@@ -98,7 +98,7 @@ def build_eval_set(
     return chosen[EVAL_COLUMNS].reset_index(drop=True)
 
 
-def _judge_only(rows: pd.DataFrame) -> pd.DataFrame:
+def judge_only(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows graded by the judge alone (``judge_grade``, when the labels carry it); a pair only
     feedback labelled counts as unjudged, as it would be for any model that did not serve."""
     if "judge_grade" not in rows.columns:

@@ -21,6 +21,7 @@ from flywheel.lib.datasets.tiers import (
     build_eval_set,
     build_fewshot_set,
     build_finetune_set,
+    judge_only,
     near_duplicate_queries,
     overlapping_queries,
 )
@@ -64,6 +65,25 @@ def held_out(layout: Layout, dataset_dir: Path, week: str) -> HeldOut:
     ds = load_beir(dataset_dir)
     test = list(ds.split_queries("test").values()) if ds.has_test_split else []
     return HeldOut(set(evals["query_key"]), {normalize_query(t) for t in test}, sorted(set(evals["query"])) + test)
+
+
+def new_queries_of_week(layout: Layout, dataset_dir: Path, week: str, tiers: TiersSettings) -> pd.DataFrame:
+    """This week's judged pairs of the queries no earlier week asked: first seen this week, held out
+    nowhere (eval sets to date, the test split), and not a near-duplicate of an earlier week's query
+    or a held-out one; graded by the judge alone (one vote, its first), as the eval sets' first vote
+    is. No model trained in an earlier week has seen them, so a weight-free component (keyword
+    fusion) can be measured on them, fused with such a model. Columns: query, query_key, chunk_id,
+    grade, relevant."""
+    labels, _ = labels_to_date(layout, week)
+    earlier, rows = labels[labels["week"] < week], labels[labels["week"] == week]
+    hold = held_out(layout, dataset_dir, week)
+    rows = rows[~rows["query_key"].isin(set(earlier["query_key"]) | hold.keys)]
+    if "injection_flag" in rows.columns:  # a flagged pair is unjudged, as in the eval pools
+        rows = rows[~rows["injection_flag"].fillna(False).astype(bool)]
+    near = near_duplicate_queries(rows["query"].unique(), sorted(set(earlier["query"])) + hold.texts,
+                                  threshold=tiers.near_duplicate_jaccard)
+    rows = judge_only(rows[~rows["query"].isin(near)]).drop_duplicates(["query_key", "chunk_id"])
+    return rows[["query", "query_key", "chunk_id", "grade", "relevant"]].reset_index(drop=True)
 
 
 @dataclass

@@ -14,7 +14,8 @@ from flywheel.lib.evaluation.gate import Z_ALPHA, Z_POWER
 from flywheel.lib.evaluation.weekly import EVAL_SUITE, TEST_SUITE, Candidates, WeekBenchmark
 
 RULE = ("A candidate replaces what serves when its mean NDCG@10 change over the incumbent on the pooled eval sets "
-        "to date is positive and the paired-bootstrap 95% CI of the change excludes a regression larger than "
+        "to date is positive, at least the required share of paired-bootstrap resamples put it above zero, and "
+        "the bootstrap's 95% CI of the change excludes a regression larger than "
         "the margin (a first stage must also not be worse than the base by more than the margin). "
         "Non-inferiority alone would promote ties; superiority alone would refuse truly better models "
         "while the eval sets are small. The first reranker adds latency to every query, so it must show a "
@@ -51,12 +52,12 @@ def _evidence(wb: WeekBenchmark, week_label_calls: int) -> list[str]:
     share = p.judge_requests / week_label_calls if week_label_calls else float("nan")
     lines = [
         f"- First stage: {f.reason}.",
-        *([f"- Keyword fusion: {wb.hybrid.reason}."] if wb.hybrid else []),
+        *([f"- Keyword fusion: {wb.hybrid.reason}.{_fusion_parts(wb.hybrid_evidence)}"] if wb.hybrid else []),
         *[f"- Reranker: {d.reason}." for d in wb.reranker_decisions],
         f"- Evidence: {f.queries} eval queries from {len(wb.eval_weeks)} weekly eval sets; minimum detectable NDCG@10 "
         f"change {f.vs_incumbent.mde:.4f} (80% power, two-sided 5%: ({Z_ALPHA} + {Z_POWER}) x bootstrap SE "
         f"{f.vs_incumbent.se:.4f}).",
-        f"- Rule: {RULE} Margin {f.margin}.",
+        f"- Rule: {RULE} Margin {f.margin}; required share of resamples {f.min_confidence:.0%}.",
         f"- Pooling: every compared model's top eval chunks are judged before scoring: {p.pairs_added} pairs added this "
         f"week ({p.judge_requests} judge requests, {share:.0%} of the week's {week_label_calls} labelling calls; "
         f"by model: {', '.join(f'{k} {v}' for k, v in sorted(p.by_model.items())) or 'none'}). Deeper metrics "
@@ -67,6 +68,16 @@ def _evidence(wb: WeekBenchmark, week_label_calls: int) -> list[str]:
         lines.append(f"- Test split (human labels, not used to decide): challenger vs champion NDCG@10 change "
                      f"{t['delta']:+.4f} [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}].")
     return lines
+
+
+def _fusion_parts(evidence: dict | None) -> str:
+    """The keyword-fusion decision's two parts, when this week's new queries counted too."""
+    if not evidence or "new_queries" not in evidence:
+        return ""
+    e, n = evidence["eval"], evidence["new_queries"]
+    return (f" Its parts: the eval sets {e['delta']:+.4f} [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}] on {e['n']} queries; "
+            f"this week's new queries (labelled with one vote, the fused list's unjudged top chunks pooled with the "
+            f"same vote) {n['delta']:+.4f} [{n['ci_low']:+.4f}, {n['ci_high']:+.4f}] on {n['n']}.")
 
 
 def _metrics(wb: WeekBenchmark) -> dict[str, float]:
@@ -112,6 +123,7 @@ def week_report(week: str, wb: WeekBenchmark, cand: Candidates, *, week_label_ca
         "reranker": wb.reranker.as_dict() if wb.reranker else None,
         "reranker_decisions": [d.as_dict() for d in wb.reranker_decisions],
         "hybrid": wb.hybrid.as_dict() if wb.hybrid else None, "hybrid_spec": wb.hybrid_spec,
+        "hybrid_evidence": wb.hybrid_evidence,
         "serving_hybrid": wb.serving_hybrid, "serving_retriever": wb.serving_retriever,
         "serving_first_stage": wb.serving_first_stage, "serving_reranker": wb.serving_reranker,
         "serving_reranker_is_new": bool(wb.serving_reranker and wb.serving_reranker.endswith("+reranker")),

@@ -6,6 +6,7 @@ Steps (``benchmark_week``):
 3. Decide the first stage: challenger against the serving champion (``gate.gate_decision``).
 4. Keyword fusion: fuse the dense first stage that will serve with BM25 (LanceDB's full-text
    index), pool its top chunks, and decide whether the fused list serves (``_decide_hybrid``).
+   Until it serves, the decision also counts this week's new queries (``new_query_evidence``).
 5. Rerank the retriever that will serve with the new reranker (and with the serving reranker, if
    one serves), pool their top chunks, and decide the reranker against what serves now.
 6. Score everything on the pooled eval sets and on the test split; record the decisions with the
@@ -14,17 +15,17 @@ Steps (``benchmark_week``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import pandas as pd
 
-from flywheel.config import GateSettings, RerankerSettings, TrainingSettings
+from flywheel.config import GateSettings, RerankerSettings, TiersSettings, TrainingSettings
 from flywheel.layout import Layout
 from flywheel.lib import store
 from flywheel.lib.beir import BeirDataset
-from flywheel.lib.datasets.weekly import eval_sets_to_date
+from flywheel.lib.datasets.weekly import eval_sets_to_date, new_queries_of_week
 from flywheel.lib.evaluation import gate
 from flywheel.lib.evaluation.benchmark import (
     Benchmark, HybridSpec, ModelSpec, RerankSpec, rank_first_stages, rank_hybrids, rerank_candidates, score,
@@ -36,6 +37,8 @@ from flywheel.lib.labels.pooling import POOL_COLUMNS, PoolStats, extend_pool, po
 EVAL_SUITE = "eval sets to date (pooled)"
 TEST_SUITE = "test split (human labels)"
 EVAL_POOL = "eval_pool"  # pooled judgments, one file per week under assets/
+NEW_QUERIES_SUITE = "this week's new queries (pooled, one vote)"
+NEW_QUERIES_POOL = "new_queries_pool"  # their pooled judgments, one file per week under assets/
 
 
 @dataclass
@@ -65,6 +68,7 @@ class WeekBenchmark:
     hybrid: gate.GateDecision | None = None  # the keyword-fusion decision (None: fusion is off)
     serving_hybrid: str | None = None  # "<first stage>+bm25" when the fused list serves
     hybrid_spec: dict | None = None  # {"fusion", "bm25_weight"} of the fused candidate
+    hybrid_evidence: dict | None = None  # the fusion decision's parts: eval sets, this week's new queries
 
     @property
     def serving_retriever(self) -> str:
@@ -90,21 +94,23 @@ def judged_to_date(layout: Layout, week: str) -> tuple[pd.DataFrame, list[str]]:
 
 
 class _Pooler:
-    """Extends the eval suite's judgments with each new batch of rankings; keeps what it added."""
+    """Extends a suite's judgments (the eval suite's by default) with each new batch of rankings;
+    keeps what it added."""
 
-    def __init__(self, judged: pd.DataFrame, voters: Sequence[Judge], texts, depth: int, week: str, progress):
+    def __init__(self, judged: pd.DataFrame, voters: Sequence[Judge], texts, depth: int, week: str, progress,
+                 suite: str = EVAL_SUITE):
         self.judged, self.voters, self.texts, self.depth, self.week = judged, voters, texts, depth, week
-        self.progress, self.rows, self.stats = progress, [], PoolStats()
+        self.progress, self.rows, self.stats, self.suite = progress, [], PoolStats(), suite
 
     def __call__(self, rankings, suites):
-        eval_rankings = {m: r[EVAL_SUITE] for m, r in rankings.items() if EVAL_SUITE in r}
-        rows, stats = extend_pool(self.judged, eval_rankings, self.voters, self.texts, depth=self.depth,
+        suite_rankings = {m: r[self.suite] for m, r in rankings.items() if self.suite in r}
+        rows, stats = extend_pool(self.judged, suite_rankings, self.voters, self.texts, depth=self.depth,
                                   week=self.week, progress=self.progress)
         if not rows.empty:
             self.rows.append(rows)
             self.judged = pd.concat([self.judged, rows[self.judged.columns.intersection(rows.columns)]], ignore_index=True)
         self.stats.add(stats)
-        return {**suites, EVAL_SUITE: pooled_suite(self.judged)}
+        return {**suites, self.suite: pooled_suite(self.judged)}
 
     @property
     def new_rows(self) -> pd.DataFrame:
@@ -125,7 +131,8 @@ def _decide_reranker(long: pd.DataFrame, first: str, new: str, old: str | None, 
     cmp = lambda inc, c: gate.compare(long, EVAL_SUITE, inc, c, n_resamples=g.bootstrap_samples)  # noqa: E731
     new_label = f"reranker v{cand.reranker['version']}"
     decisions = [gate.decide(cmp(old or first, new), cmp(first, new) if old else None, margin=g.regression_margin,
-                             min_improvement=g.min_improvement, significant=g.reranker_needs_significant_gain and not old,
+                             min_improvement=g.min_improvement, min_confidence=g.min_confidence,
+                             significant=g.reranker_needs_significant_gain and not old,
                              component="reranker", candidate_label=new_label,
                              incumbent_label=f"serving reranker v{cand.serving_reranker['version']}" if old else f"{first} alone")]
     if old:  # the incumbent keeps serving unless the eval sets show it harms its first stage
@@ -139,18 +146,71 @@ def _decide_reranker(long: pd.DataFrame, first: str, new: str, old: str | None, 
     return chosen, decisions
 
 
-def _decide_hybrid(long: pd.DataFrame, first: str, fused: str, serving_now: bool, g: GateSettings) -> gate.GateDecision:
+def new_query_evidence(layout: Layout, ds: BeirDataset, week: str, champion: ModelSpec, lancedb_uri: str | Path,
+                       voters: Sequence[Judge], tiers: TiersSettings, g: GateSettings, enc: dict,
+                       progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, PoolStats]:
+    """Keyword fusion on this week's new queries (``new_queries_of_week``), fused with the champion:
+    per-query results of ``champion`` and ``champion+bm25`` (long form), after pooling the fused
+    list's top ``pool_depth`` with the judge's first vote (the vote those queries were labelled
+    with; the champion's own list served, so it was judged already).
+
+    Why these queries count: keyword fusion has no weights, and the champion was trained before
+    these queries were first asked, so neither side of the comparison has seen them, as for eval
+    queries. The challenger and the reranker trained on them: they are never measured here.
+    While the eval sets are small (the first weeks) they cannot see a gain of the size keyword
+    fusion brings; these queries multiply the evidence at the cost of pooling one vote a pair."""
+    judged = new_queries_of_week(layout, ds.root, week, tiers)
+    if judged.empty:
+        return pd.DataFrame(columns=["model", "suite", "query_id"]), PoolStats()
+    suite = pooled_suite(judged)
+    if progress:
+        progress(f"keyword fusion: {len(suite[0])} new queries this week count as evidence until it serves "
+                 f"(fused with the {champion.name}, which never trained on them)")
+    bench = Benchmark(per_query={}, queries={NEW_QUERIES_SUITE: dict(suite[0])}, suites={NEW_QUERIES_SUITE: suite})
+    rank_first_stages(bench, [champion], ds, lancedb_uri, latency_sample=1, progress=progress, **enc)
+    fused = HybridSpec(f"{champion.name}+bm25", on=champion.name, fusion=g.hybrid_fusion, bm25_weight=g.hybrid_bm25_weight)
+    rank_hybrids(bench, [fused], ds, lancedb_uri, latency_sample=1, progress=progress)
+    pooler = _Pooler(judged, list(voters)[:1], ds.corpus.text_by_id, g.pool_depth, week, progress, suite=NEW_QUERIES_SUITE)
+    score(bench, [champion.name, fused.name], pool=pooler)
+    store.write_table(layout.asset(NEW_QUERIES_POOL, week), pooler.new_rows)
+    return bench.long_form(), pooler.stats
+
+
+def _paired(long: pd.DataFrame, suite: str, without: str, with_: str, prefix: str) -> pd.DataFrame:
+    rows = long[(long["suite"] == suite) & long["model"].isin([without, with_])]
+    return rows.assign(model=rows["model"].map({without: "without", with_: "with"}), suite="evidence",
+                       query_id=prefix + rows["query_id"].astype(str))
+
+
+def _decide_hybrid(long: pd.DataFrame, first: str, fused: str, serving_now: bool, g: GateSettings,
+                   new_queries: pd.DataFrame | None = None) -> tuple[gate.GateDecision, dict]:
     """Keyword fusion against its dense first stage alone. Not serving yet: it serves when it passes
-    the gate's rule. Serving already: it keeps serving unless the eval sets show it significantly
-    worse than the dense list alone (it has no weights to retrain, so it is not re-won weekly)."""
+    the gate's rule, on the eval sets plus this week's new queries fused with the champion
+    (``new_query_evidence``; each query's change measured with a dense model that never trained on
+    it). Serving already: it keeps serving unless the eval sets show it significantly worse than
+    the dense list alone (it has no weights to retrain, so it is not re-won weekly). Returns the
+    decision and its evidence (the comparison on each part)."""
     c = gate.compare(long, EVAL_SUITE, first, fused, n_resamples=g.bootstrap_samples)
+    evidence = {"eval": c.as_dict()}
     if not serving_now:
+        where = "eval queries"
+        if new_queries is not None and not new_queries.empty:
+            champ = "champion"  # the name new_query_evidence ranks it under
+            new = gate.compare(new_queries, NEW_QUERIES_SUITE, champ, f"{champ}+bm25", n_resamples=g.bootstrap_samples)
+            both = pd.concat([_paired(long, EVAL_SUITE, first, fused, "eval:"),
+                              _paired(new_queries, NEW_QUERIES_SUITE, champ, f"{champ}+bm25", "new:")], ignore_index=True)
+            c = replace(gate.compare(both, "evidence", "without", "with", n_resamples=g.bootstrap_samples),
+                        candidate=fused, incumbent=first)
+            evidence.update(new_queries=new.as_dict(), combined=c.as_dict())
+            where = (f"queries ({evidence['eval']['n']} eval, {new.n} new this week fused with the {champ}, "
+                     "which never trained on them)")
         return gate.decide(c, None, margin=g.regression_margin, min_improvement=g.min_improvement,
-                           component="keyword fusion", candidate_label=fused, incumbent_label=f"{first} alone")
+                           min_confidence=g.min_confidence, evidence=where,
+                           component="keyword fusion", candidate_label=fused, incumbent_label=f"{first} alone"), evidence
     keep = not (c.ci_high < 0)
     why = (f"{fused} (serving) over {first} alone: NDCG@10 change {c.delta:+.4f}, 95% CI [{c.ci_low:+.4f}, "
            f"{c.ci_high:+.4f}]: " + ("not shown harmful, it keeps serving" if keep else "significantly worse, it stops serving"))
-    return gate.GateDecision("keyword fusion", keep, why, fused, f"{first} alone", c, None, g.regression_margin)
+    return gate.GateDecision("keyword fusion", keep, why, fused, f"{first} alone", c, None, g.regression_margin), evidence
 
 
 def _add_hybrid(bench: Benchmark, ds: BeirDataset, first: str, lancedb_uri, g: GateSettings, pooler,
@@ -168,7 +228,7 @@ def _add_hybrid(bench: Benchmark, ds: BeirDataset, first: str, lancedb_uri, g: G
 
 def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates, lancedb_uri: str | Path, *,
                    voters: Sequence[Judge], training: TrainingSettings, rer: RerankerSettings, g: GateSettings,
-                   progress: Callable[[str], None] | None = None) -> WeekBenchmark:
+                   tiers: TiersSettings, progress: Callable[[str], None] | None = None) -> WeekBenchmark:
     judged, eval_weeks = judged_to_date(layout, week)
     suites = {EVAL_SUITE: pooled_suite(judged)}
     if ds.has_test_split:
@@ -184,17 +244,21 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     names = [m.name for m in firsts]
     score(bench, names, pool=pooler)
     decide_first = lambda long: gate.gate_decision(  # noqa: E731
-        long, EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement,
+        long, EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement, min_confidence=g.min_confidence,
         champion_label=cand.champion_label, n_resamples=g.bootstrap_samples)
+    new_queries, new_stats = None, PoolStats()
+    if g.hybrid_fusion != "off" and not cand.serving_hybrid:  # more evidence for fusion while it does not serve
+        new_queries, new_stats = new_query_evidence(layout, ds, week, firsts[1], lancedb_uri, voters, tiers, g, enc, progress)
+        new_stats.by_model = {f"{m} (new queries)": n for m, n in new_stats.by_model.items()}
     decide_hybrid = lambda long, first, fused: (  # noqa: E731
-        _decide_hybrid(long, first, fused, bool(cand.serving_hybrid), g) if fused else None)
+        _decide_hybrid(long, first, fused, bool(cand.serving_hybrid), g, new_queries) if fused else (None, None))
     # 4-6, until the decisions settle: the later candidates' pooled judgments can move an earlier
     # decision (a newly found relevant chunk raises every model's ideal DCG on that query)
     for _ in range(3):
         first = decide_first(bench.long_form())
         serving_first = "challenger" if first.promote else "champion"
         fused = _add_hybrid(bench, ds, serving_first, lancedb_uri, g, pooler, progress)  # 4: keyword fusion
-        hyb = decide_hybrid(bench.long_form(), serving_first, fused)
+        hyb, _ = decide_hybrid(bench.long_form(), serving_first, fused)
         retriever = fused if hyb is not None and hyb.promote else serving_first
         new, old = f"{retriever}+reranker", (f"{retriever}+serving-reranker" if cand.serving_reranker else None)
         specs = [_reranker_spec(new, cand.reranker, retriever, rer)] + (
@@ -203,15 +267,17 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
                           batch_size=training.encode_batch_size, device=training.device, progress=progress)
         score(bench, list(bench.rankings), pool=pooler)  # 6: everything on the pooled judgments
         long = bench.long_form()
-        first_again, hyb_again = decide_first(long), decide_hybrid(long, serving_first, fused)
+        first_again, (hyb_again, hyb_evidence) = decide_first(long), decide_hybrid(long, serving_first, fused)
         if first_again.promote == first.promote and (hyb is None or hyb_again.promote == hyb.promote):
             first, hyb = first_again, hyb_again
             break
     chosen, rdecisions = _decide_reranker(long, retriever, new, old, g, cand)
     serving_reranker = None if chosen is None else (new if chosen is rdecisions[0] else old)
+    pooler.stats.add(new_stats)
     out = WeekBenchmark(bench, first, chosen, rdecisions, serving_first, serving_reranker, pooler.stats, eval_weeks,
                         hybrid=hyb, serving_hybrid=retriever if retriever != serving_first else None,
-                        hybrid_spec={"fusion": g.hybrid_fusion, "bm25_weight": g.hybrid_bm25_weight} if fused else None)
+                        hybrid_spec={"fusion": g.hybrid_fusion, "bm25_weight": g.hybrid_bm25_weight} if fused else None,
+                        hybrid_evidence=hyb_evidence)
     out.test = test_verdicts(long, out, g) if TEST_SUITE in bench.suites else {}
     store.write_table(layout.asset(EVAL_POOL, week), pooler.new_rows)
     return out
