@@ -27,6 +27,7 @@ def test_gate_promotes_a_clear_improvement():
     pq = long_form({"base": base, "champion": base, "challenger": np.clip(base + 0.05 + rng.normal(0, 0.05, 200), 0, 1)})
     d = gate_decision(pq, "eval", margin=0.01, champion_label="base")
     assert d.promote and d.vs_incumbent.ci_low > 0 and "beats" in d.reason
+    assert "positive (100% of bootstrap resamples in favour)" in d.reason
     assert 0 < d.vs_incumbent.mde == pytest.approx((1.96 + 0.84) * d.vs_incumbent.se)
 
 

@@ -133,7 +133,8 @@ def decide(vs_incumbent: Comparison, vs_base: Comparison | None, *, margin: floa
                                f"regression larger than {margin}")
     else:
         promote, why = True, (f"{candidate_label} beats {incumbent_label}: NDCG@10 change {_ci(c)} {where}, "
-                              f"positive and excluding a regression larger than {margin}")
+                              f"positive ({c.p_better:.0%} of bootstrap resamples in favour) and excluding a "
+                              f"regression larger than {margin}")
     return GateDecision(component, promote, why, candidate_label, incumbent_label, vs_incumbent, vs_base, margin,
                         min_confidence)
 

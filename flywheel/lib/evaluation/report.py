@@ -97,6 +97,7 @@ def _metrics(wb: WeekBenchmark) -> dict[str, float]:
     out["gate_reranker_serves"] = float(wb.reranker is not None)
     out["gate_keyword_fusion_serves"] = float(wb.serving_hybrid is not None)
     out["gate_ci_low_vs_champion"] = wb.first_stage.vs_incumbent.ci_low
+    out["gate_p_better_vs_champion"] = wb.first_stage.vs_incumbent.p_better
     out["gate_min_detectable_change"] = wb.first_stage.vs_incumbent.mde
     out["pooled_pairs"], out["pooled_judge_requests"] = float(wb.pool.pairs_added), float(wb.pool.judge_requests)
     return out
