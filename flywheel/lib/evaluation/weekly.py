@@ -39,6 +39,7 @@ TEST_SUITE = "test split (human labels)"
 EVAL_POOL = "eval_pool"  # pooled judgments, one file per week under assets/
 NEW_QUERIES_SUITE = "this week's new queries (pooled, one vote)"
 NEW_QUERIES_POOL = "new_queries_pool"  # their pooled judgments, one file per week under assets/
+NEW_QUERIES_DENSE = "champion"  # the dense model the new queries are ranked with (and fused with BM25)
 
 
 @dataclass
@@ -160,6 +161,7 @@ def new_query_evidence(layout: Layout, ds: BeirDataset, week: str, champion: Mod
     While the eval sets are small (the first weeks) they cannot see a gain of the size keyword
     fusion brings; these queries multiply the evidence at the cost of pooling one vote a pair."""
     judged = new_queries_of_week(layout, ds.root, week, tiers)
+    champion = replace(champion, name=NEW_QUERIES_DENSE)
     if judged.empty:
         return pd.DataFrame(columns=["model", "suite", "query_id"]), PoolStats()
     suite = pooled_suite(judged)
@@ -195,7 +197,7 @@ def _decide_hybrid(long: pd.DataFrame, first: str, fused: str, serving_now: bool
     if not serving_now:
         where = "eval queries"
         if new_queries is not None and not new_queries.empty:
-            champ = "champion"  # the name new_query_evidence ranks it under
+            champ = NEW_QUERIES_DENSE
             new = gate.compare(new_queries, NEW_QUERIES_SUITE, champ, f"{champ}+bm25", n_resamples=g.bootstrap_samples)
             both = pd.concat([_paired(long, EVAL_SUITE, first, fused, "eval:"),
                               _paired(new_queries, NEW_QUERIES_SUITE, champ, f"{champ}+bm25", "new:")], ignore_index=True)
