@@ -403,8 +403,11 @@ def test_dagster_killed_mid_run_run_failed_and_rerun_gives_identical_outputs(svc
     run_id = submit_partition(url, "weekly_labels", WEEKS[0], executor="in_process", assets=["raw_logs"])
     launcher = svc.instance.run_launcher
     deadline = time.monotonic() + 180
-    while (pid := launcher.worker_pid(svc.instance.get_run_by_id(run_id))) is None:
-        assert time.monotonic() < deadline and run_status(url, run_id) not in ("SUCCESS", "FAILURE"), "run never started"
+    # the worker's pid is known as soon as it is spawned, before it reports the run started: wait
+    # for both, or the freeze below can catch it still STARTING
+    while ((status := run_status(url, run_id)) != "STARTED"
+           or (pid := launcher.worker_pid(svc.instance.get_run_by_id(run_id))) is None):
+        assert time.monotonic() < deadline and status not in ("SUCCESS", "FAILURE"), "run never started"
         time.sleep(0.2)
     os.kill(pid, signal.SIGSTOP)  # frozen mid-run: it cannot finish before the crash below
     assert run_status(url, run_id) == "STARTED"
