@@ -292,3 +292,59 @@ def test_missing_openvino_packages_name_the_setting(base_model_path, monkeypatch
     with pytest.raises(ImportError, match=r"'openvino-int8' \(FLYWHEEL_ENCODE_PRECISION / FLYWHEEL_RERANKER_PRECISION\) "
                                           r"needs the nncf package"):
         index.load_embedder(base_model_path, device="cpu", precision="openvino-int8")
+
+
+def test_openvino_cross_encoder_runs_one_static_network_per_padded_shape(base_model_path):
+    """A reranker on OpenVINO pads each batch to a multiple of SEQ_BUCKET tokens and runs the network
+    compiled for that static shape: a pair scores the same beside short or long partners (padding is
+    masked), as the dynamic network scores it, and a shape seen again is not compiled again."""
+    import openvino as ov
+    import torch
+
+    from flywheel.lib.training.reranker import load_reranker
+
+    torch.manual_seed(0)
+    ce = load_reranker(base_model_path, device="cpu", max_length=128, precision="openvino-bf16")
+    static = openvino_backend.transformer_modules(ce)[0].model.compiled
+    assert isinstance(static, openvino_backend.StaticShapes)
+    query, short, long = "statins and cholesterol", TEXTS[3], " ".join(TEXTS)
+    identity = torch.nn.Identity()
+    alone = ce.predict([(query, short)], activation_fn=identity, show_progress_bar=False)
+    beside_long = ce.predict([(query, short), (query, long)], activation_fn=identity, show_progress_bar=False)
+    assert alone[0] == pytest.approx(beside_long[0], abs=0.02)
+    shapes = list(static.compiled)
+    assert all(tokens % openvino_backend.SEQ_BUCKET == 0 for _, tokens in shapes) and len(shapes) == 2
+    ce.predict([(query, long), (query, TEXTS[0])], activation_fn=identity, show_progress_bar=False)
+    assert static.compilations == 2  # (2, 64) again: no new compilation
+
+    dynamic = ov.Core().compile_model(static.ov_model, "CPU", static.compile_config)
+    features = ce.tokenizer([query, query], [short, long], padding=True, truncation=True, max_length=128,
+                            return_tensors="np")
+    feed = {k: features[k] for k in openvino_backend.transformer_modules(ce)[0].model.input_names}
+    assert np.allclose(static(feed)[0], dynamic(feed)[0], atol=0.02)
+
+
+def test_openvino_static_shapes_are_bounded_by_the_models_positions():
+    shapes = openvino_backend.StaticShapes(ov_model=None, compile_config={}, max_positions=512)
+    assert [shapes.padded_length(n) for n in (1, 32, 33, 128, 500, 512)] == [32, 32, 64, 128, 512, 512]
+    assert [openvino_backend.StaticShapes(None, {}, max_positions=100).padded_length(n) for n in (90, 99)] == [96, 100]
+    assert openvino_backend.StaticShapes(None, {}, max_positions=None).padded_length(600) == 608
+
+
+def test_reranker_scores_pairs_on_the_words_its_tokens_can_hold(base_model_path):
+    """score_pairs cuts each passage after max_length words before tokenizing: the model still sees
+    the same tokens, so the scores equal predict's on the whole passages."""
+    import torch
+
+    from flywheel.lib.training.reranker import head_words, load_reranker, score_pairs
+
+    assert head_words("a  b\tc d", 3) == "a  b\tc" and head_words("a b", 5) == "a b"
+    torch.manual_seed(0)
+    ce = load_reranker(base_model_path, device="cpu", max_length=32, precision="fp32")
+    passages = [" ".join(TEXTS * 3), TEXTS[0], TEXTS[2] + " " + TEXTS[4]]
+    whole = ce.tokenizer(["gene editing"] * 3, passages, truncation=True, max_length=32)["input_ids"]
+    cut = ce.tokenizer(["gene editing"] * 3, [head_words(p, 32) for p in passages], truncation=True,
+                       max_length=32)["input_ids"]
+    assert whole == cut and len(head_words(passages[0], 32)) < len(passages[0])
+    expected = ce.predict([("gene editing", p) for p in passages], show_progress_bar=False)
+    assert np.allclose(score_pairs(ce, "gene editing", passages), expected)

@@ -23,6 +23,11 @@ OpenVINO's converter and NNCF send usage telemetry (each event forks a process, 
 warns about in a process that uses it) unless the machine has opted out, once, with the
 openvino-telemetry package's ``opt_in_out --opt_out``; they skip it where ``CI=true``.
 
+A cross-encoder's network is compiled per padded input shape (``StaticShapes``): OpenVINO's CPU
+kernels run a static shape faster than a dynamic one, and a reranker sees one shape on nearly
+every query (its depth of candidates at its ``max_length``). An embedder's shapes vary with every
+batch of queries, so it keeps the one dynamic network.
+
 With a ``cache_dir``, the converted (and quantized) network is saved as OpenVINO IR under a key
 of the weights' fingerprint, the precision, the calibration's fingerprint, the sequence length
 and the library versions, and read back next time instead of converting again.
@@ -45,6 +50,8 @@ CALIBRATION_MAX_TEXTS = 200  # up to 25 NNCF calibration batches of 8
 CALIBRATION_BATCH = 8
 CONVERSIONS: Counter = Counter()  # (precision, "convert" | "quantize" | "cache-hit" | "memory-hit") -> count, per process
 CONVERTED_IN_MEMORY = 8  # networks converted in this process, kept for the next load of the same weights
+SEQ_BUCKET = 32  # StaticShapes pads a batch's sequence length up to a multiple of this many tokens
+STATIC_SHAPES_KEPT = 8  # compiled shapes StaticShapes keeps (least recently used dropped first)
 _CONVERTED: OrderedDict = OrderedDict()  # cache key -> openvino.Model
 
 DEFAULT_CALIBRATION_TEXTS = (
@@ -85,6 +92,48 @@ DEFAULT_CALIBRATION_TEXTS = (
 )
 
 
+class StaticShapes:
+    """The network compiled once per padded input shape, for a model whose shapes repeat.
+
+    A batch of ``(rows, tokens)`` is padded with masked tokens up to ``tokens`` rounded up to
+    :data:`SEQ_BUCKET` (at most the model's position limit); the network compiled for that
+    static shape runs it, and the output is cut back to the batch's own tokens. Masked padding
+    changes no real token's output (attention never reads it), so the result depends on the
+    batch alone, not on which shapes came before. Compiling a shape takes about as long as
+    compiling the dynamic network, once per shape; the last :data:`STATIC_SHAPES_KEPT` are kept.
+    """
+
+    def __init__(self, ov_model, compile_config: dict, max_positions: int | None = None):
+        self.ov_model, self.compile_config, self.max_positions = ov_model, dict(compile_config), max_positions
+        self.compiled: OrderedDict = OrderedDict()  # (rows, padded tokens) -> compiled network
+        self.compilations = 0
+
+    def padded_length(self, tokens: int) -> int:
+        padded = -(-tokens // SEQ_BUCKET) * SEQ_BUCKET
+        if self.max_positions:
+            padded = min(padded, self.max_positions)
+        return max(tokens, padded)
+
+    def __call__(self, feed: dict):
+        import numpy as np
+        import openvino as ov
+
+        rows, tokens = next(iter(feed.values())).shape
+        shape = (rows, self.padded_length(tokens))
+        compiled = self.compiled.get(shape)
+        if compiled is None:
+            model = self.ov_model.clone()
+            model.reshape({name: list(shape) for name in feed})
+            compiled = self.compiled[shape] = ov.Core().compile_model(model, "CPU", self.compile_config)
+            self.compilations += 1
+            while len(self.compiled) > STATIC_SHAPES_KEPT:
+                self.compiled.popitem(last=False)
+        self.compiled.move_to_end(shape)
+        pad = shape[1] - tokens
+        out = compiled({k: np.pad(v, ((0, 0), (0, pad))) if pad else v for k, v in feed.items()})[0]
+        return (out[:, :tokens] if pad and out.ndim >= 3 else out,)  # indexed like a compiled network's outputs
+
+
 def _wrapper_class():
     """The torch module class that runs a compiled network (built here: torch is imported lazily)."""
     import numpy as np
@@ -94,6 +143,7 @@ def _wrapper_class():
         """Stands in for a transformers model inside sentence-transformers' ``Transformer`` module."""
 
         def __init__(self, compiled, config, output_name: str, input_names: Sequence[str], weights_mb: float):
+            """``compiled``: the compiled dynamic network, or a ``StaticShapes`` (both map a feed to outputs)."""
             super().__init__()
             self.compiled, self.config, self.output_name = compiled, config, output_name
             self.input_names, self.weights_mb = tuple(input_names), weights_mb
@@ -291,11 +341,15 @@ def run_on_openvino(model, precision: str, *, bf16: bool, threads: int,
             calibration = calibration_inputs(module, calibration_texts, pairs=isinstance(model, CrossEncoder))
         ov_model = load_or_convert(module, precision, calibration, Path(cache_dir) if cache_dir else None)
         names = [i.get_any_name() for i in ov_model.inputs]
-        compiled = ov.Core().compile_model(ov_model, "CPU", {
+        options = {
             "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
             "INFERENCE_NUM_THREADS": max(1, threads),
             "PERFORMANCE_HINT": "LATENCY",
-        })
+        }
         config, output = module.model.config, module.modality_config["text"]["method_output_name"]
+        if isinstance(model, CrossEncoder):  # a reranker: (depth, max_length) on nearly every query
+            compiled = StaticShapes(ov_model, options, getattr(config, "max_position_embeddings", None))
+        else:
+            compiled = ov.Core().compile_model(ov_model, "CPU", options)
         module.model = _wrapper_class()(compiled, config, output, names, ir_weights_mb(ov_model))
     return model

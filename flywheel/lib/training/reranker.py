@@ -11,6 +11,7 @@ for the copy logged in MLflow (see ``load_reranker``).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ from flywheel.lib.registry import index
 
 
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
+_WORD = re.compile(r"\S+")
 
 
 def load_reranker(path: str | Path, *, device: str = "auto", max_length: int | None = None, precision: str = "fp32",
@@ -36,6 +38,26 @@ def load_reranker(path: str | Path, *, device: str = "auto", max_length: int | N
     device = index.resolve_device(device)
     model = CrossEncoder(str(path), device=device, local_files_only=True, max_length=max_length)
     return apply_precision(model, precision, device, calibration_texts=calibration_texts, cache_dir=cache_dir)
+
+
+def head_words(text: str, words: int) -> str:
+    """``text`` up to the end of its first ``words`` whitespace-separated words (the rest dropped)."""
+    for n, match in enumerate(_WORD.finditer(text), 1):
+        if n == words:
+            return text[:match.end()]
+    return text
+
+
+def score_pairs(model, query: str, passages: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+    """The cross-encoder's scores of ``(query, passage)`` for each passage.
+
+    A pair is truncated to ``model.max_seq_length`` tokens, so each passage is first cut after as many
+    words: a word is at least one token, so the model sees the same tokens, and the tokenizer no
+    longer reads the rest of a long passage only to drop it."""
+    limit = getattr(model, "max_seq_length", None)
+    if limit:
+        passages = [head_words(p, limit) for p in passages]
+    return np.asarray(model.predict([(query, p) for p in passages], batch_size=batch_size, show_progress_bar=False))
 
 
 def rerank(
@@ -74,7 +96,7 @@ def rerank(
         head, tail = ranked[:depth], ranked[depth:]
         started = time.perf_counter()
         if head:
-            scores = np.asarray(model.predict([(query, texts[d]) for d in head], batch_size=batch_size, show_progress_bar=False))
+            scores = score_pairs(model, query, [texts[d] for d in head], batch_size=batch_size)
             if fusion == "zscore":
                 bi = np.asarray(list(bi_scores[qid])[:len(head)], dtype=np.float64)
                 scores = (1.0 - fusion_weight) * _standardised(bi) + fusion_weight * _standardised(scores)
