@@ -53,7 +53,9 @@ def score_pairs(model, query: str, passages: Sequence[str], *, batch_size: int =
 
     A pair is truncated to ``model.max_seq_length`` tokens, so each passage is first cut after as many
     words: a word is at least one token, so the model sees the same tokens, and the tokenizer no
-    longer reads the rest of a long passage only to drop it."""
+    longer reads the rest of a long passage only to drop it. (A word made only of characters the
+    tokenizer drops, such as control characters, is no token: each one leaves the pair a token
+    short.)"""
     limit = getattr(model, "max_seq_length", None)
     if limit:
         passages = [head_words(p, limit) for p in passages]
