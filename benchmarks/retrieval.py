@@ -11,8 +11,11 @@ folder), no training needed:
    Precisions: PyTorch fp32, bf16 and int8 (dynamic quantization), and the same network compiled
    on OpenVINO at bf16 and int8 (NNCF post-training quantization, calibrated on the generic
    texts of ``flywheel.lib.registry.openvino_backend``); see ``flywheel.lib.registry.inference``.
+   Queries run at ``FLYWHEEL_QUERY_PRECISION`` resolved against each (auto: openvino-bf16 beside an
+   openvino-int8 corpus, else the same).
 2. Quality, on the whole test split: the base embedder at each precision (each encodes the full
-   corpus once into a LanceDB table of its own; tables are reused by later runs), BM25 (LanceDB's
+   corpus once into a LanceDB table of its own; tables are reused by later runs; where its queries
+   run at another precision, also with queries at the corpus's: ``ndcg10_base_P_queries_P``), BM25 (LanceDB's
    full-text index), and hybrids: z-score fusion at weight 0.5, RRF, and z-score at the weight
    chosen on up to 300 *train*-split queries (the test split never picks anything).
    With ``--reranker PATH`` (a trained CrossEncoder folder), also the reranker over the hybrid.
@@ -50,7 +53,7 @@ from flywheel.lib.evaluation.benchmark import (  # noqa: E402
 from flywheel.lib.evaluation.metrics import evaluate_rankings, summarize  # noqa: E402
 from flywheel.lib.quiet import quiet_libraries  # noqa: E402
 from flywheel.lib.registry import hybrid, index  # noqa: E402
-from flywheel.lib.registry.inference import PRECISIONS, resolve_precision  # noqa: E402
+from flywheel.lib.registry.inference import PRECISIONS, resolve_precision, resolve_query_precision  # noqa: E402
 
 T0 = time.monotonic()
 
@@ -75,7 +78,7 @@ def speed(ds, uri, base: str, reranker: str, precisions, args, cfg) -> list[cost
     return cost.precision_costs(
         base, passages, test_q[:50], reranker_path=reranker, candidates=candidates, precisions=precisions,
         max_seq_length=cfg.training.encode_max_seq_length, rerank_max_length=cfg.reranker.max_length,
-        batch_size=cfg.training.encode_batch_size, progress=say,
+        batch_size=cfg.training.encode_batch_size, query_precision=cfg.training.query_precision, progress=say,
     )
 
 
@@ -93,7 +96,10 @@ def hits_of(bench, name: str, suite: str) -> dict:
 def quality(ds, uri, base: str, precisions, args, cfg) -> dict:
     """NDCG@10 / Recall@40 of the base at each precision, BM25 and hybrids on the test split."""
     suites = {"test": test_split_suite(ds), "calibration": calibration_suite(ds)}
-    models = [ModelSpec(f"base-{p}", base, precision=p) for p in precisions]
+    models = [ModelSpec(f"base-{p}", base, precision=p, query_precision=cfg.training.query_precision) for p in precisions]
+    # where the setting runs queries at another precision than the corpus: the same model with both alike
+    models += [ModelSpec(f"base-{p}-queries-{p}", base, precision=p, query_precision=p) for p in precisions
+               if resolve_query_precision(cfg.training.query_precision, p, "cpu") != p]
     hybrids = [HybridSpec("bm25")] + [HybridSpec(f"hybrid-{p}", on=f"base-{p}") for p in precisions]
     hybrids.append(HybridSpec("hybrid-rrf", on="base-fp32", fusion="rrf"))
     rerankers = []
@@ -134,6 +140,8 @@ def quality_figures(q: dict, chosen: str, judged) -> dict:
     for p in judged:
         out[f"ndcg10_base_{p}"] = round(res[f"base-{p}"]["ndcg@10"], 4)
         out[f"ndcg10_hybrid_{p}"] = round(res[f"hybrid-{p}"]["ndcg@10"], 4)
+        if f"base-{p}-queries-{p}" in res:
+            out[f"ndcg10_base_{p}_queries_{p}"] = round(res[f"base-{p}-queries-{p}"]["ndcg@10"], 4)
         if f"hybrid+reranker-{p}" in res:
             out[f"ndcg10_full_{p}"] = round(res[f"hybrid+reranker-{p}"]["ndcg@10"], 4)
     if f"ndcg10_full_{chosen}" in out:

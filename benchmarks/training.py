@@ -53,7 +53,7 @@ from flywheel.lib.evaluation import cost  # noqa: E402
 from flywheel.lib.evaluation.benchmark import (  # noqa: E402
     HybridSpec, ModelSpec, RerankSpec, p50, p95, run_benchmark, test_split_suite,
 )
-from flywheel.lib.registry.inference import resolve_precision  # noqa: E402
+from flywheel.lib.registry.inference import resolve_precision, resolve_query_precision  # noqa: E402
 from flywheel.lib.quiet import quiet_libraries  # noqa: E402
 from flywheel.lib.training.week import train_reranker_week, train_week  # noqa: E402
 
@@ -88,9 +88,13 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
     the embedder's corpus encode rate both ways on 500 passages drawn with a fixed seed."""
     tr, rr = config.training, config.reranker
     fast, rfast = resolve_precision(tr.inference_precision, "cpu"), resolve_precision(rr.inference_precision, "cpu")
+    qfast = resolve_query_precision(tr.query_precision, fast, "cpu")
     models = [ModelSpec("embedder-fp32", str(embedder_dir))]
     if fast != "fp32":
-        models.append(ModelSpec(f"embedder-{fast}", str(embedder_dir), precision=fast))
+        models.append(ModelSpec(f"embedder-{fast}", str(embedder_dir), precision=fast, query_precision=qfast))
+    if qfast != fast:  # the serving embedder beside the same one with its queries at the corpus's precision
+        models.append(ModelSpec(f"embedder-{fast}-queries-{fast}", str(embedder_dir), precision=fast,
+                                query_precision=fast))
     hybrids = [HybridSpec("bm25"), HybridSpec("hybrid-fp32", on="embedder-fp32")]
     if fast != "fp32":
         hybrids.append(HybridSpec(f"hybrid-{fast}", on=f"embedder-{fast}"))
@@ -98,7 +102,8 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
     rerankers = [RerankSpec("full-fp32", str(reranker_dir), on="hybrid-fp32", precision="fp32", **kw)]
     if (fast, rfast) != ("fp32", "fp32"):
         rerankers.append(RerankSpec("full", str(reranker_dir), on=f"hybrid-{fast}", precision=rfast, **kw))
-    say(f"first stage: BM25 and hybrid (embedder at {', '.join(m.precision for m in models)}), reranker at "
+    say(f"first stage: BM25 and hybrid (embedder at {', '.join(m.name[9:] for m in models)}; serving queries at "
+        f"{qfast}), reranker at "
         f"{', '.join(r.precision for r in rerankers)} on the hybrid's top {rr.depth}")
     suites = {"test": test_split_suite(ds)}
     bench = run_benchmark(models, ds, suites, layout.lancedb, hybrids=hybrids, rerankers=rerankers,
@@ -112,7 +117,8 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
     sample = random.Random(0).sample(list(ds.corpus.texts), min(500, len(ds.corpus)))
     costs = {c.precision: c for c in cost.precision_costs(
         embedder_dir, sample, list(suites["test"][0].values())[:50], precisions=sorted({"fp32", fast}),
-        max_seq_length=tr.encode_max_seq_length, batch_size=tr.encode_batch_size, progress=say)}
+        max_seq_length=tr.encode_max_seq_length, batch_size=tr.encode_batch_size, query_precision=tr.query_precision,
+        progress=say)}
     full_ms = bench.latency_ms.get("full", bench.latency_ms["full-fp32"])
     return {
         "ndcg10_bm25": round(res["bm25"]["ndcg@10"], 4),
@@ -124,6 +130,8 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
         "ndcg10_full_fp32": round(res["full-fp32"]["ndcg@10"], 4),
         f"ndcg10_embedder_{fast}": round(res[f"embedder-{fast}"]["ndcg@10"], 4),
         "ndcg10_embedder_fp32": round(res["embedder-fp32"]["ndcg@10"], 4),
+        **({f"ndcg10_embedder_{fast}_queries_{fast}": round(res[f"embedder-{fast}-queries-{fast}"]["ndcg@10"], 4)}
+           if qfast != fast else {}),
         "rerank_ms_p50": round(p50(full_ms), 1),  # the serving pipeline's, beside fp32's in this run
         "rerank_ms_p95": round(p95(full_ms), 1),
         "rerank_ms_p50_fp32": round(p50(bench.latency_ms["full-fp32"]), 1),
@@ -136,6 +144,7 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
         "query_ms_p50_fp32": round(costs["fp32"].query_ms_p50, 1),
         "encode_passages_timed": len(sample),
         "inference_precision": fast,
+        "query_precision": qfast,
         "reranker_precision": rfast,
         "load_average_1m": round(os.getloadavg()[0], 1),
     }

@@ -240,9 +240,13 @@ class TrainingSettings(Section):
     encode_max_seq_length: int = setting(256, "tokens per text when encoding for retrieval", ge=8, le=512, env="FLYWHEEL_ENCODE_MAX_SEQ_LENGTH")
     encode_batch_size: int = setting(64, "texts per encoding batch", ge=1, env="FLYWHEEL_ENCODE_BATCH_SIZE")
     inference_precision: InferencePrecision = setting(
-        "auto", "weights when encoding queries and the corpus: auto = openvino-int8 on a CPU (bf16 or fp32 without "
+        "auto", "weights when encoding the corpus (and queries, as FLYWHEEL_QUERY_PRECISION says): auto = openvino-int8 on a CPU (bf16 or fp32 without "
         "OpenVINO, bf16 on a GPU that has it); int8 = dynamic quantization (CPU only); openvino-* = compiled on OpenVINO (CPU only)",
         env="FLYWHEEL_ENCODE_PRECISION")
+    query_precision: InferencePrecision = setting(
+        "auto", "weights when encoding queries: auto = openvino-bf16 where the corpus runs at openvino-int8 (int8 "
+        "activations cost a query encoder retrieval quality, and one short query gains nothing from int8's "
+        "throughput), else the corpus's precision", env="FLYWHEEL_QUERY_PRECISION")
     device: str = setting("auto", "torch device (auto: cuda if present, else cpu)", env="FLYWHEEL_DEVICE")
     precision: TrainingPrecision = setting(
         "auto", "mixed precision while training both models: auto = bf16 where it runs natively (a CPU with "

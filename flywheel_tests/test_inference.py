@@ -20,8 +20,9 @@ TEXTS = [
 ]
 
 
-def _embed(path, precision, max_seq_length=128):
-    model = index.load_embedder(path, device="cpu", max_seq_length=max_seq_length, precision=precision)
+def _embed(path, precision, max_seq_length=128, query_precision="auto"):
+    model = index.load_embedder(path, device="cpu", max_seq_length=max_seq_length, precision=precision,
+                                query_precision=query_precision)
     return model, index.encode(model, TEXTS, task="document")
 
 
@@ -90,6 +91,17 @@ def test_resolve_precision(monkeypatch):
         inference.resolve_precision("openvino-bf16", "cuda")
 
 
+def test_resolve_query_precision():
+    # auto: bf16 queries beside an int8 corpus on OpenVINO; the corpus's own precision otherwise
+    assert inference.resolve_query_precision("auto", "openvino-int8") == "openvino-bf16"
+    for corpus in ("fp32", "bf16", "int8", "openvino-bf16"):
+        assert inference.resolve_query_precision("auto", corpus) == corpus
+    assert inference.resolve_query_precision("openvino-int8", "openvino-int8") == "openvino-int8"
+    assert inference.resolve_query_precision("fp32", "openvino-int8") == "fp32"
+    with pytest.raises(ValueError, match="'fp16' is not one of"):
+        inference.resolve_query_precision("fp16", "fp32")
+
+
 def test_training_precision_is_bf16_where_it_runs_natively(monkeypatch):
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
     assert inference.training_bf16("auto", "cpu") is True
@@ -126,6 +138,10 @@ def test_precision_settings_are_validated():
         load_config({"FLYWHEEL_RERANKER_PRECISION": "fp16"})
     with pytest.raises(ConfigError, match="FLYWHEEL_ENCODE_PRECISION='half' is not allowed"):
         load_config({"FLYWHEEL_ENCODE_PRECISION": "half"})
+    assert load_config({}).training.query_precision == "auto"
+    assert load_config({"FLYWHEEL_QUERY_PRECISION": "openvino-int8"}).training.query_precision == "openvino-int8"
+    with pytest.raises(ConfigError, match="FLYWHEEL_QUERY_PRECISION='int4' is not allowed"):
+        load_config({"FLYWHEEL_QUERY_PRECISION": "int4"})
 
 
 def test_cost_figures_of_an_embedder(base_model_path, tmp_path):
@@ -160,6 +176,7 @@ def test_precision_costs_measure_each_model_at_each_precision(base_model_path):
     assert [(c.name, c.precision) for c in costs] == [
         ("embedder", "fp32"), ("reranker", "fp32"), ("embedder", "bf16"), ("reranker", "bf16")]
     assert costs[1].queries_timed == 1 and costs[1].passages_timed == 3
+    assert [c.queries_timed for c in costs[::2]] == [2, 2] and all(c.query_ms_p50 > 0 for c in costs)
     assert costs[2].weights_mb == pytest.approx(costs[0].weights_mb / 2, rel=0.05)
 
 
@@ -170,8 +187,9 @@ def test_precision_costs_measure_each_model_at_each_precision(base_model_path):
 
 @pytest.mark.parametrize("precision, min_cos", [("openvino-bf16", 0.999), ("openvino-int8", 0.98)])
 def test_openvino_embeddings_stay_within_tolerance_of_fp32(base_model_path, fp32_embeddings, precision, min_cos):
-    model, emb = _embed(base_model_path, precision)
-    assert inference.precision_of(model) == precision
+    model, emb = _embed(base_model_path, precision, query_precision=precision)  # one network, queries alike
+    assert inference.precision_of(model) == inference.query_precision_of(model) == precision
+    assert len(openvino_backend.transformer_modules(model)) == 1
     assert type(openvino_backend.transformer_modules(model)[0].model).__name__ == "_OpenVINOModel"
     assert emb.dtype == np.float32 and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert (emb * fp32_embeddings).sum(axis=1).min() > min_cos
@@ -204,6 +222,46 @@ def test_openvino_runs_both_routes_of_a_query_document_model(base_model_path):
     q, d = index.encode(ov, TEXTS, task="query"), index.encode(ov, TEXTS, task="document")
     assert not np.allclose(q, d, atol=1e-3)  # each route runs its own network
     assert 80 < cost.weights_mb(ov) < 100  # both networks counted
+
+
+def test_int8_corpus_on_openvino_encodes_queries_at_bf16_unless_told(base_model_path, fp32_embeddings):
+    """Int8 activations cost a query encoder retrieval quality that they do not cost the corpus
+    (benchmarks/retrieval.py and training.py measure both side by side), so the default runs an
+    embedder's queries at openvino-bf16 beside an openvino-int8 corpus: a single-tower model becomes
+    a query/document Router of two copies, each route its own network at its own precision."""
+    from flywheel.lib.training.corpus import query_document_model
+
+    queries = ["how do statins reduce cholesterol", "gene editing with a guide rna"]
+    split = index.load_embedder(base_model_path, device="cpu", max_seq_length=128, precision="openvino-int8")
+    assert (inference.precision_of(split), inference.query_precision_of(split)) == ("openvino-int8", "openvino-bf16")
+    assert inference.precision_label(split) == "openvino-int8 (queries openvino-bf16)"
+    assert sorted(inference.query_document_routes(split)) == ["document", "query"]
+    int8 = index.load_embedder(base_model_path, device="cpu", max_seq_length=128, precision="openvino-int8",
+                               query_precision="openvino-int8")
+    bf16 = index.load_embedder(base_model_path, device="cpu", max_seq_length=128, precision="openvino-bf16")
+    assert len(openvino_backend.transformer_modules(int8)) == 1 and inference.precision_label(int8) == "openvino-int8"
+    # documents as the int8 network encodes them (the corpus table is the same), queries as bf16's
+    assert np.allclose(index.encode(split, TEXTS), index.encode(int8, TEXTS), atol=1e-6)
+    q = index.encode(split, queries, task="query")
+    assert np.allclose(q, index.encode(bf16, queries, task="query"), atol=1e-6)
+    assert not np.allclose(q, index.encode(int8, queries, task="query"), atol=1e-4)  # another network
+    assert (q @ index.encode(split, TEXTS).T).argmax(axis=1).tolist() == [3, 4]
+    # the cost table counts both networks and says what each side runs at
+    assert cost.weights_mb(int8) + 40 < cost.weights_mb(split) < cost.weights_mb(int8) + 50
+    assert "openvino-int8 (queries openvino-bf16)" in cost.cost_table_markdown(
+        [cost.embedder_cost("embedder", base_model_path, split, queries, TEXTS[:2])])
+    # a query-only fine-tune is a Router already: its own routes take the two precisions
+    routed = query_document_model(base_model_path, device="cpu", max_seq_length=128)
+    inference.apply_precision(routed, "openvino-int8", query_precision="auto")
+    assert inference.precision_label(routed) == "openvino-int8 (queries openvino-bf16)"
+    assert np.allclose(index.encode(routed, queries, task="query"), q, atol=1e-6)
+    # PyTorch precisions split the same way; a plain model cannot run its sides apart
+    torch_split = index.load_embedder(base_model_path, device="cpu", max_seq_length=128, query_precision="bf16")
+    assert np.allclose(index.encode(torch_split, TEXTS), fp32_embeddings, atol=1e-6)
+    assert (index.encode(torch_split, TEXTS, task="query") * fp32_embeddings).sum(axis=1).min() > 0.99
+    plain = index.load_embedder(base_model_path, device="cpu", max_seq_length=128)
+    with pytest.raises(ValueError, match="no query and document routes"):
+        inference.apply_precision(plain, "fp32", query_precision="bf16")
 
 
 def test_openvino_cross_encoder_scores_correlate_with_fp32(base_model_path):
@@ -289,7 +347,8 @@ def test_missing_openvino_packages_name_the_setting(base_model_path, monkeypatch
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
     inference.require_openvino("openvino-bf16")  # bf16 needs openvino only
-    with pytest.raises(ImportError, match=r"'openvino-int8' \(FLYWHEEL_ENCODE_PRECISION / FLYWHEEL_RERANKER_PRECISION\) "
+    with pytest.raises(ImportError, match=r"'openvino-int8' \(FLYWHEEL_ENCODE_PRECISION / FLYWHEEL_QUERY_PRECISION / "
+                                          r"FLYWHEEL_RERANKER_PRECISION\) "
                                           r"needs the nncf package"):
         index.load_embedder(base_model_path, device="cpu", precision="openvino-int8")
 

@@ -42,7 +42,8 @@ class ModelSpec:
     name: str
     path: str
     model_id: str | None = None
-    precision: str = "fp32"  # of the query and corpus encoders (see flywheel.lib.registry.inference)
+    precision: str = "fp32"  # of the corpus encoder, and of the query encoder unless query_precision says otherwise
+    query_precision: str = "auto"  # see flywheel.lib.registry.inference.resolve_query_precision
 
 
 @dataclass
@@ -134,13 +135,14 @@ def rank_first_stages(bench: Benchmark, models: list[ModelSpec], ds: BeirDataset
     for spec in models:
         model_id = spec.model_id or index.model_fingerprint(spec.path)
         bench.stages[spec.name] = "retrieval (encode query + LanceDB search)"
-        if (model_id, spec.precision) in by_id:
-            first = by_id[(model_id, spec.precision)]
+        if (model_id, spec.precision, spec.query_precision) in by_id:
+            first = by_id[(model_id, spec.precision, spec.query_precision)]
             bench.rankings[spec.name], bench.scores[spec.name] = bench.rankings[first], bench.scores[first]
             bench.latency_ms[spec.name] = bench.latency_ms[first]
             continue
-        by_id[(model_id, spec.precision)] = spec.name
-        model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length, precision=spec.precision)
+        by_id[(model_id, spec.precision, spec.query_precision)] = spec.name
+        model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length, precision=spec.precision,
+                                    query_precision=spec.query_precision)
         corpus_id = index.corpus_encoder_id(spec.path)  # a query-only fine-tune reads its base's table
         bench.scores[spec.name] = {}
         bench.rankings[spec.name] = evaluation.rank_model_on(

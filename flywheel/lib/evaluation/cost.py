@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from flywheel.lib.registry import index
-from flywheel.lib.registry.inference import precision_of
+from flywheel.lib.registry.inference import precision_of, query_precision_of
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".onnx", ".xml"}
 
@@ -34,6 +34,7 @@ class ModelCost:
     passages_timed: int
     size_on_disk_mb: float  # the model's folder as saved (weights at the precision they were saved in)
     weights_mb: float  # the weights at the precision it runs at (what a saved copy at that precision holds)
+    query_precision: str = ""  # an embedder's queries, where they run at another precision than its corpus
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +127,7 @@ def embedder_cost(
         name=name, precision=precision_of(model), query_ms_p50=_pct(ms, 50), query_ms_p95=_pct(ms, 95),
         queries_timed=len(ms), passages_per_s=encode_rate(model, passages, batch_size=batch_size),
         passages_timed=len(passages), size_on_disk_mb=size_on_disk_mb(path), weights_mb=weights_mb(model),
+        query_precision=query_precision_of(model) if query_precision_of(model) != precision_of(model) else "",
     )
 
 
@@ -147,7 +149,8 @@ def cost_table_markdown(costs: Sequence[ModelCost]) -> str:
     lines = ["| model | precision | query p50 ms | query p95 ms | passages (or pairs) / s | size on disk MB | weights MB |",
              "|---|---|---|---|---|---|---|"]
     for c in costs:
-        lines.append(f"| {c.name} | {c.precision} | {c.query_ms_p50:.1f} | {c.query_ms_p95:.1f} | "
+        precision = f"{c.precision} (queries {c.query_precision})" if c.query_precision else c.precision
+        lines.append(f"| {c.name} | {precision} | {c.query_ms_p50:.1f} | {c.query_ms_p95:.1f} | "
                      f"{c.passages_per_s:.1f} | {c.size_on_disk_mb:.1f} | {c.weights_mb:.1f} |")
     return "\n".join(lines)
 
@@ -161,21 +164,24 @@ def precision_costs(
     reranker_path: str | Path | None = None, candidates: Mapping[str, Sequence[str]] | None = None,
     precisions: Sequence[str] = ("fp32", "bf16"), max_seq_length: int = 256, rerank_max_length: int = 128,
     batch_size: int = 64, device: str = "cpu", search: Callable[[np.ndarray], object] | None = None,
-    progress: Callable[[str], None] | None = None,
+    query_precision: str = "auto", progress: Callable[[str], None] | None = None,
 ) -> list[ModelCost]:
     """The same embedder (and reranker) at each precision, measured side by side in one run.
 
     ``candidates`` maps a query (text) to the passages the reranker scores for it (e.g. a first
-    stage's top 40); a fresh copy of each model is loaded per precision."""
+    stage's top 40); a fresh copy of each model is loaded per precision (its queries at
+    ``query_precision``, resolved against each: see ``registry.inference``)."""
     from flywheel.lib.training.reranker import load_reranker
 
     out = []
     for precision in precisions:
-        model = index.load_embedder(embedder_path, device=device, max_seq_length=max_seq_length, precision=precision)
+        model = index.load_embedder(embedder_path, device=device, max_seq_length=max_seq_length, precision=precision,
+                                    query_precision=query_precision)
         out.append(embedder_cost("embedder", embedder_path, model, queries, passages, search=search,
                                  batch_size=batch_size))
         if progress:
-            progress(f"embedder at {precision}: {out[-1].passages_per_s:.1f} passages/s (seq {max_seq_length}), "
+            sides = f" (queries {out[-1].query_precision})" if out[-1].query_precision else ""
+            progress(f"embedder at {precision}{sides}: {out[-1].passages_per_s:.1f} passages/s (seq {max_seq_length}), "
                      f"query p50 {out[-1].query_ms_p50:.1f} ms")
         if reranker_path is not None and candidates:
             ce = load_reranker(reranker_path, device=device, max_length=rerank_max_length, precision=precision)

@@ -238,9 +238,9 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     bench = Benchmark(per_query={}, queries={n: dict(s[0]) for n, s in suites.items()}, suites=suites)
     enc = dict(max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size, device=training.device)
     # 1-3: first stages, pooled, decided
-    prec = training.inference_precision  # the same for every first stage: a fair comparison
-    firsts = [ModelSpec("base", cand.base_model, precision=prec), ModelSpec("champion", cand.champion_path, precision=prec),
-              ModelSpec("challenger", cand.challenger["model_dir"], cand.challenger["model_id"], precision=prec)]
+    prec = dict(precision=training.inference_precision, query_precision=training.query_precision)  # the same for all
+    firsts = [ModelSpec("base", cand.base_model, **prec), ModelSpec("champion", cand.champion_path, **prec),
+              ModelSpec("challenger", cand.challenger["model_dir"], cand.challenger["model_id"], **prec)]
     rank_first_stages(bench, firsts, ds, lancedb_uri, progress=progress, **enc)
     pooler = _Pooler(judged, voters, ds.corpus.text_by_id, g.pool_depth, week, progress)
     names = [m.name for m in firsts]

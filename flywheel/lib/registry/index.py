@@ -37,16 +37,20 @@ def resolve_device(device: str = "auto") -> str:
 
 def load_embedder(
     path: str | Path, *, device: str = "auto", max_seq_length: int | None = None, precision: str = "fp32",
-    calibration_texts=None, cache_dir: str | Path | None = None,
+    query_precision: str = "auto", calibration_texts=None, cache_dir: str | Path | None = None,
 ):
     """A SentenceTransformer from a local folder; never reaches for a model hub.
 
-    ``precision`` ("fp32", "bf16", "int8", "openvino-bf16", "openvino-int8" or "auto"; see
-    ``registry.inference``, which also explains ``calibration_texts`` and ``cache_dir``) is for
-    inference only: load at fp32 to train."""
+    ``precision`` ("fp32", "bf16", "int8", "openvino-bf16", "openvino-int8" or "auto") and
+    ``query_precision`` (the same choices; ``auto`` follows ``precision`` except that int8 on
+    OpenVINO encodes queries at bf16) are for inference only: load at fp32 to train. Where the two
+    differ, a single-tower model is loaded as a query/document Router of two copies. See
+    ``registry.inference``, which also explains ``calibration_texts`` and ``cache_dir``."""
     from sentence_transformers import SentenceTransformer
 
-    from flywheel.lib.registry.inference import apply_precision
+    from flywheel.lib.registry.inference import (
+        apply_precision, resolve_precision, resolve_query_precision, with_query_route,
+    )
 
     path = Path(path)
     if not (path / "modules.json").exists() and not (path / "config.json").exists():
@@ -56,8 +60,12 @@ def load_embedder(
     model = SentenceTransformer(str(path), device=resolve_device(device), local_files_only=True)
     if max_seq_length:
         model.max_seq_length = max_seq_length
-    return apply_precision(model, precision, str(model.device), calibration_texts=calibration_texts,
-                           cache_dir=cache_dir)
+    corpus = resolve_precision(precision, str(model.device))
+    query = resolve_query_precision(query_precision, corpus, str(model.device))
+    if query != corpus:
+        model = with_query_route(model)
+    return apply_precision(model, corpus, str(model.device), query_precision=query,
+                           calibration_texts=calibration_texts, cache_dir=cache_dir)
 
 
 TOWERS_FILE = "flywheel_towers.json"  # written beside a query-only fine-tune: whose documents it reads

@@ -329,13 +329,15 @@ def _read_or_convert(module, precision: str, calibration, cache_dir: Path | None
 
 
 def run_on_openvino(model, precision: str, *, bf16: bool, threads: int,
-                    calibration_texts: Sequence[str] | None = None, cache_dir: str | Path | None = None):
-    """Swap each of the model's transformers networks (one per Router route) for its compiled
-    OpenVINO version, in place; each route is calibrated with its own tokenizer."""
+                    calibration_texts: Sequence[str] | None = None, cache_dir: str | Path | None = None,
+                    modules: Sequence | None = None):
+    """Swap each of the model's transformers networks (one per Router route; or only ``modules``,
+    some of them) for its compiled OpenVINO version, in place; each route is calibrated with its
+    own tokenizer."""
     import openvino as ov
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    for module in transformer_modules(model):
+    for module in transformer_modules(model) if modules is None else modules:
         calibration = None
         if precision == "openvino-int8":
             calibration = calibration_inputs(module, calibration_texts, pairs=isinstance(model, CrossEncoder))

@@ -31,7 +31,8 @@ def frozen_corpus(uri, base_model: str, corpus, *, max_seq_length: int, device: 
                   precision: str = "fp32", progress=None) -> CorpusEmbeddings:
     """The base's corpus embeddings as served (its LanceDB table at the serving precision, built
     here if missing)."""
-    base = index.load_embedder(base_model, device=device, max_seq_length=max_seq_length, precision=precision)
+    base = index.load_embedder(base_model, device=device, max_seq_length=max_seq_length, precision=precision,
+                               query_precision=precision)  # documents only
     table = index.ensure_corpus_table(
         uri, base, index.model_fingerprint(base_model), corpus, batch_size=batch_size, progress=progress
     )

@@ -157,9 +157,10 @@ def train_week(
     result = train_bi_encoder(rows, cfg, corpus=frozen, related=related, grades=grades, progress=progress)
 
     # 4. The corpus table the new model searches, embedded once here (the report, the gate and
-    #    serving reuse it); a query-only model reads its base's table: nothing to embed
+    #    serving reuse it); a query-only model reads its base's table: nothing to embed. Documents
+    #    only, so its queries need no precision of their own here
     model = index.load_embedder(result.model_dir, device=settings.device, max_seq_length=settings.encode_max_seq_length,
-                                precision=settings.inference_precision)
+                                precision=settings.inference_precision, query_precision=settings.inference_precision)
     table = index.ensure_corpus_table(lancedb_uri, model, index.corpus_encoder_id(result.model_dir), corpus,
                                       batch_size=settings.encode_batch_size, progress=progress)
     return EmbedderWeek(
