@@ -18,9 +18,12 @@ cache and report go to ``<home>/bench-training``; corpus embeddings go to ``<hom
 
 Then the first stage with keyword search beside it (``first_stage_and_speed``): BM25 (LanceDB's
 full-text index), the hybrid (embedder + BM25) and the full pipeline (hybrid + reranker), each at
-the serving precision (``FLYWHEEL_ENCODE_PRECISION`` / ``FLYWHEEL_RERANKER_PRECISION``, auto: bf16
-where the CPU runs it natively) and at fp32, side by side; corpus encode rate on 500 passages both
-ways. The embedder + reranker row ("reranked") runs at the serving precision.
+the serving precision (``FLYWHEEL_ENCODE_PRECISION`` / ``FLYWHEEL_QUERY_PRECISION`` /
+``FLYWHEEL_RERANKER_PRECISION``, auto: openvino-int8, its queries at openvino-bf16, where OpenVINO
+is installed) and at fp32, side by side; where the queries run at another precision than the
+corpus, the embedder also with its queries at the corpus's (``ndcg10_embedder_P_queries_P``); corpus
+encode rate on 500 passages both ways. The embedder + reranker row ("reranked") runs at the serving
+precision.
 
 Prints figures as it goes; the last line is one JSON object with ndcg10_/recall10_ for base,
 embedder and reranked, ndcg10_bm25, ndcg10_hybrid, ndcg10_full, recall40_base/_embedder,
@@ -102,7 +105,7 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
     rerankers = [RerankSpec("full-fp32", str(reranker_dir), on="hybrid-fp32", precision="fp32", **kw)]
     if (fast, rfast) != ("fp32", "fp32"):
         rerankers.append(RerankSpec("full", str(reranker_dir), on=f"hybrid-{fast}", precision=rfast, **kw))
-    say(f"first stage: BM25 and hybrid (embedder at {', '.join(m.name[9:] for m in models)}; serving queries at "
+    say(f"first stage: BM25 and hybrid (embedder at {', '.join(m.name.removeprefix('embedder-') for m in models)}; serving queries at "
         f"{qfast}), reranker at "
         f"{', '.join(r.precision for r in rerankers)} on the hybrid's top {rr.depth}")
     suites = {"test": test_split_suite(ds)}
