@@ -9,7 +9,6 @@ how much was timed.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from flywheel.lib.registry import index
-from flywheel.lib.registry.inference import precision_of, query_precision_of
+from flywheel.lib.registry.inference import (
+    precision_of, query_precision_of, runtime_weights_mb, sides_label, state_dict_mb,
+)
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".onnx", ".xml"}
 
@@ -53,16 +54,9 @@ def weights_mb(model) -> float:
     """Megabytes of the model's state dict as it runs now (bf16 halves it; int8 packs Linear weights).
 
     A model running on OpenVINO holds its weights outside torch: the size of its network as saved."""
-    import torch
-
-    from flywheel.lib.registry.inference import runtime_weights_mb
-
     if (mb := runtime_weights_mb(model)) is not None:
         return mb
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell() / 1e6
+    return state_dict_mb(model)
 
 
 def query_latency_ms(
@@ -149,8 +143,7 @@ def cost_table_markdown(costs: Sequence[ModelCost]) -> str:
     lines = ["| model | precision | query p50 ms | query p95 ms | passages (or pairs) / s | size on disk MB | weights MB |",
              "|---|---|---|---|---|---|---|"]
     for c in costs:
-        precision = f"{c.precision} (queries {c.query_precision})" if c.query_precision else c.precision
-        lines.append(f"| {c.name} | {precision} | {c.query_ms_p50:.1f} | {c.query_ms_p95:.1f} | "
+        lines.append(f"| {c.name} | {sides_label(c.precision, c.query_precision)} | {c.query_ms_p50:.1f} | {c.query_ms_p95:.1f} | "
                      f"{c.passages_per_s:.1f} | {c.size_on_disk_mb:.1f} | {c.weights_mb:.1f} |")
     return "\n".join(lines)
 
@@ -180,8 +173,7 @@ def precision_costs(
         out.append(embedder_cost("embedder", embedder_path, model, queries, passages, search=search,
                                  batch_size=batch_size))
         if progress:
-            sides = f" (queries {out[-1].query_precision})" if out[-1].query_precision else ""
-            progress(f"embedder at {precision}{sides}: {out[-1].passages_per_s:.1f} passages/s (seq {max_seq_length}), "
+            progress(f"embedder at {sides_label(precision, out[-1].query_precision)}: {out[-1].passages_per_s:.1f} passages/s (seq {max_seq_length}), "
                      f"query p50 {out[-1].query_ms_p50:.1f} ms")
         if reranker_path is not None and candidates:
             ce = load_reranker(reranker_path, device=device, max_length=rerank_max_length, precision=precision)

@@ -176,15 +176,20 @@ def _apply(model, module, precision: str, *, device: str, calibration_texts, cac
 def query_document_routes(model) -> dict:
     """route name -> the modules of that route, for a SentenceTransformer built on a query/document
     ``Router``; an error for any other model."""
-    from sentence_transformers.base.modules import Router
-
-    routers = [m for m in model.children()] if hasattr(model, "children") else []
-    router = routers[0] if len(routers) == 1 and isinstance(routers[0], Router) else None
+    router = _router(model)
     if router is None or not {"query", "document"} <= set(router.sub_modules):
         raise ValueError(f"{type(model).__name__} has no query and document routes: load it with "
                          "index.load_embedder (which gives a single-tower model a query route) to run its "
                          "queries at another precision")
     return dict(router.sub_modules)
+
+
+def _router(model):
+    """The model's ``Router``, where a SentenceTransformer is built on one; else None."""
+    from sentence_transformers.base.modules import Router
+
+    modules = list(model.children()) if hasattr(model, "children") else []
+    return modules[0] if len(modules) == 1 and isinstance(modules[0], Router) else None
 
 
 def with_query_route(model):
@@ -196,9 +201,9 @@ def with_query_route(model):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Router
 
-    modules = list(model.children())
-    if len(modules) == 1 and isinstance(modules[0], Router):
+    if _router(model) is not None:
         return model
+    modules = list(model.children())
     router = Router.for_query_document(query_modules=[copy.deepcopy(m) for m in modules], document_modules=modules)
     routed = SentenceTransformer(modules=[router], device=str(model.device))
     routed.max_seq_length = model.max_seq_length
@@ -217,8 +222,12 @@ def query_precision_of(model) -> str:
 
 def precision_label(model) -> str:
     """``openvino-int8``, or ``openvino-int8 (queries openvino-bf16)`` where the two sides differ."""
-    corpus, query = precision_of(model), query_precision_of(model)
-    return corpus if corpus == query else f"{corpus} (queries {query})"
+    return sides_label(precision_of(model), query_precision_of(model))
+
+
+def sides_label(corpus: str, query: str) -> str:
+    """The label of a corpus precision and a query precision (one name where they are the same)."""
+    return corpus if corpus == query or not query else f"{corpus} (queries {query})"
 
 
 def runtime_weights_mb(model) -> float | None:
@@ -230,10 +239,11 @@ def runtime_weights_mb(model) -> float | None:
     compiled = [m for m in modules if hasattr(m.model, "weights_mb")]
     if not compiled:
         return None
-    return sum(m.model.weights_mb for m in compiled) + sum(_state_dict_mb(m) for m in modules if m not in compiled)
+    return sum(m.model.weights_mb for m in compiled) + sum(state_dict_mb(m) for m in modules if m not in compiled)
 
 
-def _state_dict_mb(module) -> float:
+def state_dict_mb(module) -> float:
+    """Megabytes of a torch module's state dict as ``torch.save`` writes it."""
     import io
 
     import torch
