@@ -265,7 +265,9 @@ class RerankerSettings(Section):
     init: Literal["embedder", "base"] = setting("embedder", "start from the week's fine-tuned embedder or the base")
     learning_rate: float = setting(3e-4, "encoder learning rate", gt=0, le=1, env="FLYWHEEL_RERANKER_LR")
     head_learning_rate: float = setting(2e-3, "learning rate of the new scoring head", gt=0, le=1, env="FLYWHEEL_RERANKER_HEAD_LR")
-    max_length: int = setting(128, "tokens per (query, chunk) pair", ge=16, le=512)
+    max_length: int = setting(
+        96, "tokens per (query, chunk) pair, in training and when reranking (a run records its own; the report "
+        "reranks with it)", ge=16, le=512)
     epochs: float = setting(1.0, "passes over the rows", gt=0)
     max_steps: int = setting(125, "cap on optimizer steps (-1: none; 125 is one pass over a 2,000-row fine-tuning set)", ge=-1)
     batch_size: int = setting(16, "rows per step", ge=1)

@@ -546,6 +546,30 @@ def test_graded_lists_rank_each_training_querys_judged_chunks_by_grade():
     assert sorted(shuffled.iloc[0]["labels"]) == sorted(a["labels"])
 
 
+def test_graded_loss_scores_a_steps_pairs_in_one_forward_pass(tmp_path, base_model_path):
+    """A step's query lists go through the network as one batch. (ListNetLoss reads
+    mini_batch_size=0 as unset and then splits a step into forward passes of as many pairs as the
+    step has queries, many small passes on a CPU; -1 is its documented "the whole batch at once".)"""
+    import torch
+
+    from flywheel.lib.training.cross_encoder import dataset_and_loss, labelled_pairs, load_model
+
+    train = pd.DataFrame([
+        {"query": f"Q {q}", "query_key": f"q {q}", "positive_id": f"{q}1", "positive": f"text {q}1",
+         "negative_id": f"{q}0", "negative": f"text {q}0", "negative_rank": 1, "week": "w1"} for q in "ab"])
+    judged = _judged([("w1", f"Q {q}", f"q {q}", f"{q}{g}", f"text {q}{g}", g, 4 - g) for q in "ab" for g in (3, 1, 0)])
+    cfg = reranker_cfg(base_model_path, tmp_path / "rr1", loss="graded", list_size=3, graded_queries_per_step=2,
+                       max_length=32)
+    model = load_model(cfg)
+    ds, loss = dataset_and_loss(model, train, labelled_pairs(train, 0), cfg, judged)
+    passes = []
+    next(model.children()).register_forward_hook(lambda *_: passes.append(1))  # the Transformer module
+    step = ds[:2]
+    assert sum(len(d) for d in step["docs"]) == 6
+    loss([step["query"], step["docs"]], [torch.tensor(labels) for labels in step["labels"]]).backward()
+    assert len(passes) == 1
+
+
 def test_graded_reranker_trains_on_one_list_per_query(rows, tmp_path, base_model_path):
     judged = _judged(
         [("2026-09-28", r.query, r.query_key, r.positive_id, r.positive, 3 if i % 2 else 2, 1)

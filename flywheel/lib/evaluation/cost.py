@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from flywheel.config import RerankerSettings, default_of
 from flywheel.lib.registry import index
 from flywheel.lib.registry.inference import (
     precision_of, query_precision_of, runtime_weights_mb, sides_label, state_dict_mb,
@@ -155,7 +156,7 @@ def _pct(values: Sequence[float], q: float) -> float:
 def precision_costs(
     embedder_path: str | Path, passages: Sequence[str], queries: Sequence[str], *,
     reranker_path: str | Path | None = None, candidates: Mapping[str, Sequence[str]] | None = None,
-    precisions: Sequence[str] = ("fp32", "bf16"), max_seq_length: int = 256, rerank_max_length: int = 128,
+    precisions: Sequence[str] = ("fp32", "bf16"), max_seq_length: int = 256, rerank_max_length: int = default_of(RerankerSettings, "max_length"),
     batch_size: int = 64, device: str = "cpu", search: Callable[[np.ndarray], object] | None = None,
     query_precision: str = "auto", progress: Callable[[str], None] | None = None,
 ) -> list[ModelCost]:

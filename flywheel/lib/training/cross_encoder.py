@@ -186,8 +186,10 @@ def dataset_and_loss(model, rows: pd.DataFrame, pairs: pd.DataFrame, cfg: Rerank
         if lists.empty:
             raise ValueError("FLYWHEEL_RERANKER_LOSS=graded: no training query has chunks of two different grades")
         ds = Dataset.from_dict({c: lists[c].tolist() for c in ("query", "docs", "labels")})
-        # every pair of a step in one forward pass (a step is graded_queries_per_step x list_size pairs)
-        return ds, ListNetLoss(model, mini_batch_size=0)
+        # every pair of a step in one forward pass (a step is graded_queries_per_step x list_size pairs):
+        # -1 is ListNetLoss's documented "the whole batch at once"; it reads 0 as unset, and then splits
+        # a step into forward passes of as many pairs as the step has queries
+        return ds, ListNetLoss(model, mini_batch_size=-1)
     raise ValueError(f"unknown reranker loss {loss!r}: use 'bce', 'listwise' or 'graded'")
 
 
