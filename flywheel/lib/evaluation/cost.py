@@ -156,8 +156,9 @@ def _pct(values: Sequence[float], q: float) -> float:
 def precision_costs(
     embedder_path: str | Path, passages: Sequence[str], queries: Sequence[str], *,
     reranker_path: str | Path | None = None, candidates: Mapping[str, Sequence[str]] | None = None,
-    precisions: Sequence[str] = ("fp32", "bf16"), max_seq_length: int = 256, rerank_max_length: int = default_of(RerankerSettings, "max_length"),
-    batch_size: int = 64, device: str = "cpu", search: Callable[[np.ndarray], object] | None = None,
+    precisions: Sequence[str] = ("fp32", "bf16"), max_seq_length: int = 256,
+    rerank_max_length: int = default_of(RerankerSettings, "max_length"), batch_size: int = 64, device: str = "cpu",
+    search: Callable[[np.ndarray], object] | None = None,
     query_precision: str = "auto", progress: Callable[[str], None] | None = None,
 ) -> list[ModelCost]:
     """The same embedder (and reranker) at each precision, measured side by side in one run.
