@@ -149,6 +149,9 @@ def test_report_compares_base_and_trained_on_eval_sets_and_test_split(flywheel_r
     # a query scores once some compared model surfaced a chunk the judge calls relevant
     record = json.loads(settings.decision(WEEKS[-1]).read_text())
     assert 0 < record["eval_queries"] <= 6 + 3 * (len(WEEKS) - 1)
+    # keyword fusion did not serve before this week: the dense first stages are gated alone
+    assert (record["first_stage"]["vs_incumbent"]["candidate"], record["test"]["first_stage"]["candidate"]) == \
+        ("challenger", "challenger")
     assert f"## eval sets to date (pooled) ({record['eval_queries']} queries)" in report
     assert "test split (human labels) (15 queries)" in report
     # keyword fusion (BM25 from LanceDB's full-text index) is a candidate of its own, pooled and gated;
@@ -235,7 +238,16 @@ def test_gate_blocks_a_model_trained_on_shuffled_labels(flywheel_run, tmp_path):
     report = (home / "reports" / f"benchmark-{WEEKS[-1]}.md").read_text()
     line = decision_line(report)
     assert f"first stage: KEEP v{champion_before}" in line and "reranker: NONE" in line
-    assert "challenger is not better than champion" in report
+    # keyword fusion serves (week 3 put it there): the first stages are compared as they would serve,
+    # fused with BM25, on the eval sets and in the test split's verdict; the dense ones alone beside it
+    assert "challenger+bm25 is not better than champion+bm25" in report
+    assert "compared fused with BM25 as it serves" in line
+    record = json.loads(Layout(home=home, log_dir=home / "logs").decision(WEEKS[-1]).read_text())
+    gated = record["first_stage"]["vs_incumbent"]
+    assert (gated["incumbent"], gated["candidate"]) == ("champion+bm25", "challenger+bm25")
+    assert record["first_stage"]["vs_base"]["incumbent"] == "base+bm25"
+    assert record["test"]["first_stage"]["candidate"] == "challenger+bm25"
+    assert record["test"]["first_stage_dense"]["candidate"] == "challenger"
     # the champion alias did not move; the shuffled model is only a challenger
     assert client.get_model_version_by_alias("flywheel-embedder", "champion").version == champion_before
     assert client.get_model_version_by_alias("flywheel-embedder", "challenger").version != champion_before

@@ -142,9 +142,11 @@ def decide(vs_incumbent: Comparison, vs_base: Comparison | None, *, margin: floa
 def gate_decision(per_query: pd.DataFrame, suite: str, *, margin: float, champion_label: str,
                   challenger: str = "challenger", champion: str = "champion", base: str = "base",
                   min_improvement: float = 0.0, min_confidence: float = 0.0, n_resamples: int = 2000,
-                  seed: int = 0) -> GateDecision:
-    """The first stage's decision: the challenger against the serving champion (and the base)."""
+                  seed: int = 0, evidence: str = "eval queries") -> GateDecision:
+    """The first stage's decision: the challenger against the serving champion (and the base).
+    ``evidence`` names the queries and lists compared, for the decision's sentence."""
     vs_champion = compare(per_query, suite, champion, challenger, n_resamples=n_resamples, seed=seed)
     vs_base = compare(per_query, suite, base, challenger, n_resamples=n_resamples, seed=seed)
     return decide(vs_champion, vs_base, margin=margin, component="first stage", min_improvement=min_improvement,
-                  min_confidence=min_confidence, candidate_label=challenger, incumbent_label=f"{champion} ({champion_label})")
+                  min_confidence=min_confidence, candidate_label=challenger, incumbent_label=f"{champion} ({champion_label})",
+                  evidence=evidence)

@@ -34,6 +34,8 @@ def decision_line(week: str, wb: WeekBenchmark, cand: Candidates) -> str:
     f = wb.first_stage
     first = (f"first stage: PROMOTE challenger v{cand.challenger['version']} (replacing {cand.champion_label})"
              if f.promote else f"first stage: KEEP {cand.champion_label} (challenger v{cand.challenger['version']} not promoted)")
+    if wb.first_stage_fused:
+        first += ", compared fused with BM25 as it serves"
     if wb.hybrid is None:
         kw = "keyword fusion: OFF (FLYWHEEL_HYBRID_FUSION=off)"
     else:
@@ -64,9 +66,11 @@ def _evidence(wb: WeekBenchmark, week_label_calls: int) -> list[str]:
         f"(Recall@20/40) skip unjudged chunks below the pool depth.",
     ]
     if wb.test:
-        t = wb.test["first_stage"]
-        lines.append(f"- Test split (human labels, not used to decide): challenger vs champion NDCG@10 change "
-                     f"{t['delta']:+.4f} [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}].")
+        t, d = wb.test["first_stage"], wb.test["first_stage_dense"]
+        lines.append(f"- Test split (human labels, not used to decide): {t['candidate']} vs {t['incumbent']} NDCG@10 "
+                     f"change {t['delta']:+.4f} [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]"
+                     + (f"; the dense models alone {d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]."
+                        if wb.first_stage_fused else "."))
     return lines
 
 
@@ -109,6 +113,8 @@ def week_report(week: str, wb: WeekBenchmark, cand: Candidates, *, week_label_ca
         [m for m in wb.bench.per_query if "+" in m]
     new_rr = f"{wb.serving_retriever}+reranker"
     pairs = [("champion", "challenger"), ("base", "challenger")]
+    if wb.first_stage_fused:  # the pair the first stage was gated on
+        pairs.insert(0, (wb.first_stage.vs_incumbent.incumbent, wb.first_stage.vs_incumbent.candidate))
     if wb.hybrid:
         pairs.append((wb.serving_first_stage, wb.hybrid.candidate_label))
     pairs.append((wb.serving_retriever, new_rr))

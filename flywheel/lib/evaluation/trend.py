@@ -82,7 +82,8 @@ def render_trend(rows: list[WeekRow], *, base_ndcg10_test: float, config_note: s
     lines += ["", "## Gate accuracy against the test split", "",
               f"{len(errors)} gate errors in {len(rows)} weeks (a promotion of a challenger the human-labelled test "
               "split shows significantly worse than the champion, or a block of one it shows significantly better; "
-              "paired bootstrap, 95%).", "",
+              "paired bootstrap, 95%; compared as the gate compared them, fused with BM25 while keyword fusion "
+              "serves).", "",
               "| week | gate | eval change [95% CI] | test change [95% CI] | min detectable (eval) | pooled judge requests "
               "| labelling calls | error |",
               "|---|---|---|---|---|---|---|---|"]

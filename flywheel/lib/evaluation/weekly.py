@@ -3,7 +3,9 @@
 Steps (``benchmark_week``):
 1. Rank the first stages (base, champion, challenger) on the eval sets to date and the test split.
 2. Pool: judge every first stage's unjudged top ``pool_depth`` eval chunks (same votes as eval sets).
-3. Decide the first stage: challenger against the serving champion (``gate.gate_decision``).
+3. Decide the first stage: challenger against the serving champion (``gate.gate_decision``). While
+   keyword fusion serves, both are compared as they would serve, fused with BM25: a dense model
+   better alone can be worse once fused, and what the app's users get is the fused list.
 4. Keyword fusion: fuse the dense first stage that will serve with BM25 (LanceDB's full-text
    index), pool its top chunks, and decide whether the fused list serves (``_decide_hybrid``).
    Until it serves, the decision also counts this week's new queries (``new_query_evidence``).
@@ -70,6 +72,7 @@ class WeekBenchmark:
     serving_hybrid: str | None = None  # "<first stage>+bm25" when the fused list serves
     hybrid_spec: dict | None = None  # {"fusion", "bm25_weight"} of the fused candidate
     hybrid_evidence: dict | None = None  # the fusion decision's parts: eval sets, this week's new queries
+    first_stage_fused: bool = False  # the first stage was gated fused with BM25 (keyword fusion served)
 
     @property
     def serving_retriever(self) -> str:
@@ -243,11 +246,18 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
               ModelSpec("challenger", cand.challenger["model_dir"], cand.challenger["model_id"], **prec)]
     rank_first_stages(bench, firsts, ds, lancedb_uri, progress=progress, **enc)
     pooler = _Pooler(judged, voters, ds.corpus.text_by_id, g.pool_depth, week, progress)
-    names = [m.name for m in firsts]
-    score(bench, names, pool=pooler)
+    # while keyword fusion serves, each dense first stage is gated as it would serve: fused with BM25
+    fused_gate = g.hybrid_fusion != "off" and bool(cand.serving_hybrid)
+    gated = {m.name: f"{m.name}+bm25" if fused_gate else m.name for m in firsts}
+    if fused_gate:
+        rank_hybrids(bench, [HybridSpec(gated[m.name], on=m.name, fusion=g.hybrid_fusion, bm25_weight=g.hybrid_bm25_weight)
+                             for m in firsts], ds, lancedb_uri, progress=progress)
+    score(bench, list(bench.rankings), pool=pooler)
     decide_first = lambda long: gate.gate_decision(  # noqa: E731
         long, EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement, min_confidence=g.min_confidence,
-        champion_label=cand.champion_label, n_resamples=g.bootstrap_samples)
+        champion_label=cand.champion_label, n_resamples=g.bootstrap_samples, challenger=gated["challenger"],
+        champion=gated["champion"], base=gated["base"],
+        evidence="eval queries, each first stage fused with BM25 as it serves" if fused_gate else "eval queries")
     new_queries, new_stats = None, PoolStats()
     if g.hybrid_fusion != "off" and not cand.serving_hybrid:  # more evidence for fusion while it does not serve
         new_queries, new_stats = new_query_evidence(layout, ds, week, firsts[1], lancedb_uri, voters, tiers, g, enc, progress)
@@ -279,7 +289,7 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     out = WeekBenchmark(bench, first, chosen, rdecisions, serving_first, serving_reranker, pooler.stats, eval_weeks,
                         hybrid=hyb, serving_hybrid=retriever if retriever != serving_first else None,
                         hybrid_spec={"fusion": g.hybrid_fusion, "bm25_weight": g.hybrid_bm25_weight} if fused else None,
-                        hybrid_evidence=hyb_evidence)
+                        hybrid_evidence=hyb_evidence, first_stage_fused=fused_gate)
     out.test = test_verdicts(long, out, g) if TEST_SUITE in bench.suites else {}
     store.write_table(layout.asset(EVAL_POOL, week), pooler.new_rows)
     return out
@@ -288,11 +298,13 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
 def test_verdicts(long: pd.DataFrame, wb: WeekBenchmark, g: GateSettings) -> dict:
     """The same comparisons on the human-labelled test split (never used to decide)."""
     cmp = lambda inc, c: gate.compare(long, TEST_SUITE, inc, c, n_resamples=g.bootstrap_samples).as_dict()  # noqa: E731
-    r = wb.serving_retriever
+    r, f = wb.serving_retriever, wb.first_stage.vs_incumbent
+    before = "champion+bm25" if wb.first_stage_fused else "champion"  # what served before this week's decisions
     return {
-        "first_stage": cmp("champion", "challenger"),
+        "first_stage": cmp(f.incumbent, f.candidate),  # as the gate compared them
+        "first_stage_dense": cmp("champion", "challenger"),
         "challenger_vs_base": cmp("base", "challenger"),
-        "serving_after_vs_before": cmp("champion", wb.serving_name) if wb.serving_name != "champion" else None,
+        "serving_after_vs_before": cmp(before, wb.serving_name) if wb.serving_name != before else None,
         "hybrid_vs_first_stage": cmp(wb.serving_first_stage, wb.hybrid.candidate_label) if wb.hybrid else None,
         "reranker_vs_first_stage": cmp(r, f"{r}+reranker"),
     }
