@@ -173,7 +173,7 @@ def new_query_evidence(layout: Layout, ds: BeirDataset, week: str, champion: Mod
                  f"(fused with the {champion.name}, which never trained on them)")
     bench = Benchmark(per_query={}, queries={NEW_QUERIES_SUITE: dict(suite[0])}, suites={NEW_QUERIES_SUITE: suite})
     rank_first_stages(bench, [champion], ds, lancedb_uri, latency_sample=1, progress=progress, **enc)
-    fused = HybridSpec(f"{champion.name}+bm25", on=champion.name, fusion=g.hybrid_fusion, bm25_weight=g.hybrid_bm25_weight)
+    fused = _fused_spec(champion.name, g)
     rank_hybrids(bench, [fused], ds, lancedb_uri, latency_sample=1, progress=progress)
     pooler = _Pooler(judged, list(voters)[:1], ds.corpus.text_by_id, g.pool_depth, week, progress, suite=NEW_QUERIES_SUITE)
     score(bench, [champion.name, fused.name], pool=pooler)
@@ -218,17 +218,21 @@ def _decide_hybrid(long: pd.DataFrame, first: str, fused: str, serving_now: bool
     return gate.GateDecision("keyword fusion", keep, why, fused, f"{first} alone", c, None, g.regression_margin), evidence
 
 
+def _fused_spec(first: str, g: GateSettings) -> HybridSpec:
+    """A dense first stage fused with BM25 as the gate's settings fuse it (named ``<first>+bm25``)."""
+    return HybridSpec(f"{first}+bm25", on=first, fusion=g.hybrid_fusion, bm25_weight=g.hybrid_bm25_weight)
+
+
 def _add_hybrid(bench: Benchmark, ds: BeirDataset, first: str, lancedb_uri, g: GateSettings, pooler,
                 progress) -> str | None:
     """Rank the dense first stage fused with BM25 and pool its top chunks; its name, or None when off."""
     if g.hybrid_fusion == "off":
         return None
-    fused = f"{first}+bm25"
-    if fused not in bench.rankings:
-        rank_hybrids(bench, [HybridSpec(fused, on=first, fusion=g.hybrid_fusion, bm25_weight=g.hybrid_bm25_weight)],
-                     ds, lancedb_uri, progress=progress)
+    fused = _fused_spec(first, g)
+    if fused.name not in bench.rankings:
+        rank_hybrids(bench, [fused], ds, lancedb_uri, progress=progress)
         score(bench, list(bench.rankings), pool=pooler)
-    return fused
+    return fused.name
 
 
 def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates, lancedb_uri: str | Path, *,
@@ -248,10 +252,10 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     pooler = _Pooler(judged, voters, ds.corpus.text_by_id, g.pool_depth, week, progress)
     # while keyword fusion serves, each dense first stage is gated as it would serve: fused with BM25
     fused_gate = g.hybrid_fusion != "off" and bool(cand.serving_hybrid)
-    gated = {m.name: f"{m.name}+bm25" if fused_gate else m.name for m in firsts}
-    if fused_gate:
-        rank_hybrids(bench, [HybridSpec(gated[m.name], on=m.name, fusion=g.hybrid_fusion, bm25_weight=g.hybrid_bm25_weight)
-                             for m in firsts], ds, lancedb_uri, progress=progress)
+    fused_specs = [_fused_spec(m.name, g) for m in firsts] if fused_gate else []
+    if fused_specs:
+        rank_hybrids(bench, fused_specs, ds, lancedb_uri, progress=progress)
+    gated = {m.name: spec.name for m, spec in zip(firsts, fused_specs or firsts)}  # the names the gate compares
     score(bench, list(bench.rankings), pool=pooler)
     decide_first = lambda long: gate.gate_decision(  # noqa: E731
         long, EVAL_SUITE, margin=g.regression_margin, min_improvement=g.min_improvement, min_confidence=g.min_confidence,
@@ -259,7 +263,7 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
         champion=gated["champion"], base=gated["base"],
         evidence="eval queries, each first stage fused with BM25 as it serves" if fused_gate else "eval queries")
     new_queries, new_stats = None, PoolStats()
-    if g.hybrid_fusion != "off" and not cand.serving_hybrid:  # more evidence for fusion while it does not serve
+    if g.hybrid_fusion != "off" and not fused_gate:  # more evidence for fusion while it does not serve
         new_queries, new_stats = new_query_evidence(layout, ds, week, firsts[1], lancedb_uri, voters, tiers, g, enc, progress)
         new_stats.by_model = {f"{m} (new queries)": n for m, n in new_stats.by_model.items()}
     decide_hybrid = lambda long, first, fused: (  # noqa: E731
@@ -299,7 +303,7 @@ def test_verdicts(long: pd.DataFrame, wb: WeekBenchmark, g: GateSettings) -> dic
     """The same comparisons on the human-labelled test split (never used to decide)."""
     cmp = lambda inc, c: gate.compare(long, TEST_SUITE, inc, c, n_resamples=g.bootstrap_samples).as_dict()  # noqa: E731
     r, f = wb.serving_retriever, wb.first_stage.vs_incumbent
-    before = "champion+bm25" if wb.first_stage_fused else "champion"  # what served before this week's decisions
+    before = f.incumbent  # what served before this week's decisions (fused when fusion served)
     return {
         "first_stage": cmp(f.incumbent, f.candidate),  # as the gate compared them
         "first_stage_dense": cmp("champion", "challenger"),
