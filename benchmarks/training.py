@@ -4,7 +4,9 @@ The project's own code path, end to end on the bundled SciFact data:
 simulated traffic + simulated-judge labels (every week written so far) -> finetune_set (2,000 rows,
 eval-set and test-split queries and their near-duplicates held out) -> judged + mined hard
 negatives -> fine-tune the bi-encoder -> fine-tune the cross-encoder -> evaluate on SciFact's test
-split (300 queries, human labels): base vs embedder vs embedder + reranker (top 40).
+split (300 queries, human labels): base vs embedder vs embedder + reranker (top 40), each first
+stage searched as the pipeline searches it (serving precision, sentence units: ``FLYWHEEL_SENTENCE_UNITS``)
+and, for base and embedder, also at fp32 with one vector per chunk (``ndcg10_*_chunks_fp32``).
 
 It calls the same ``lib`` functions as the assets (``flywheel.lib.datasets.weekly`` for the
 fine-tuning set, ``flywheel.lib.training.week`` for both models), so every decision (mining or
@@ -22,8 +24,10 @@ the serving precision (``FLYWHEEL_ENCODE_PRECISION`` / ``FLYWHEEL_QUERY_PRECISIO
 ``FLYWHEEL_RERANKER_PRECISION``, auto: openvino-int8, its queries at openvino-bf16, where OpenVINO
 is installed) and at fp32, side by side; where the queries run at another precision than the
 corpus, the embedder also with its queries at the corpus's (``ndcg10_embedder_P_queries_P``); corpus
-encode rate on 500 passages both ways. The embedder + reranker row ("reranked") runs at the serving
-precision.
+encode rate on 500 passages both ways. The fp32 rows search one vector per chunk (a fp32
+sentence-unit table would take ~20 minutes to embed on 2 cores); the serving-precision embedder is
+also shown that way (``ndcg10_embedder_P_chunks``), so the precisions compare like for like. The
+embedder + reranker row ("reranked") runs at the serving precision.
 
 Prints figures as it goes; the last line is one JSON object with ndcg10_/recall10_ for base,
 embedder and reranked, ndcg10_bm25, ndcg10_hybrid, ndcg10_full, recall40_base/_embedder,
@@ -92,12 +96,16 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
     tr, rr = config.training, config.reranker
     fast, rfast = resolve_precision(tr.inference_precision, "cpu"), resolve_precision(rr.inference_precision, "cpu")
     qfast = resolve_query_precision(tr.query_precision, fast, "cpu")
-    models = [ModelSpec("embedder-fp32", str(embedder_dir))]
+    units = tr.sentence_units
+    models = [ModelSpec("embedder-fp32", str(embedder_dir))]  # fp32: one vector per chunk (see the module's doc)
     if fast != "fp32":
-        models.append(ModelSpec(f"embedder-{fast}", str(embedder_dir), precision=fast, query_precision=qfast))
+        models.append(ModelSpec(f"embedder-{fast}", str(embedder_dir), precision=fast, query_precision=qfast,
+                                units=units))
+        if units:  # the same precision with one vector per chunk, beside fp32's
+            models.append(ModelSpec(f"embedder-{fast}-chunks", str(embedder_dir), precision=fast, query_precision=qfast))
     if qfast != fast:  # the serving embedder beside the same one with its queries at the corpus's precision
         models.append(ModelSpec(f"embedder-{fast}-queries-{fast}", str(embedder_dir), precision=fast,
-                                query_precision=fast))
+                                query_precision=fast, units=units))
     hybrids = [HybridSpec("bm25"), HybridSpec("hybrid-fp32", on="embedder-fp32")]
     if fast != "fp32":
         hybrids.append(HybridSpec(f"hybrid-{fast}", on=f"embedder-{fast}"))
@@ -133,6 +141,8 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
         "ndcg10_full_fp32": round(res["full-fp32"]["ndcg@10"], 4),
         f"ndcg10_embedder_{fast}": round(res[f"embedder-{fast}"]["ndcg@10"], 4),
         "ndcg10_embedder_fp32": round(res["embedder-fp32"]["ndcg@10"], 4),
+        **({f"ndcg10_embedder_{fast}_chunks": round(res[f"embedder-{fast}-chunks"]["ndcg@10"], 4)}
+           if f"embedder-{fast}-chunks" in res else {}),
         **({f"ndcg10_embedder_{fast}_queries_{fast}": round(res[f"embedder-{fast}-queries-{fast}"]["ndcg@10"], 4)}
            if qfast != fast else {}),
         "rerank_ms_p50": round(p50(full_ms), 1),  # the serving pipeline's, beside fp32's in this run
@@ -179,13 +189,20 @@ def main() -> dict:
     emb, neg = emb_week.result, emb_week.negatives
     say(f"embedder trained in {emb.train_seconds:.0f}s ({emb.steps} steps; estimated {emb.estimated_seconds:.0f}s)")
 
-    # 3. evaluate base vs embedder on the test split (human labels)
+    # 3. evaluate base vs embedder on the test split (human labels): as the pipeline searches
+    #    (serving precision, sentence units), and at fp32 with one vector per chunk
     suites = {"test": test_split_suite(ds)}
+    fast = resolve_precision(tr.inference_precision, "cpu")
+    served = dict(precision=fast, query_precision=tr.query_precision, units=tr.sentence_units)
     bench = run_benchmark(
-        [ModelSpec("base", p.base_model), ModelSpec("embedder", str(emb.model_dir))], ds, suites,
-        layout.lancedb, max_seq_length=tr.encode_max_seq_length, progress=say,
+        [ModelSpec("base", p.base_model, **served), ModelSpec("embedder", str(emb.model_dir), **served),
+         ModelSpec("base-chunks-fp32", p.base_model), ModelSpec("embedder-chunks-fp32", str(emb.model_dir))],
+        ds, suites, layout.lancedb, max_seq_length=tr.encode_max_seq_length, progress=say,
     )
     b, e = bench.summary("test", "base"), bench.summary("test", "embedder")
+    bc, ec = bench.summary("test", "base-chunks-fp32"), bench.summary("test", "embedder-chunks-fp32")
+    say(f"test NDCG@10 at fp32, one vector per chunk: base {bc['ndcg@10']:.4f} -> embedder {ec['ndcg@10']:.4f}; "
+        f"Recall@40 {bc['recall@40']:.4f} -> {ec['recall@40']:.4f}")
     say(f"test NDCG@10 base {b['ndcg@10']:.4f} -> embedder {e['ndcg@10']:.4f} "
         f"({(e['ndcg@10'] - b['ndcg@10']) / b['ndcg@10'] * 100:+.1f}%); Recall@10 {b['recall@10']:.4f} -> {e['recall@10']:.4f}")
 
@@ -198,7 +215,7 @@ def main() -> dict:
     rres = rr_week.result
     say(f"reranker trained in {rres.train_seconds:.0f}s on {rres.train_pairs} pairs")
     bench2 = run_benchmark(
-        [ModelSpec("embedder", str(emb.model_dir))], ds, suites, layout.lancedb,
+        [ModelSpec("embedder", str(emb.model_dir), **served)], ds, suites, layout.lancedb,
         rerankers=[RerankSpec("reranked", str(rres.model_dir), on="embedder", depth=rr.depth,
                               max_length=rr.max_length, fusion=rr.fusion, fusion_weight=rr.fusion_weight,
                               precision=rr.inference_precision)],
@@ -220,6 +237,11 @@ def main() -> dict:
         "recall10_reranked": round(r["recall@10"], 4),
         "recall40_base": round(b["recall@40"], 4),
         "recall40_embedder": round(e["recall@40"], 4),
+        "ndcg10_base_chunks_fp32": round(bc["ndcg@10"], 4),
+        "ndcg10_embedder_chunks_fp32": round(ec["ndcg@10"], 4),
+        "recall40_base_chunks_fp32": round(bc["recall@40"], 4),
+        "recall40_embedder_chunks_fp32": round(ec["recall@40"], 4),
+        "sentence_units": tr.sentence_units,
         "embedder_rel_gain_pct": round((e["ndcg@10"] - b["ndcg@10"]) / b["ndcg@10"] * 100, 2),
         "reranker_rel_gain_pct": round((r["ndcg@10"] - e["ndcg@10"]) / e["ndcg@10"] * 100, 2),
         "train_examples": int(emb.train_rows),

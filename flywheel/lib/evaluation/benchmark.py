@@ -44,6 +44,7 @@ class ModelSpec:
     model_id: str | None = None
     precision: str = "fp32"  # of the corpus encoder, and of the query encoder unless query_precision says otherwise
     query_precision: str = "auto"  # see flywheel.lib.registry.inference.resolve_query_precision
+    units: float = 0.0  # weight of each chunk's best sentence unit in its score (index.sentence_units); 0: chunks only
 
 
 @dataclass
@@ -135,21 +136,22 @@ def rank_first_stages(bench: Benchmark, models: list[ModelSpec], ds: BeirDataset
     for spec in models:
         model_id = spec.model_id or index.model_fingerprint(spec.path)
         bench.stages[spec.name] = "retrieval (encode query + LanceDB search)"
-        if (model_id, spec.precision, spec.query_precision) in by_id:
-            first = by_id[(model_id, spec.precision, spec.query_precision)]
+        key = (model_id, spec.precision, spec.query_precision, spec.units)
+        if key in by_id:
+            first = by_id[key]
             bench.rankings[spec.name], bench.scores[spec.name] = bench.rankings[first], bench.scores[first]
             bench.latency_ms[spec.name] = bench.latency_ms[first]
             continue
-        by_id[(model_id, spec.precision, spec.query_precision)] = spec.name
+        by_id[key] = spec.name
         model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length, precision=spec.precision,
                                     query_precision=spec.query_precision)
         corpus_id = index.corpus_encoder_id(spec.path)  # a query-only fine-tune reads its base's table
         bench.scores[spec.name] = {}
         bench.rankings[spec.name] = evaluation.rank_model_on(
             model, corpus_id, ds.corpus, lancedb_uri, bench.suites, batch_size=batch_size, progress=progress,
-            scores_out=bench.scores[spec.name],
+            scores_out=bench.scores[spec.name], units=spec.units,
         )
-        table = index.corpus_table_name(corpus_id, ds.corpus, model.max_seq_length, precision_of(model))
+        table = index.corpus_table_name(corpus_id, ds.corpus, model.max_seq_length, precision_of(model), spec.units)
         bench.latency_ms[spec.name] = evaluation.retrieval_latency_ms(
             model, timed_queries, lancedb_uri, table, sample=latency_sample
         )

@@ -181,12 +181,14 @@ def rank_model_on(
     depth: int = SEARCH_DEPTH,
     progress: Callable[[str], None] | None = None,
     scores_out: dict[str, dict[str, list[float]]] | None = None,
+    units: float = 0.0,
 ) -> dict[str, dict[str, list[str]]]:
     """Rankings (top ``depth`` chunk ids per query) of one model on several suites.
 
     ``model_id`` names the corpus table: the id of the model's document encoder
-    (``index.corpus_encoder_id``)."""
-    table = index.ensure_corpus_table(lancedb_uri, model, model_id, corpus, batch_size=batch_size, progress=progress)
+    (``index.corpus_encoder_id``); ``units``: the weight of sentence units (0: chunks only)."""
+    table = index.ensure_corpus_table(lancedb_uri, model, model_id, corpus, batch_size=batch_size, progress=progress,
+                                      units=units)
     out = {}
     for name, suite in suites.items():
         scores = scores_out.setdefault(name, {}) if scores_out is not None else None

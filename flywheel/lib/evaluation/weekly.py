@@ -245,7 +245,8 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     bench = Benchmark(per_query={}, queries={n: dict(s[0]) for n, s in suites.items()}, suites=suites)
     enc = dict(max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size, device=training.device)
     # 1-3: first stages, pooled, decided
-    prec = dict(precision=training.inference_precision, query_precision=training.query_precision)  # the same for all
+    prec = dict(precision=training.inference_precision, query_precision=training.query_precision,
+                units=training.sentence_units)  # the same for all
     firsts = [ModelSpec("base", cand.base_model, **prec), ModelSpec("champion", cand.champion_path, **prec),
               ModelSpec("challenger", cand.challenger["model_dir"], cand.challenger["model_id"], **prec)]
     rank_first_stages(bench, firsts, ds, lancedb_uri, progress=progress, **enc)

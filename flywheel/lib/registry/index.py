@@ -3,6 +3,14 @@
 Each model version gets its own table of corpus embeddings, named by a fingerprint of the
 model's weights, the corpus and the sequence length, so embedding the corpus (minutes on CPU)
 happens once per model and every later search, benchmark or rerun reuses it.
+
+Sentence units (``units`` > 0): a chunk is also represented by its sentences and each pair of
+adjacent sentences (:func:`sentence_units`), one row per unit, whose vector is
+``(1 - units) * chunk + units * unit``. A search takes each chunk's best row, so a chunk scores
+``(1 - units) * cos(query, chunk) + units * max over its units of cos(query, unit)``: the passage
+that answers the query counts, not only the average of the whole chunk (Dai and Callan, 2019,
+"MaxP"; Chen et al., 2023, "Dense X Retrieval"). One vector per chunk cannot hold a long chunk's
+every claim, and the encoder truncates what exceeds its sequence length; units cover all of it.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -140,10 +149,27 @@ def encode(
     return vectors / np.where(norms > 0, norms, 1.0)
 
 
-def corpus_table_name(model_id: str, corpus: Corpus, max_seq_length: int, precision: str = "fp32") -> str:
+UNITS_KEY = b"flywheel_sentence_units"  # schema metadata of a table with sentence units: their weight
+PARTITIONS_KEY = b"flywheel_ivf_partitions"  # and its IVF_FLAT index's partitions (0: none), all probed
+UNITS_INDEX_MIN_ROWS = 10_000  # below this an exact flat scan is fast enough: no index
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")  # end mark, space, then a capital, digit or bracket
+
+
+def sentence_units(text: str) -> list[str]:
+    """A chunk's sentences and each pair of adjacent sentences; none for a chunk of one sentence
+    (its own vector already is that sentence's)."""
+    parts = [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) > 3]
+    if len(parts) < 2:
+        return []
+    return parts + [a + " " + b for a, b in zip(parts, parts[1:])]
+
+
+def corpus_table_name(model_id: str, corpus: Corpus, max_seq_length: int, precision: str = "fp32",
+                      units: float = 0.0) -> str:
     from flywheel.lib.registry.inference import table_suffix
 
-    return f"corpus_{model_id}_{corpus.sha256[:10]}_{max_seq_length}{table_suffix(precision)}"
+    suffix = f"_units{units:g}".replace(".", "p") if units else ""
+    return f"corpus_{model_id}_{corpus.sha256[:10]}_{max_seq_length}{table_suffix(precision)}{suffix}"
 
 
 def replace_table(db, name: str, data):
@@ -164,11 +190,16 @@ def ensure_corpus_table(
     batch_size: int = 64,
     progress: Progress | None = None,
     table_name: str | None = None,
+    units: float = 0.0,
 ) -> str:
-    """Embed the corpus with ``model`` into LanceDB unless a complete table already exists."""
+    """Embed the corpus with ``model`` into LanceDB unless a complete table already exists; with
+    ``units`` (their weight, 0 < units <= 1), the table of sentence units (built from the chunks' table)."""
     db = connect(uri)
     from flywheel.lib.registry.inference import precision_of
 
+    if units:
+        return _ensure_units_table(uri, model, model_id, corpus, units, batch_size=batch_size, progress=progress,
+                                   table_name=table_name)
     name = table_name or corpus_table_name(model_id, corpus, model.max_seq_length, precision_of(model))
     if name in db.list_tables().tables and db.open_table(name).count_rows() == len(corpus):
         return name
@@ -185,6 +216,66 @@ def ensure_corpus_table(
     return name
 
 
+def _ensure_units_table(uri: Where, model, model_id: str, corpus: Corpus, units: float, *, batch_size: int,
+                        progress: Progress | None, table_name: str | None) -> str:
+    """The sentence-unit table: one row per unit of each chunk (a chunk without units: its own
+    vector), from the chunks' table (embedded first if missing) and the units' embeddings."""
+    from flywheel.lib.registry.inference import precision_of
+
+    if not 0.0 < units <= 1.0:
+        raise ValueError(f"sentence units' weight must be in (0, 1], got {units}")
+    db = connect(uri)
+    name = table_name or corpus_table_name(model_id, corpus, model.max_seq_length, precision_of(model), units)
+    per_chunk = [sentence_units(t) for t in corpus.texts]
+    rows = sum(max(1, len(u)) for u in per_chunk)
+    if name in db.list_tables().tables:
+        tbl = db.open_table(name)
+        if tbl.count_rows() == rows and PARTITIONS_KEY in (tbl.schema.metadata or {}):
+            return name
+    ids, chunk_vectors = table_vectors(uri, ensure_corpus_table(uri, model, model_id, corpus, batch_size=batch_size,
+                                                                progress=progress))
+    at = {cid: i for i, cid in enumerate(ids)}
+    started = time.monotonic()
+    flat = [u for us in per_chunk for u in us]
+    unit_vectors = encode(model, flat, batch_size=batch_size, label=f"embed sentence units ({model_id})", progress=progress)
+    out_ids, out = [], []
+    i = 0
+    for cid, us in zip(corpus.ids, per_chunk):
+        chunk = chunk_vectors[at[cid]]
+        if not us:
+            out_ids.append(cid)
+            out.append(chunk[None, :])
+            continue
+        out_ids += [cid] * len(us)
+        out.append((1.0 - units) * chunk[None, :] + units * unit_vectors[i:i + len(us)])
+        i += len(us)
+    vectors = np.vstack(out).astype(np.float32)
+    data = pa.table({
+        "id": pa.array(out_ids, pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), vectors.shape[1]),
+    }).replace_schema_metadata({UNITS_KEY: str(units).encode(), PARTITIONS_KEY: str(_partitions(len(out_ids))).encode()})
+    _index_units(replace_table(db, name, data))
+    if progress:
+        progress(f"embedded {len(flat)} sentence units of {len(corpus)} chunks into LanceDB table {name} "
+                 f"in {time.monotonic() - started:.0f}s")
+    return name
+
+
+def _partitions(rows: int) -> int:
+    return 0 if rows < UNITS_INDEX_MIN_ROWS else min(256, rows // 1500)
+
+
+def _index_units(tbl) -> None:
+    """An IVF_FLAT index on a sentence-unit table (LanceDB's flat scan reads every row per query;
+    the index keeps the vectors as they are, and :func:`search` probes every partition, so the
+    search stays exact)."""
+    from lancedb.index import IvfFlat
+
+    partitions = int((tbl.schema.metadata or {}).get(PARTITIONS_KEY, b"0"))
+    if partitions:
+        tbl.create_index("vector", config=IvfFlat(distance_type="dot", num_partitions=partitions), replace=True)
+
+
 def table_vectors(uri: Where, name: str) -> tuple[list[str], np.ndarray]:
     """(chunk ids, float32 matrix) of a corpus table, in the table's order."""
     tbl = connect(uri).open_table(name).to_arrow()
@@ -197,32 +288,49 @@ def table_vectors(uri: Where, name: str) -> tuple[list[str], np.ndarray]:
 def write_named_table(uri: Where, name: str, source: str) -> None:
     """Copy a corpus table under another name (e.g. ``serving`` for the champion)."""
     db = connect(uri)
-    replace_table(db, name, db.open_table(source).to_arrow())
+    _index_units(replace_table(db, name, db.open_table(source).to_arrow()))
 
 
 def search(
     uri: Where, table: str, query_vectors: np.ndarray, k: int
 ) -> list[list[tuple[str, float]]]:
-    """Top-k (chunk id, cosine score) per query, exact search (fast enough below ~1M chunks)."""
+    """Top-k (chunk id, score) per query, exact search (fast enough below ~1M rows). The score is
+    the cosine, or in a table of sentence units the chunk's best unit row (see the module's doc)."""
     if len(query_vectors) == 0:
         return []
-    tbl = connect(uri).open_table(table)
+    from flywheel.lib.registry.store import search_connection
+
+    tbl = search_connection(uri).open_table(table)
+    meta = tbl.schema.metadata or {}
+    has_units, partitions = UNITS_KEY in meta, int(meta.get(PARTITIONS_KEY, b"0"))
     results: list[list[tuple[str, float]]] = [[] for _ in range(len(query_vectors))]
     for start in range(0, len(query_vectors), 256):
         block = query_vectors[start:start + 256]
-        res = (
-            tbl.search(block if len(block) > 1 else block[0])
-            .distance_type("dot")
-            .limit(k)
-            .select(["id", "_distance"])
-            .to_arrow()
-        )
-        qidx = res.column("query_index").to_pylist() if "query_index" in res.column_names else [0] * res.num_rows
-        for qi, doc_id, dist in zip(qidx, res.column("id").to_pylist(), res.column("_distance").to_pylist()):
-            results[start + qi].append((doc_id, 1.0 - float(dist)))
-    for hits in results:
-        hits.sort(key=lambda x: -x[1])
+        limit, total = (k * 8 if has_units else k), tbl.count_rows()
+        while True:
+            found = _best_rows(tbl, block, limit, partitions)
+            if not has_units or limit >= total or all(len(h) >= k for h in found):
+                break
+            limit *= 4  # a query's top rows held fewer than k chunks: look deeper
+        for qi, hits in enumerate(found):
+            results[start + qi] = sorted(hits.items(), key=lambda x: -x[1])[:k]
     return results
+
+
+def _best_rows(tbl, block: np.ndarray, limit: int, partitions: int = 0) -> list[dict[str, float]]:
+    """Per query of ``block``: chunk id -> its best score among the top ``limit`` rows (an indexed
+    table: every one of its ``partitions`` probed, so the result is exact)."""
+    query = tbl.search(block if len(block) > 1 else block[0]).distance_type("dot")
+    if partitions:
+        query = query.nprobes(partitions)
+    res = query.limit(limit).select(["id", "_distance"]).to_arrow()
+    found: list[dict[str, float]] = [{} for _ in range(len(block))]
+    qidx = res.column("query_index").to_pylist() if "query_index" in res.column_names else [0] * res.num_rows
+    for qi, doc_id, dist in zip(qidx, res.column("id").to_pylist(), res.column("_distance").to_pylist()):
+        score = 1.0 - float(dist)
+        if score > found[qi].get(doc_id, -np.inf):
+            found[qi][doc_id] = score
+    return found
 
 
 def set_torch_threads(n: int = 0) -> None:

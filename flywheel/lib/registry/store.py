@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
@@ -67,3 +68,15 @@ def connect(where: Where):
     if store.is_local:
         Path(store.uri).mkdir(parents=True, exist_ok=True)
     return lancedb.connect(store.uri, storage_options=dict(store.storage_options) or None)
+
+
+def search_connection(where: Where):
+    """A connection kept for searches: its session caches a table's vector index between queries
+    (a fresh connection loads the index again for every query). Tables are still opened per
+    search, so a table replaced since is read at its latest version."""
+    return _kept(as_store(where))
+
+
+@lru_cache(maxsize=32)
+def _kept(store: LanceStore):
+    return connect(store)

@@ -157,12 +157,14 @@ def train_week(
     result = train_bi_encoder(rows, cfg, corpus=frozen, related=related, grades=grades, progress=progress)
 
     # 4. The corpus table the new model searches, embedded once here (the report, the gate and
-    #    serving reuse it); a query-only model reads its base's table: nothing to embed. Documents
+    #    serving reuse it); a query-only model reads its base's table: nothing to embed. With
+    #    sentence units, that table holds each chunk's units too (index.sentence_units). Documents
     #    only, so its queries need no precision of their own here
     model = index.load_embedder(result.model_dir, device=settings.device, max_seq_length=settings.encode_max_seq_length,
                                 precision=settings.inference_precision, query_precision=settings.inference_precision)
     table = index.ensure_corpus_table(lancedb_uri, model, index.corpus_encoder_id(result.model_dir), corpus,
-                                      batch_size=settings.encode_batch_size, progress=progress)
+                                      batch_size=settings.encode_batch_size, progress=progress,
+                                      units=settings.sentence_units)
     return EmbedderWeek(
         config=cfg, result=result, rows=rows, negatives=negatives,
         mined_with=miner_label if mine else NOT_MINED if cfg.query_only else "none (mining off)",
