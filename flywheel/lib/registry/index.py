@@ -303,10 +303,11 @@ def search(
     tbl = search_connection(uri).open_table(table)
     meta = tbl.schema.metadata or {}
     has_units, partitions = UNITS_KEY in meta, int(meta.get(PARTITIONS_KEY, b"0"))
+    total = tbl.count_rows() if has_units else 0
     results: list[list[tuple[str, float]]] = [[] for _ in range(len(query_vectors))]
     for start in range(0, len(query_vectors), 256):
         block = query_vectors[start:start + 256]
-        limit, total = (k * 8 if has_units else k), tbl.count_rows()
+        limit = k * 8 if has_units else k  # a chunk's units crowd the top rows
         while True:
             found = _best_rows(tbl, block, limit, partitions)
             if not has_units or limit >= total or all(len(h) >= k for h in found):
