@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from flywheel.lib.beir import Corpus
 from flywheel.lib.progress import Progress as ProgressMeter
-from flywheel.lib.registry.store import Where, connect
+from flywheel.lib.registry.store import Where, connect, search_connection
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,12 @@ def ensure_corpus_table(
 ) -> str:
     """Embed the corpus with ``model`` into LanceDB unless a complete table already exists; with
     ``units`` (their weight, 0 < units <= 1), the table of sentence units (built from the chunks' table)."""
-    db = connect(uri)
     from flywheel.lib.registry.inference import precision_of
 
     if units:
         return _ensure_units_table(uri, model, model_id, corpus, units, batch_size=batch_size, progress=progress,
                                    table_name=table_name)
+    db = connect(uri)
     name = table_name or corpus_table_name(model_id, corpus, model.max_seq_length, precision_of(model))
     if name in db.list_tables().tables and db.open_table(name).count_rows() == len(corpus):
         return name
@@ -298,8 +298,6 @@ def search(
     the cosine, or in a table of sentence units the chunk's best unit row (see the module's doc)."""
     if len(query_vectors) == 0:
         return []
-    from flywheel.lib.registry.store import search_connection
-
     tbl = search_connection(uri).open_table(table)
     meta = tbl.schema.metadata or {}
     has_units, partitions = UNITS_KEY in meta, int(meta.get(PARTITIONS_KEY, b"0"))
