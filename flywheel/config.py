@@ -240,8 +240,8 @@ class TrainingSettings(Section):
     encode_max_seq_length: int = setting(256, "tokens per text when encoding for retrieval", ge=8, le=512, env="FLYWHEEL_ENCODE_MAX_SEQ_LENGTH")
     encode_batch_size: int = setting(64, "texts per encoding batch", ge=1, env="FLYWHEEL_ENCODE_BATCH_SIZE")
     sentence_units: float = setting(
-        0.7, "dense first stages score a chunk as (1 - w) x its own cosine + w x its best sentence's (or pair of "
-        "adjacent sentences') cosine, w = this; 0: one vector per chunk", ge=0, le=1, env="FLYWHEEL_SENTENCE_UNITS")
+        0.7, "dense first stages score a chunk as (1 - w) x its own cosine + w x its best sentence's cosine, "
+        "w = this; 0: one vector per chunk", ge=0, le=1, env="FLYWHEEL_SENTENCE_UNITS")
     inference_precision: InferencePrecision = setting(
         "auto", "weights when encoding the corpus (and queries, as FLYWHEEL_QUERY_PRECISION says): auto = openvino-int8 on a CPU (bf16 or fp32 without "
         "OpenVINO, bf16 on a GPU that has it); int8 = dynamic quantization (CPU only); openvino-* = compiled on OpenVINO (CPU only)",

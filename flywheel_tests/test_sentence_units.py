@@ -27,16 +27,21 @@ def corpus() -> Corpus:
                   hashlib.sha256("\n".join(TEXTS).encode()).hexdigest())
 
 
-def test_sentence_units_are_sentences_and_adjacent_pairs():
+def test_sentence_units_are_a_chunks_sentences():
     assert index.sentence_units("First claim here. Second one (with a bracket). 3 mice died! Last?") == [
-        "First claim here.", "Second one (with a bracket).", "3 mice died!", "Last?",
-        "First claim here. Second one (with a bracket).", "Second one (with a bracket). 3 mice died!",
-        "3 mice died! Last?",
-    ]
+        "First claim here.", "Second one (with a bracket).", "3 mice died!", "Last?"]
     assert index.sentence_units("One sentence only.") == []  # its own vector is that sentence's
     assert index.sentence_units("e.g. lower case after a stop does not split. Fine.") == [
-        "e.g. lower case after a stop does not split.", "Fine.",
-        "e.g. lower case after a stop does not split. Fine."]
+        "e.g. lower case after a stop does not split.", "Fine."]
+
+
+def test_encode_returns_the_texts_order_whatever_order_it_batches_in(base_model_path):
+    """encode batches the longest texts first; each vector still lands on its own text's row."""
+    model = index.load_embedder(base_model_path, device="cpu")
+    texts = ["short", TEXTS[0], "a middling sentence about muscles", TEXTS[1]] * 3
+    together = index.encode(model, texts, batch_size=2)  # several calls of 16 texts, longest first
+    alone = np.vstack([index.encode(model, [t]) for t in texts])
+    assert np.allclose(together, alone, atol=1e-5)
 
 
 def test_a_chunk_scores_its_own_cosine_blended_with_its_best_units(tmp_path, base_model_path):
@@ -47,7 +52,7 @@ def test_a_chunk_scores_its_own_cosine_blended_with_its_best_units(tmp_path, bas
     assert table == index.corpus_table_name("tiny", c, model.max_seq_length, "fp32", w) != index.corpus_table_name(
         "tiny", c, model.max_seq_length)
     units = [index.sentence_units(t) for t in TEXTS]
-    assert index.connect(uri).open_table(table).count_rows() == sum(max(1, len(u)) for u in units) == 9 + 3
+    assert index.connect(uri).open_table(table).count_rows() == sum(max(1, len(u)) for u in units) == 5 + 3
 
     q = index.encode(model, [QUERY], task="query")[0]
     chunk = index.encode(model, TEXTS)
@@ -72,21 +77,21 @@ def test_a_chunk_scores_its_own_cosine_blended_with_its_best_units(tmp_path, bas
 
 @pytest.mark.parametrize("partitions", [0, 2], ids=["flat scan", "IVF_FLAT index, every partition probed"])
 def test_search_looks_deeper_until_it_has_k_chunks(tmp_path, base_model_path, monkeypatch, partitions):
-    """A chunk of 20 near-identical sentences holds the top 39 rows: k chunks still come back (not
+    """A chunk of 30 near-identical sentences holds the top 30 rows: k chunks still come back (not
     k rows), each at its best row's score, exactly as scoring every row would rank them."""
-    texts = [" ".join(f"Retail division revenue rose in quarter {n}." for n in range(1, 21)),
+    texts = [" ".join(f"Retail division revenue rose in quarter {n}." for n in range(1, 31)),
              "Glucose metabolism is regulated by several hormones.", "Exercise changes how muscles take up sugar.",
              "Ribosomes synthesise polypeptide chains."]
     c = Corpus(tuple(f"d{i}" for i in range(4)), tuple(texts), hashlib.sha256("\n".join(texts).encode()).hexdigest())
     uri = tmp_path / "lancedb"
     model = index.load_embedder(base_model_path, device="cpu")
     monkeypatch.setattr(index, "_partitions", lambda rows: partitions)  # real tables index from 10,000 rows
-    table = index.ensure_corpus_table(uri, model, "tiny", c, units=1.0)  # units only: d0 has 39 rows
+    table = index.ensure_corpus_table(uri, model, "tiny", c, units=1.0)  # units only: d0 has 30 rows
     assert len(index.connect(uri).open_table(table).list_indices()) == (1 if partitions else 0)
     q = index.encode(model, ["retail division revenue by quarter"], task="query")
     ids, vectors = index.table_vectors(uri, table)
     scores = vectors @ q[0]
-    assert len(ids) == 42 and set(ids[:39]) == {"d0"} and scores[:39].min() > scores[39:].max()  # the premise
+    assert len(ids) == 33 and set(ids[:30]) == {"d0"} and scores[:30].min() > scores[30:].max()  # the premise
     best = {}
     for d, s in zip(ids, scores):
         best[d] = max(best.get(d, -1.0), float(s))
