@@ -467,6 +467,9 @@ def test_progress_lines_are_throttled_and_say_rate_and_time_left():
     clock.now += 5.0
     assert slow.update(2) == "train: 2/8 steps (25%), 0.4/s, ~15s left"
     assert Progress("quiet", 3, None).update(1, force=True) is None  # no say: silent
+    costly = Progress("embed", 100, said.append, clock=clock)  # the costliest items first
+    clock.now += 6.0
+    assert costly.update(10, work=0.6) == "embed: 10/100 (10%), 1.7/s, ~4s left"  # 60% of the work in 6 s
 
 
 def test_quiet_libraries_silences_load_reports_and_weight_bars(base_model_path, tmp_path, capfd):

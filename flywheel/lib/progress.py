@@ -6,7 +6,8 @@ Encoding a corpus, judging pairs, reranking queries and training steps all repor
 takes a string: a Dagster logger's ``info``, ``print``, or nothing (``say=None``: silent).
 
 The rate is measured from the meter's start, so time left is the plain extrapolation
-``(total - done) / rate``.
+``(total - done) / rate``; where items differ in cost (texts encoded longest first), the caller
+passes ``work``, the share of the whole work done, and time left is ``elapsed x (1 - work) / work``.
 """
 
 from __future__ import annotations
@@ -43,23 +44,28 @@ class Progress:
         self.start = self.clock()
         self.last = -math.inf
 
-    def line(self, done: int, detail: str = "", now: float | None = None) -> str:
+    def line(self, done: int, detail: str = "", now: float | None = None, work: float | None = None) -> str:
         """The line for ``done`` items, e.g. 'encode: 512/5183 (10%), 40.1/s, ~117s left'."""
         now = self.clock() if now is None else now
-        rate = done / max(now - self.start, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else float("nan")
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        if work is not None:
+            left = elapsed * (1.0 - work) / work if work > 0 else float("nan")
+        else:
+            left = (self.total - done) / rate if rate > 0 else float("nan")
         unit = f" {self.unit}" if self.unit else ""
         text = (f"{self.label}: {done}/{self.total}{unit} ({100 * done / max(self.total, 1):.0f}%), "
                 f"{rate_text(rate)}, ~{left:.0f}s left")
         return f"{text}, {detail}" if detail else text
 
-    def update(self, done: int, *, force: bool = False, detail: str = "") -> str | None:
-        """Say the line when ``every_s`` has passed since the last one (or ``force``); return it."""
+    def update(self, done: int, *, force: bool = False, detail: str = "", work: float | None = None) -> str | None:
+        """Say the line when ``every_s`` has passed since the last one (or ``force``); return it.
+        ``work``: the share of the whole work done, where items differ in cost (default: done/total)."""
         now = self.clock()
         if self.say is None or (not force and now - self.last < self.every_s):
             return None
         self.last = now
-        text = self.line(done, detail, now)
+        text = self.line(done, detail, now, work)
         self.say(text)
         return text
 

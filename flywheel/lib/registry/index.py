@@ -139,12 +139,14 @@ def encode(
     out = []
     meter = ProgressMeter(label, len(texts), progress)
     chunk = max(batch_size * 8, 1)
+    total_chars, chars = max(sum(len(t) for t in texts), 1), 0  # time left by characters: the longest go first
     for start in range(0, len(texts), chunk):
         part = [texts[i] for i in order[start:start + chunk]]
         out.append(
             fn(part, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         )
-        meter.update(start + len(part), force=start + chunk >= len(texts))
+        chars += sum(len(t) for t in part)
+        meter.update(start + len(part), force=start + chunk >= len(texts), work=chars / total_chars)
     if not out:
         return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
     vectors = np.empty((len(texts), out[0].shape[1]), dtype=np.float32)
