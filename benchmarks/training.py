@@ -25,8 +25,8 @@ the serving precision (``FLYWHEEL_ENCODE_PRECISION`` / ``FLYWHEEL_QUERY_PRECISIO
 is installed) and at fp32, side by side; where the queries run at another precision than the
 corpus, the embedder also with its queries at the corpus's (``ndcg10_embedder_P_queries_P``); corpus
 encode rate on 500 passages both ways. The fp32 rows search one vector per chunk (a fp32
-sentence-unit table would take ~20 minutes to embed on 2 cores); the serving-precision embedder is
-also shown that way (``ndcg10_embedder_P_chunks``), so the precisions compare like for like. The
+sentence-unit table would be the run's longest embedding, at fp32's encode rate); the
+serving-precision embedder is also shown that way (``ndcg10_embedder_P_chunks``), so the precisions compare like for like. The
 embedder + reranker row ("reranked") runs at the serving precision.
 
 Prints figures as it goes; the last line is one JSON object with ndcg10_/recall10_ for base,
