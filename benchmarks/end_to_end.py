@@ -69,12 +69,14 @@ def main() -> int:
 
     import dagster as dg
 
+    from flywheel.backfill import component_gate_errors
     from flywheel.config import load_config
     from flywheel.defs import build_definitions
     from flywheel.defs.resources import resources_for
     from flywheel.layout import FINETUNE_SET, Layout
     from flywheel.lib import store
     from flywheel.lib.beir import load_beir
+    from flywheel.lib.evaluation.weekly import gate_error
     from flywheel.lib.quiet import quiet_libraries
     from flywheel.lib.simulate.traffic import SimulationConfig, simulate, week_starts
 
@@ -146,6 +148,9 @@ def main() -> int:
         "reranker_serves": decision["serving_reranker"],
         "decision": layout.report(weeks[-1]).read_text().split("\n\n")[1].strip("*"),
         "test_challenger_vs_base": (decision.get("test") or {}).get("challenger_vs_base"),
+        # each decision against the test split's verdict, as the backfill counts them
+        "gate_errors": [e for e in [gate_error(bool(decision["promote"]), (decision.get("test") or {}).get("first_stage"))]
+                        if e] + component_gate_errors(decision),
         "stage_seconds": stages,
         "total_seconds": round(time.monotonic() - started, 1),
     }
@@ -153,6 +158,7 @@ def main() -> int:
         f"keyword fusion {figures['ndcg10_hybrid']} -> reranked {figures['ndcg10_reranked']}; serving after the week: "
         f"{serving} {figures['ndcg10_serving']}; Recall@10 {figures['recall10_base']} -> {figures['recall10_trained']}")
     say(figures["decision"])
+    say("gate errors (each decision against the test split's verdict): " + ("; ".join(figures["gate_errors"]) or "none"))
     print(json.dumps(figures))
     return 0
 

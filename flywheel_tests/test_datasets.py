@@ -1,5 +1,6 @@
 """The three tiers: deterministic query split, hard negatives, balance, disjointness."""
 
+import numpy as np
 import pandas as pd
 
 from flywheel.lib.datasets.tiers import (
@@ -50,27 +51,53 @@ def test_eval_set_takes_new_queries_by_hash_whatever_the_serving_model_retrieved
     assert set(build_eval_set(nothing_relevant, n_queries=5, seed=0, seen_before=seen)["query_key"]) == set(ev["query_key"])
 
 
-def test_eval_set_relevance_is_confirmed_by_a_majority_of_votes():
+def test_eval_set_relevance_is_confirmed_by_a_majority_of_votes_each_asked_only_while_the_majority_is_open():
     labels = make_labels(n_queries=12)
     # the second vote agrees except on queries 0-5, where it calls rank 2 irrelevant and rank 1
     # relevant; the third vote sides with it on queries 0-2 only
     asked = []
 
-    def votes(rows):
-        asked.append(len(rows))
-        q = rows["query_key"].str.extract(r"number (\d+) ")[0].astype(int)
-        second = [(3 if r == 1 else 0) if n < 6 else int(g) for n, r, g in zip(q, rows["rank"], rows["grade"])]
-        third = [(3 if r == 1 else 0) if n < 3 else int(g) for n, r, g in zip(q, rows["rank"], rows["grade"])]
-        return [second, third]
+    def vote(flip_below):
+        def ask(rows):
+            asked.append(len(rows))
+            q = rows["query_key"].str.extract(r"number (\d+) ")[0].astype(int)
+            return [(3 if r == 1 else 0) if n < flip_below else int(g) for n, r, g in zip(q, rows["rank"], rows["grade"])]
+        return ask
 
-    ev = build_eval_set(labels, n_queries=12, seed=0, seen_before=set(), extra_votes=votes)
-    assert sum(asked) == len(labels)  # every candidate row was re-asked once per call
+    ev = build_eval_set(labels, n_queries=12, seed=0, seen_before=set(), extra_votes=[vote(6), vote(3)])
+    # the second vote is asked about every row, the third only where the first two disagree
+    assert asked == [len(labels), 6 * 2]
     rel = ev[ev["relevant"]]
     flipped = rel["query_key"].str.extract(r"number (\d+) ")[0].astype(int) < 3
     assert set(rel.loc[flipped, "rank"]) == {1} and set(rel.loc[~flipped, "rank"]) == {2}
     assert ev.loc[(ev["rank"] == 2) & ev["query_key"].str.contains("number 0 "), "votes"].item() == "3,0,0"
-    assert votes_description(ev) == "relevant by a majority of 3 judge votes per pair"
+    assert ev.loc[(ev["rank"] == 2) & ev["query_key"].str.contains("number 7 "), "votes"].item() == "3,3,."
+    assert votes_description(ev) == ("relevant by a majority of 3 judge votes per pair "
+                                     "(60 votes not asked: the majority was already decided)")
     assert votes_description(ev.drop(columns="votes")) == "one vote per pair"
+
+
+def test_a_majority_asked_vote_by_vote_is_the_majority_of_every_vote():
+    rng = np.random.default_rng(0)
+    for n_voters in range(5):
+        first = rng.integers(0, 4, 300)
+        all_votes = [[None if rng.random() < 0.1 else int(g) for g in rng.integers(0, 4, 300)] for _ in range(n_voters)]
+        rows = pd.DataFrame({"grade": pd.array(first, dtype="Int64"), "relevant": first >= 2})
+        asked = []
+
+        def voter(k):
+            def ask(sub):
+                asked.append(len(sub))
+                return [all_votes[k][i] for i in sub.index]
+            return ask
+
+        got = confirm_by_majority(rows, [voter(k) for k in range(n_voters)])
+        for i in range(300):
+            counted = [int(first[i])] + [v[i] for v in all_votes if v[i] is not None]
+            assert got["relevant"][i] == (2 * sum(g >= 2 for g in counted) > len(counted)), (n_voters, i)
+        assert sum(asked) <= 300 * n_voters
+        if n_voters >= 2:
+            assert sum(asked) < 300 * n_voters  # agreeing votes leave later ones unasked
 
 
 def test_votes_only_pay_for_enough_queries_and_unlabelled_votes_do_not_count():
@@ -79,13 +106,16 @@ def test_votes_only_pay_for_enough_queries_and_unlabelled_votes_do_not_count():
 
     def votes(rows):
         asked.append(rows["query_key"].nunique())
-        return [[None] * len(rows)]  # the re-ask failed: the first vote stands
+        return [None] * len(rows)  # the re-ask failed: the first vote stands
 
-    ev = build_eval_set(labels, n_queries=5, seed=0, seen_before=set(), extra_votes=votes)
+    ev = build_eval_set(labels, n_queries=5, seed=0, seen_before=set(), extra_votes=[votes])
     assert asked == [5] and ev["query_key"].nunique() == 5
-    assert ev.loc[ev["rank"] == 2, "relevant"].all() and set(ev["votes"].str.split(",").str[1]) == {"-"}
+    second = ev["votes"].str.split(",").str[1]
+    # with two votes a tie is no majority, so only a first "relevant" can need the second vote
+    assert ev.loc[ev["rank"] == 2, "relevant"].all() and set(second[ev["rank"] == 2]) == {"-"}
+    assert set(second[ev["rank"] != 2]) == {"."}
     rows = labels.head(2).copy()
-    tie = confirm_by_majority(rows.assign(relevant=[True, False]), [[0, 3]])
+    tie = confirm_by_majority(rows.assign(relevant=[True, False]), [lambda r: [0 if i == 0 else 3 for i in r.index]])
     assert tie["relevant"].tolist() == [False, False]  # 1 of 2 is not a majority
 
 

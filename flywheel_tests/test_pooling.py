@@ -51,7 +51,9 @@ def test_relevance_is_decided_by_a_majority_of_votes_like_the_eval_sets():
     got = extra.set_index("chunk_id")
     assert bool(got.at["x", "relevant"]) and not bool(got.at["y", "relevant"])  # y: 1 of 3 votes
     assert got.at["y", "votes"] == "3,0,0" and got.at["y", "grade"] == 3  # the first vote is the grade
-    assert stats.judge_requests == 2 * 3
+    # x's first two votes agree, so its third is not asked (nor paid for): 2 + 2 + 1 requests
+    assert got.at["x", "votes"] == "3,3,." and [c for _, c, _ in strict.asked] == ["x", "y", "y"]
+    assert stats.judge_requests == 5
 
 
 def test_a_pair_judged_in_an_earlier_pool_is_not_paid_for_again():

@@ -14,13 +14,15 @@ from flywheel.config import TiersSettings, default_of
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
 from flywheel.lib.labels.judges import RELEVANT_GRADE, normalize_query, stable_uniform
 
 EVAL_COLUMNS = ["week", "query", "query_key", "chunk_id", "rank", "grade", "relevant", "votes"]
+NOT_ASKED = "."  # in ``votes``: a vote not asked, because the majority was decided without it
+Vote = Callable[[pd.DataFrame], list]  # one judge vote: a grade (or None: unlabelled) per row asked
 FEWSHOT_COLUMNS = ["week", "query", "query_key", "chunk_id", "chunk_text", "grade", "reason"]
 FINETUNE_COLUMNS = [
     "query", "query_key", "positive_id", "positive", "negative_id", "negative", "negative_rank", "week",
@@ -63,7 +65,7 @@ def build_eval_set(
     n_queries: int,
     seed: int,
     seen_before: set[str],
-    extra_votes: Callable[[pd.DataFrame], list[list[int | None]]] | None = None,
+    extra_votes: Sequence[Vote] = (),
 ) -> pd.DataFrame:
     """``n_queries`` queries new this week, with their judged results.
 
@@ -79,8 +81,9 @@ def build_eval_set(
     exists only for chunks the serving model showed, so fused labels would find more of the
     incumbent's relevant chunks than pooling can find of a challenger's.
 
-    ``extra_votes`` asks the judge again about the chosen rows (one list of grades per extra vote)
-    and a chunk is relevant for evaluation only by majority: the week's label is the first vote.
+    ``extra_votes`` ask the judge again about the chosen rows (each returns a grade per row it is
+    asked about; ``confirm_by_majority`` asks each only where the majority is still open) and a
+    chunk is relevant for evaluation only by majority: the week's label is the first vote.
     Why: one vote's lenient calls land on near misses, the chunks good retrievers rank high, and a
     single vote's mistakes then decide which model looks better; a majority of votes cancels most.
     """
@@ -91,10 +94,10 @@ def build_eval_set(
     chosen = judge_only(labels[labels["query_key"].isin(set(candidates[:n_queries]))].sort_values(["query_key", "rank"]))
     if chosen.empty:
         return pd.DataFrame(columns=EVAL_COLUMNS)
-    if extra_votes is None:
+    if not extra_votes:
         chosen = chosen.assign(votes=chosen["grade"].map(lambda g: str(int(g))))
     else:
-        chosen = confirm_by_majority(chosen, extra_votes(chosen))
+        chosen = confirm_by_majority(chosen, extra_votes)
     return chosen[EVAL_COLUMNS].reset_index(drop=True)
 
 
@@ -107,21 +110,40 @@ def judge_only(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(grade=rows["judge_grade"], relevant=rows["judge_grade"].astype(int) >= RELEVANT_GRADE)
 
 
-def confirm_by_majority(rows: pd.DataFrame, extra: list[list[int | None]]) -> pd.DataFrame:
-    """``relevant`` by majority over the first label and the extra votes (grade >= 2 is a yes;
-    a vote that came back unlabelled does not count); ``votes`` records every grade, "-" if none."""
+def majority_decided(yes: int, counted: int, remaining: int) -> bool:
+    """Whether ``remaining`` more votes could no longer change a majority of ``yes`` relevant among
+    ``counted`` votes (all of them relevant, or none, or unlabelled, which do not count)."""
+    return 2 * yes > counted + remaining or 2 * yes + remaining <= counted
+
+
+def confirm_by_majority(rows: pd.DataFrame, voters: Sequence[Vote]) -> pd.DataFrame:
+    """``relevant`` by majority over the first label and the voters' votes (grade >= 2 is a yes;
+    a vote that came back unlabelled does not count; a tie is not a majority).
+
+    Each voter is asked, in turn, only about the rows whose majority it and the voters after it
+    could still change (``majority_decided``): with three votes, the third is asked only where the
+    first two disagree. The outcome is the one every voter asked about every row would give; the
+    calls not needed are not paid for. ``votes`` records every grade: "-" came back unlabelled,
+    ``NOT_ASKED`` was not needed."""
     rows = rows.copy()
     yes = rows["relevant"].astype(bool).astype(int).tolist()
     counted = [1] * len(rows)
     votes = [[str(int(g))] for g in rows["grade"]]
-    for grades in extra:
-        if len(grades) != len(rows):
-            raise ValueError(f"a vote returned {len(grades)} grades for {len(rows)} rows")
-        for i, g in enumerate(grades):
+    for k, vote in enumerate(voters):
+        ask = [i for i in range(len(rows)) if not majority_decided(yes[i], counted[i], len(voters) - k)]
+        grades = list(vote(rows.iloc[ask])) if ask else []
+        if len(grades) != len(ask):
+            raise ValueError(f"a vote returned {len(grades)} grades for {len(ask)} rows")
+        got = dict(zip(ask, grades))
+        for i in range(len(rows)):
+            if i not in got:
+                votes[i].append(NOT_ASKED)
+                continue
+            g = got[i]
             votes[i].append("-" if g is None else str(int(g)))
             if g is not None:
                 counted[i] += 1
-                yes[i] += int(g >= 2)
+                yes[i] += int(g >= RELEVANT_GRADE)
     rows["relevant"] = [2 * y > c for y, c in zip(yes, counted)]
     rows["votes"] = [",".join(v) for v in votes]
     return rows
@@ -131,8 +153,13 @@ def votes_description(eval_sets: pd.DataFrame) -> str:
     """How an eval set's pairs were called relevant, from its ``votes`` column (for reports)."""
     if "votes" not in eval_sets or eval_sets["votes"].isna().all():
         return "one vote per pair"
-    n = int(eval_sets["votes"].dropna().str.count(",").max()) + 1
-    return "one vote per pair" if n == 1 else f"relevant by a majority of {n} judge votes per pair"
+    votes = eval_sets["votes"].dropna()
+    n = int(votes.str.count(",").max()) + 1
+    if n == 1:
+        return "one vote per pair"
+    skipped = votes.str.split(",").explode().eq(NOT_ASKED).sum()
+    return f"relevant by a majority of {n} judge votes per pair" + (
+        f" ({skipped} votes not asked: the majority was already decided)" if skipped else "")
 
 
 def build_fewshot_set(

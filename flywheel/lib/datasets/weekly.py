@@ -106,14 +106,16 @@ def eval_set_week(layout: Layout, week: str, tiers: TiersSettings, voters: Seque
     seen_before = set(labels.loc[labels["week"] < week, "query_key"])
     asked = {"pairs": 0}
 
-    def extra_votes(rows: pd.DataFrame) -> list[list]:
-        requests = [JudgeRequest(q, c, t, int(r)) for q, c, t, r in
-                    zip(rows["query"], rows["chunk_id"], rows["chunk_text"], rows["rank"])]
-        asked["pairs"] += len(requests) * len(voters)
-        return [[j.grade for j in voter.judge(requests, progress=progress)] for voter in voters]
+    def vote_of(voter: Judge):
+        def vote(rows: pd.DataFrame) -> list:
+            requests = [JudgeRequest(q, c, t, int(r)) for q, c, t, r in
+                        zip(rows["query"], rows["chunk_id"], rows["chunk_text"], rows["rank"])]
+            asked["pairs"] += len(requests)
+            return [j.grade for j in voter.judge(requests, progress=progress)]
+        return vote
 
     out = build_eval_set(labels[labels["week"] == week], n_queries=tiers.eval_queries_in(week), seed=tiers.seed,
-                         seen_before=seen_before, extra_votes=extra_votes if voters else None)
+                         seen_before=seen_before, extra_votes=[vote_of(v) for v in voters])
     return EvalSetResult(out, len(seen_before), len(voters) + 1, asked["pairs"])
 
 

@@ -25,7 +25,7 @@ POOL_COLUMNS = ["week", "query", "query_key", "chunk_id", "rank", "grade", "rele
 @dataclass
 class PoolStats:
     pairs_added: int = 0
-    judge_requests: int = 0  # pairs x votes asked (cached answers are free for a paid judge)
+    judge_requests: int = 0  # votes asked (cached answers are free for a paid judge)
     by_model: dict[str, int] = field(default_factory=dict)  # pairs added for each model's ranking
 
     def add(self, other: "PoolStats") -> None:
@@ -63,8 +63,9 @@ def extend_pool(
 
     ``judged`` holds the eval sets and earlier pools (columns query, query_key, chunk_id, grade);
     ``rankings`` is model -> query_key -> ranked chunk ids; ``voters`` are the judge's votes (the
-    first decides the grade, all of them the ``relevant`` majority, as for eval sets). Returns the
-    new rows (``POOL_COLUMNS``) and what it cost.
+    first decides the grade, all of them the ``relevant`` majority, as for eval sets, each later
+    vote asked only where the majority is still open: ``confirm_by_majority``). Returns the new
+    rows (``POOL_COLUMNS``) and what it cost.
     """
     wanted = missing_pairs(judged, rankings, depth)
     stats = PoolStats()
@@ -75,22 +76,32 @@ def extend_pool(
     requests = [JudgeRequest(query_text[q], c, texts[c], wanted[(q, c)][1]) for q, c in keys]
     if progress:
         progress(f"pooling: judging {len(requests)} unjudged pairs from the compared models' top {depth} "
-                 f"({len(voters)} votes each)")
+                 + ("(one vote each)" if len(voters) == 1 else f"(a majority of up to {len(voters)} votes each)"))
     # a pair flagged for prompt injection counts as unjudged: it never enters an eval suite
-    votes = [[None if j.injection_flag else j.grade for j in voter.judge(requests, progress=progress)] for voter in voters]
+    grade_of = lambda judged: [None if j.injection_flag else j.grade for j in judged]  # noqa: E731
+    first = grade_of(voters[0].judge(requests, progress=progress))
+    asked = {"requests": len(requests)}
+
+    def vote_of(voter: Judge):
+        def vote(sub: pd.DataFrame) -> list:
+            asked["requests"] += len(sub)
+            return grade_of(voter.judge([requests[i] for i in sub["request"]], progress=progress))
+        return vote
+
     rows = pd.DataFrame({
         "week": week, "query": [query_text[q] for q, _ in keys], "query_key": [q for q, _ in keys],
         "chunk_id": [c for _, c in keys], "rank": [wanted[k][1] for k in keys],
-        "grade": pd.array(votes[0], dtype="Int64"), "judged_for": [wanted[k][0] for k in keys],
+        "grade": pd.array(first, dtype="Int64"), "judged_for": [wanted[k][0] for k in keys],
     })
     rows["relevant"] = rows["grade"].fillna(-1).astype(int) >= RELEVANT_GRADE
     labelled = rows["grade"].notna()
-    confirmed = confirm_by_majority(rows[labelled].reset_index(drop=True),
-                                    [[g for g, ok in zip(v, labelled) if ok] for v in votes[1:]])
+    # the same vote rule as the eval sets: a later vote is asked only where the majority is open
+    confirmed = confirm_by_majority(rows[labelled].assign(request=rows.index[labelled]).reset_index(drop=True),
+                                    [vote_of(v) for v in voters[1:]])
     rows.loc[labelled, "relevant"] = confirmed["relevant"].to_numpy()
     rows.loc[labelled, "votes"] = confirmed["votes"].to_numpy()
     stats.pairs_added = int(labelled.sum())
-    stats.judge_requests = len(requests) * len(voters)
+    stats.judge_requests = asked["requests"]
     stats.by_model = rows["judged_for"].value_counts().to_dict()
     return rows[POOL_COLUMNS], stats
 
