@@ -1,6 +1,6 @@
 """Backfill benchmark: the demo's 8 weeks in order, one poisoned, in a home of its own.
 
-    python benchmarks/backfill.py [--weeks 8] [--poison-week 8] [--full] [--home DIR [--resume]]
+    python benchmarks/backfill.py [--weeks 8] [--poison-week 8] [--light] [--home DIR [--resume]]
 
 Each week's traffic is retrieved by the champion of that week, the weekly job trains and
 benchmarks a challenger, and the gate decides. Prints progress as it goes and, last, one JSON
@@ -9,7 +9,8 @@ poisoned_week_blocked, wall_seconds, weeks_resumed. Starts fresh: its default ho
 first, and another --home must be empty, since weeks an earlier run finished are not run again
 (their figures would be reported as this run's). --resume finishes an interrupted backfill
 instead, and the JSON says how many weeks came from the earlier run (weeks_resumed).
-Uses the light training settings (flywheel/backfill.py: LIGHT) unless --full.
+Runs the default settings; --light trains and reranks with the lighter reranker settings
+(flywheel/backfill.py: LIGHT), a quicker run whose reranker never serves.
 """
 
 import argparse
@@ -40,7 +41,7 @@ def main() -> int:
     p.add_argument("--weeks", type=int, default=8)
     p.add_argument("--poison-week", type=int, default=8, help="1-based week to poison (0: none)")
     p.add_argument("--home", default=str(DEFAULT_HOME))
-    p.add_argument("--full", action="store_true")
+    p.add_argument("--light", action="store_true", help="the lighter reranker settings (flywheel/backfill.py: LIGHT)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted backfill in --home")
     args = p.parse_args()
     fresh_home(Path(args.home).resolve(), args.resume)
@@ -49,8 +50,8 @@ def main() -> int:
     cmd = [sys.executable, "-m", "flywheel.cli", "backfill", "--weeks", str(args.weeks)]
     if args.poison_week:
         cmd += ["--poison-week", str(args.poison_week)]
-    if args.full:
-        cmd.append("--full")
+    if args.light:
+        cmd.append("--light")
     print(f"running: FLYWHEEL_HOME={args.home} {' '.join(cmd[1:])}", flush=True)
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

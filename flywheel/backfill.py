@@ -25,10 +25,10 @@ from flywheel.lib.evaluation.trend import WeekRow, write_trend
 from flywheel.lib.evaluation.weekly import gate_error
 from flywheel.lib.simulate.traffic import SimulationConfig, simulate, week_starts
 
-# Lighter settings so that 8 weeks fit in 90 minutes on 2 cores; the trend report states them.
-# The embedder trains with the defaults (the query-only recipe is cheap). Reranking every eval and
-# test query once or twice a week is what does not fit, so the reranker trains for a few steps
-# and reranks the top 5 only: it still goes through its own gate each week.
+# Lighter settings (``flywheel backfill --light``) for a quicker look; the trend report states
+# them. The backfill runs the defaults otherwise. With these the reranker trains for a few steps
+# and reranks the top 5 only: it still goes through its own gate each week, but it never learns
+# enough to serve, so the reranker's decisions and gate accuracy are only measured without them.
 LIGHT: dict[str, dict] = {"reranker": {"max_steps": 5, "depth": 5}}
 
 

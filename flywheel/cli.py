@@ -205,16 +205,16 @@ def cmd_demo(args: argparse.Namespace, config: FlywheelConfig) -> int:
     return 0 if result.success or layout.decision(weeks[-1]).exists() else 1
 
 
-def backfill_overrides(full: bool) -> dict[str, dict]:
+def backfill_overrides(light: bool) -> dict[str, dict]:
     from flywheel.backfill import LIGHT
 
-    return {} if full else LIGHT
+    return LIGHT if light else {}
 
 
 def cmd_backfill(args: argparse.Namespace, config: FlywheelConfig) -> int:
     from flywheel.backfill import run_backfill
 
-    overrides = backfill_overrides(args.full)
+    overrides = backfill_overrides(args.light)
     config = load_config(**overrides)  # the light settings on top of the environment's
     prepare_dagster_home(config)
     # a poisoned week the labelling gate stops is run again without it (in-process runs only:
@@ -290,7 +290,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true", help="replace logs simulated with other settings")
         sp.add_argument("--poison-week", type=int, action="append", default=[], metavar="N",
                         help="re-log the history in week N (1-based) with chunk texts shuffled: a bad week for the gate to stop")
-    sub.choices["backfill"].add_argument("--full", action="store_true", help="the default settings, not the lighter backfill ones")
+    sub.choices["backfill"].add_argument("--light", action="store_true",
+                                         help="a quicker run: the reranker trains 5 steps and reranks the top 5 (flywheel.backfill.LIGHT)")
     rp = sub.add_parser("run")
     rp.add_argument("--week", required=True, help="the week's Monday, e.g. 2026-11-16")
     rp.add_argument("--job", default="flywheel_weekly", choices=["flywheel_weekly", "weekly_labels"])
