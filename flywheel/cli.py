@@ -215,7 +215,7 @@ def cmd_backfill(args: argparse.Namespace, config: FlywheelConfig) -> int:
     from flywheel.backfill import run_backfill
 
     overrides = backfill_overrides(args.light)
-    config = load_config(**overrides)  # the light settings on top of the environment's
+    config = load_config(**overrides)  # --light: its settings on top of the environment's
     prepare_dagster_home(config)
     # a poisoned week the labelling gate stops is run again without it (in-process runs only:
     # submitted runs use the services' settings)
