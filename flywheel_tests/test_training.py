@@ -573,6 +573,25 @@ def test_graded_loss_scores_a_steps_pairs_in_one_forward_pass(tmp_path, base_mod
     assert len(passes) == 1
 
 
+def test_reranker_trains_with_the_eager_attention_on_a_cpu(tmp_path, base_model_path):
+    """On a CPU the cross-encoder trains with the eager attention, which scores as the default
+    (sdpa) does; the encoder keeps its own dropout."""
+    import torch
+
+    from flywheel.lib.training.cross_encoder import load_model
+
+    model = load_model(reranker_cfg(base_model_path, tmp_path / "e", max_length=32))
+    net = model.model.eval()
+    assert net.config._attn_implementation == "eager"
+    assert net.config.hidden_dropout_prob == net.config.attention_probs_dropout_prob == 0.1
+    batch = model.tokenizer(["what lowers blood pressure"] * 3, ["salt raises it", "exercise lowers it", "rain"],
+                            padding=True, return_tensors="pt")
+    with torch.no_grad():
+        eager = net(**batch).logits
+        net.set_attn_implementation("sdpa")
+        assert torch.allclose(net(**batch).logits, eager, atol=1e-5)
+
+
 def test_graded_reranker_trains_on_one_list_per_query(rows, tmp_path, base_model_path):
     judged = _judged(
         [("2026-09-28", r.query, r.query_key, r.positive_id, r.positive, 3 if i % 2 else 2, 1)

@@ -155,8 +155,12 @@ def load_model(cfg: RerankerConfig):
 
     logging.getLogger("sentence_transformers.cross_encoder.model").setLevel(logging.ERROR)  # "the head is new"
     start = str(index.transformer_dir(cfg.init_model)) if cfg.init_model else cfg.base_model
-    return CrossEncoder(start, num_labels=1, max_length=cfg.settings.max_length,
-                        device=index.resolve_device(cfg.training.device), local_files_only=True)
+    device = index.resolve_device(cfg.training.device)
+    # on a CPU, the default attention (sdpa) runs its backward pass through a flash-attention kernel
+    # that is slow there; the eager attention computes the same scores and trains faster
+    eager = {"model_kwargs": {"attn_implementation": "eager"}} if device == "cpu" else {}
+    return CrossEncoder(start, num_labels=1, max_length=cfg.settings.max_length, device=device,
+                        local_files_only=True, **eager)
 
 
 def dataset_and_loss(model, rows: pd.DataFrame, pairs: pd.DataFrame, cfg: RerankerConfig,
