@@ -204,3 +204,36 @@ def test_new_queries_of_the_week_are_those_no_earlier_week_asked_nor_held_out_ju
     assert sorted(new["chunk_id"].str.split("-").str[1].unique()) == ["1", "2", "3", "4"] and len(new) == 4 * 4
     assert new.loc[new["chunk_id"].str.endswith("-2"), "relevant"].all()
     assert not new.loc[~new["chunk_id"].str.endswith("-2"), "relevant"].any()
+
+
+def test_an_eval_set_vote_flagged_for_prompt_injection_does_not_count_toward_the_majority(tmp_path):
+    """A later vote on a pair the judge flagged for instructions aimed at the grader counts as
+    unlabelled ("-"), as pooling counts it: a flagged pair never decides what is relevant."""
+    from flywheel.config import TiersSettings
+    from flywheel.layout import RELEVANCE_LABELS, Layout
+    from flywheel.lib import store
+    from flywheel.lib.datasets.weekly import eval_set_week
+    from flywheel.lib.labels.judges import Judgement
+
+    class Voter:
+        name, usage = "second vote", None
+
+        def __init__(self, flag: bool):
+            self.flag = flag
+
+        def judge(self, requests, *, fewshot=None, progress=None):
+            # calls every chunk it is asked about irrelevant (only the rank-2 ones are: the first
+            # vote called them relevant), flagged or not as the judge's injection scan says
+            return [Judgement(0, "", injection_flag=self.flag) for _ in requests]
+
+    week = "2026-09-28"
+    layout = Layout(home=tmp_path, log_dir=tmp_path / "logs")
+    store.write_table(layout.asset(RELEVANCE_LABELS, week), make_labels(n_queries=4, week=week))
+    tiers = TiersSettings(eval_queries=4, first_week_eval_queries=4)
+
+    flagged = eval_set_week(layout, week, tiers, [Voter(flag=True)]).table
+    rank2 = flagged[flagged["rank"] == 2]
+    assert set(rank2["votes"]) == {"3,-"} and rank2["relevant"].all()  # the first vote stands alone
+    counted = eval_set_week(layout, week, tiers, [Voter(flag=False)]).table
+    rank2 = counted[counted["rank"] == 2]
+    assert set(rank2["votes"]) == {"3,0"} and not rank2["relevant"].any()  # a tie is not a majority

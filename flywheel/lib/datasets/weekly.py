@@ -25,7 +25,7 @@ from flywheel.lib.datasets.tiers import (
     near_duplicate_queries,
     overlapping_queries,
 )
-from flywheel.lib.labels.judges import Judge, JudgeRequest, normalize_query
+from flywheel.lib.labels.judges import Judge, JudgeRequest, counted_grades, normalize_query
 
 EMPTY_EVAL = ["query", "query_key", "chunk_id", "relevant"]
 
@@ -111,7 +111,7 @@ def eval_set_week(layout: Layout, week: str, tiers: TiersSettings, voters: Seque
             requests = [JudgeRequest(q, c, t, int(r)) for q, c, t, r in
                         zip(rows["query"], rows["chunk_id"], rows["chunk_text"], rows["rank"])]
             asked["pairs"] += len(requests)
-            return [j.grade for j in voter.judge(requests, progress=progress)]
+            return counted_grades(voter.judge(requests, progress=progress))
         return vote
 
     out = build_eval_set(labels[labels["week"] == week], n_queries=tiers.eval_queries_in(week), seed=tiers.seed,

@@ -69,6 +69,13 @@ class Judge(Protocol):
     ) -> list[Judgement]: ...
 
 
+def counted_grades(judgements: Sequence[Judgement]) -> list[int | None]:
+    """The grade each judgement adds to a vote: None when it came back unlabelled, or when the pair
+    was flagged for prompt injection (such a pair never enters a dataset or an eval suite, so its
+    vote must not decide a majority either)."""
+    return [None if j.injection_flag else j.grade for j in judgements]
+
+
 def normalize_query(text: str) -> str:
     return " ".join(text.lower().split())
 

@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from flywheel.lib.datasets.tiers import confirm_by_majority
-from flywheel.lib.labels.judges import RELEVANT_GRADE, Judge, JudgeRequest
+from flywheel.lib.labels.judges import RELEVANT_GRADE, Judge, JudgeRequest, counted_grades
 
 POOL_COLUMNS = ["week", "query", "query_key", "chunk_id", "rank", "grade", "relevant", "votes", "judged_for"]
 
@@ -78,14 +78,13 @@ def extend_pool(
         progress(f"pooling: judging {len(requests)} unjudged pairs from the compared models' top {depth} "
                  + ("(one vote each)" if len(voters) == 1 else f"(a majority of up to {len(voters)} votes each)"))
     # a pair flagged for prompt injection counts as unjudged: it never enters an eval suite
-    grade_of = lambda judged: [None if j.injection_flag else j.grade for j in judged]  # noqa: E731
-    first = grade_of(voters[0].judge(requests, progress=progress))
+    first = counted_grades(voters[0].judge(requests, progress=progress))
     asked = {"requests": len(requests)}
 
     def vote_of(voter: Judge):
         def vote(sub: pd.DataFrame) -> list:
             asked["requests"] += len(sub)
-            return grade_of(voter.judge([requests[i] for i in sub["request"]], progress=progress))
+            return counted_grades(voter.judge([requests[i] for i in sub["request"]], progress=progress))
         return vote
 
     rows = pd.DataFrame({
