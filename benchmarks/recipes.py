@@ -82,7 +82,7 @@ def main() -> dict:
     # 3. everything on the test split: the embedders, the hybrid over the default one, the rerankers on it
     models = [ModelSpec("base", p.base_model, precision=fast)] + [
         ModelSpec(f"embedder-{t}", str(e.model_dir), precision=fast) for t, e in embedders.items()]
-    kw = dict(depth=rr.depth, max_length=rr.max_length, fusion_weight=rr.fusion_weight,
+    kw = dict(depth=rr.depth, max_length=rr.max_length, fusion_weight=rr.fusion_weight, passages=rr.passages,
               precision=resolve_precision(rr.inference_precision, "cpu"))
     specs = []
     for loss, r in rerankers.items():

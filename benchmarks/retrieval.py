@@ -78,6 +78,7 @@ def speed(ds, uri, base: str, reranker: str, precisions, args, cfg) -> list[cost
     return cost.precision_costs(
         base, passages, test_q[:50], reranker_path=reranker, candidates=candidates, precisions=precisions,
         max_seq_length=cfg.training.encode_max_seq_length, rerank_max_length=cfg.reranker.max_length,
+        rerank_passages=cfg.reranker.passages,
         batch_size=cfg.training.encode_batch_size, query_precision=cfg.training.query_precision, progress=say,
     )
 
@@ -106,7 +107,8 @@ def quality(ds, uri, base: str, precisions, args, cfg) -> dict:
     if args.reranker:
         rerankers = [RerankSpec(f"hybrid+reranker-{p}", args.reranker, on=f"hybrid-{p}", depth=args.depth,
                                 max_length=cfg.reranker.max_length, fusion=cfg.reranker.fusion,
-                                fusion_weight=cfg.reranker.fusion_weight, precision=p) for p in precisions]
+                                fusion_weight=cfg.reranker.fusion_weight, precision=p,
+                                passages=cfg.reranker.passages) for p in precisions]
     bench = run_benchmark(models, ds, suites, uri, hybrids=hybrids, rerankers=rerankers,
                           max_seq_length=cfg.training.encode_max_seq_length,
                           batch_size=cfg.training.encode_batch_size, device="cpu", progress=say)

@@ -109,7 +109,8 @@ def first_stage_and_speed(config, ds, layout, embedder_dir, reranker_dir) -> dic
     hybrids = [HybridSpec("bm25"), HybridSpec("hybrid-fp32", on="embedder-fp32")]
     if fast != "fp32":
         hybrids.append(HybridSpec(f"hybrid-{fast}", on=f"embedder-{fast}"))
-    kw = dict(depth=rr.depth, max_length=rr.max_length, fusion=rr.fusion, fusion_weight=rr.fusion_weight)
+    kw = dict(depth=rr.depth, max_length=rr.max_length, fusion=rr.fusion, fusion_weight=rr.fusion_weight,
+              passages=rr.passages)
     rerankers = [RerankSpec("full-fp32", str(reranker_dir), on="hybrid-fp32", precision="fp32", **kw)]
     if (fast, rfast) != ("fp32", "fp32"):
         rerankers.append(RerankSpec("full", str(reranker_dir), on=f"hybrid-{fast}", precision=rfast, **kw))
@@ -218,7 +219,7 @@ def main() -> dict:
         [ModelSpec("embedder", str(emb.model_dir), **served)], ds, suites, layout.lancedb,
         rerankers=[RerankSpec("reranked", str(rres.model_dir), on="embedder", depth=rr.depth,
                               max_length=rr.max_length, fusion=rr.fusion, fusion_weight=rr.fusion_weight,
-                              precision=rr.inference_precision)],
+                              precision=rr.inference_precision, passages=rr.passages)],
         max_seq_length=tr.encode_max_seq_length, progress=say,
     )
     r = bench2.summary("test", "reranked")
@@ -269,7 +270,7 @@ def main() -> dict:
         "train_corpus_scale": tr.corpus_scale,
         "train_epochs": tr.epochs,
         "reranker": f"{rr.loss}, init {rr.init}, fusion {rr.fusion} (weight {rr.fusion_weight}), "
-                    f"depth {rr.depth}, {rres.steps} steps",
+                    f"depth {rr.depth}, {rr.passages} passages, {rres.steps} steps",
         "train_max_seq_length": tr.max_seq_length,
         "total_seconds": round(time.monotonic() - T0, 1),
     }

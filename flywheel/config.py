@@ -271,6 +271,10 @@ class RerankerSettings(Section):
     max_length: int = setting(
         96, "tokens per (query, chunk) pair, in training and when reranking (a run records its own; the report "
         "reranks with it)", ge=16, le=512)
+    passages: Literal["head", "focused"] = setting(
+        "head", "what the cross-encoder reads of a chunk longer than max_length, in training and when reranking (a run "
+        "records its own): head = its start; focused = its first sentence, then the run of sentences holding the most "
+        "of the query's terms")
     epochs: float = setting(1.0, "passes over the rows", gt=0)
     max_steps: int = setting(125, "cap on optimizer steps (-1: none; 125 is one pass over a 2,000-row fine-tuning set)", ge=-1)
     batch_size: int = setting(16, "rows per step", ge=1)

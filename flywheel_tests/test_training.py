@@ -689,3 +689,88 @@ def test_graded_corpus_targets_train_and_need_the_grades(rows, small_beir, base_
     grades = {k: {p: 3} for k, p in zip(rows["query_key"], rows["positive_id"])}
     res = train_bi_encoder(rows, cfg, corpus=corpus, grades=grades)
     assert res.steps == 2 and all(np.isfinite([h["loss"] for h in res.loss_history]))
+
+
+def _filler(n: int, start: int = 0) -> str:
+    return " ".join(f"Background sentence {start + i} describes an unrelated cohort and its methods." for i in range(n))
+
+
+def test_focused_passages_keep_the_title_and_the_run_of_sentences_holding_the_querys_terms(base_model_path):
+    """A chunk longer than the pair's tokens is read as its first sentence, "...", then the run of
+    sentences that fits and holds the most of the query's terms; that run survives the truncation.
+    A chunk that fits, shares no term with the query past its first sentence, or has its best run
+    right after it, is read as it is."""
+    from transformers import AutoTokenizer
+
+    from flywheel.lib.training.reranker import focused_passages
+
+    tok = AutoTokenizer.from_pretrained(base_model_path)
+    query = "do statins lower cholesterol in adults"
+    key = "Statins lowered cholesterol in most adults."
+    long = f"Lipid trial. {_filler(10)} {key} {_filler(6, 10)}"
+    short = "Lipid trial. Statins lowered cholesterol."
+    unrelated = f"Weather report. {_filler(16)}"
+    early = f"Lipid trial. {key} {_filler(16)}"
+    out = focused_passages(query, [long, short, unrelated, early], tok, 64)
+    assert out[0].startswith("Lipid trial. ... ") and key in out[0] and "Background sentence 0 " not in out[0]
+    assert out[1:] == [short, unrelated, early]
+    pair = tok(query, out[0], truncation=True, max_length=64)["input_ids"]
+    assert "statins lowered cholesterol in most adults" in tok.decode(pair)
+    # the head alone never reaches the sentence: that is what the focus is for
+    assert "statins" not in tok.decode(tok(query, long, truncation=True, max_length=64)["input_ids"][-40:])
+
+
+def test_a_query_term_every_candidate_holds_weighs_less_than_a_rare_one(base_model_path):
+    """Terms are weighed by how few of the candidates hold them: the run with the rare term wins
+    over the run with the term every candidate shares (each run fits, not both)."""
+    from transformers import AutoTokenizer
+
+    from flywheel.lib.training.reranker import focused_passages
+
+    tok = AutoTokenizer.from_pretrained(base_model_path)
+    common, rare = "Alpha waves were recorded overnight.", "Zeta potential was measured twice."
+    target = f"Sleep study. {_filler(8)} {common} {_filler(8, 8)} {rare} {_filler(8, 16)}"
+    other = f"Another study. {common} Nothing else here at all."
+    out = focused_passages("alpha zeta", [target, other], tok, 48)
+    assert rare in out[0] and common not in out[0]
+    # alone, the two terms weigh the same and the earlier run wins
+    alone = focused_passages("alpha zeta", [target], tok, 48)
+    assert common in alone[0] and rare not in alone[0]
+
+
+def test_a_focused_reranker_trains_and_reranks_on_the_same_passages(tmp_path, base_model_path):
+    """Training (each graded list) and reranking (score_pairs) read a long chunk through the same
+    focused_passages; the run records what it read, and a run from before the setting reads heads."""
+    import dataclasses
+
+    from flywheel.lib.evaluation.weekly import _reranker_spec
+    from flywheel.lib.training.cross_encoder import RerankerResult, dataset_and_loss, labelled_pairs, load_model
+    from flywheel.lib.training.reranker import focused_passages, score_pairs
+    from flywheel.lib.training.week import RerankerWeek
+
+    query = "do statins lower cholesterol in adults"
+    texts = {g: f"Lipid trial {g}. {_filler(10)} Statins lowered cholesterol in {g} adults. {_filler(6, 10)}"
+             for g in (3, 1, 0)}
+    train = pd.DataFrame([{"query": query, "query_key": "q", "positive_id": "3", "positive": texts[3],
+                           "negative_id": "0", "negative": texts[0], "negative_rank": 1, "week": "w1"}])
+    judged = _judged([("w1", query, "q", str(g), texts[g], g, 4 - g) for g in (3, 1, 0)])
+    cfg = reranker_cfg(base_model_path, tmp_path / "f", loss="graded", list_size=3, max_length=64, passages="focused")
+    model = load_model(cfg)
+    ds, _ = dataset_and_loss(model, train, labelled_pairs(train, 0), cfg, judged)
+    expected = focused_passages(query, [texts[3], texts[1], texts[0]], model.tokenizer, 64)
+    assert ds[0]["docs"] == expected and all(" ... " in d for d in expected)
+    pairs = labelled_pairs(train, 0)
+    bce, _ = dataset_and_loss(model, train, pairs, dataclasses.replace(cfg, settings=cfg.settings.with_(loss="bce")))
+    focused_pairs = dict(zip(pairs["text"], focused_passages(query, pairs["text"].tolist(), model.tokenizer, 64)))
+    assert bce["text"] == [focused_pairs[t] for t in pairs["text"]] and bce["label"] == pairs["label"].tolist()
+    head_cfg = reranker_cfg(base_model_path, tmp_path / "h", loss="graded", list_size=3, max_length=64)
+    assert dataset_and_loss(model, train, labelled_pairs(train, 0), head_cfg, judged)[0][0]["docs"] == \
+        [texts[3], texts[1], texts[0]]
+    model.model.eval()
+    assert np.allclose(score_pairs(model, query, list(texts.values()), focus=True),
+                       model.predict([(query, d) for d in expected], show_progress_bar=False))
+    result = RerankerResult(model_dir=tmp_path / "f", train_pairs=0, positives=0, negatives=0, steps=0, train_seconds=0)
+    info = RerankerWeek(config=cfg, result=result, training_rows_sha256="x").run_info("w1", "r", "m", "1")
+    assert info["passages"] == "focused"
+    assert _reranker_spec("new", info, "hybrid", RerankerSettings()).passages == "focused"
+    assert _reranker_spec("old", {"model_dir": "m"}, "hybrid", RerankerSettings(passages="focused")).passages == "head"

@@ -57,6 +57,7 @@ class RerankSpec:
     fusion: str = "rrf"  # see flywheel.lib.training.reranker.rerank
     fusion_weight: float = default_of(RerankerSettings, "fusion_weight")
     precision: str = "fp32"  # see flywheel.lib.registry.inference
+    passages: str = "head"  # what it reads of each chunk, as it was trained (RerankerSettings.passages)
 
 
 @dataclass
@@ -170,7 +171,8 @@ def rerank_candidates(bench: Benchmark, rerankers: list[RerankSpec], ds: BeirDat
         for suite, s in bench.suites.items():
             reranked, ms = rerank(ce, s[0], bench.rankings[rspec.on][suite], texts, depth=rspec.depth,
                                   batch_size=batch_size, fusion=rspec.fusion, progress=progress,
-                                  bi_scores=bench.scores[rspec.on][suite], fusion_weight=rspec.fusion_weight)
+                                  bi_scores=bench.scores[rspec.on][suite], fusion_weight=rspec.fusion_weight,
+                                  passages=rspec.passages)
             bench.rankings[rspec.name][suite] = reranked
             bench.rerank_ms.extend(ms)
             bench.latency_ms.setdefault(rspec.name, []).extend(ms)

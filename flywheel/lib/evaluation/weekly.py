@@ -124,7 +124,9 @@ class _Pooler:
 def _reranker_spec(name: str, info: dict, on: str, rer: RerankerSettings) -> RerankSpec:
     return RerankSpec(name, info["model_dir"], on=on, depth=info.get("rerank_depth", rer.depth),
                       max_length=info.get("max_length", rer.max_length), fusion=info.get("fusion", rer.fusion),
-                      fusion_weight=info.get("fusion_weight", rer.fusion_weight), precision=rer.inference_precision)
+                      fusion_weight=info.get("fusion_weight", rer.fusion_weight), precision=rer.inference_precision,
+                      # a run from before the setting read each chunk's head
+                      passages=info.get("passages", "head"))
 
 
 def _decide_reranker(long: pd.DataFrame, first: str, new: str, old: str | None, g: GateSettings,

@@ -162,11 +162,16 @@ UNITS_INDEX_MIN_ROWS = 10_000  # below this an exact flat scan is fast enough: n
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")  # end mark, space, then a capital, digit or bracket
 
 
+def split_sentences(text: str) -> list[str]:
+    """``text``'s sentences in order (a fragment of three characters or fewer is dropped)."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) > 3]
+
+
 def sentence_units(text: str) -> list[str]:
     """A chunk's sentences; none for a chunk of one sentence (its own vector already is that
     sentence's). Pairs of adjacent sentences as units too would triple the tokens to embed (every
     sentence twice more) for a small gain in the dense stage alone."""
-    parts = [s.strip() for s in _SENTENCE_END.split(text) if len(s.strip()) > 3]
+    parts = split_sentences(text)
     return parts if len(parts) > 1 else []
 
 

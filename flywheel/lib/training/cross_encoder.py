@@ -163,9 +163,20 @@ def load_model(cfg: RerankerConfig):
                         local_files_only=True, **eager)
 
 
+def focused(model, cfg: RerankerConfig, queries, passages):
+    """``passages`` (one list per query) as the cross-encoder reads them (``RerankerSettings.passages``):
+    unchanged for ``head``, else each query's list through ``focused_passages``, as reranking does."""
+    from flywheel.lib.training.reranker import focused_passages
+
+    if cfg.settings.passages == "head":
+        return [list(p) for p in passages]
+    return [focused_passages(q, list(p), model.tokenizer, cfg.settings.max_length) for q, p in zip(queries, passages)]
+
+
 def dataset_and_loss(model, rows: pd.DataFrame, pairs: pd.DataFrame, cfg: RerankerConfig,
                      judged: pd.DataFrame | None = None):
-    """The trainer's dataset and the loss ``cfg.settings.loss`` names (``graded`` needs ``judged``)."""
+    """The trainer's dataset and the loss ``cfg.settings.loss`` names (``graded`` needs ``judged``);
+    every passage as the cross-encoder will read it when reranking (:func:`focused`)."""
     import torch
     from datasets import Dataset
     from sentence_transformers.cross_encoder.losses import (
@@ -176,10 +187,16 @@ def dataset_and_loss(model, rows: pd.DataFrame, pairs: pd.DataFrame, cfg: Rerank
     if loss == "bce":
         n_pos = int((pairs["label"] == 1).sum())
         n_neg = len(pairs) - n_pos
+        queries, lists = zip(*[(q, g.tolist()) for q, g in pairs.groupby("query", sort=False)["text"]])
+        texts = dict(zip(queries, focused(model, cfg, queries, lists)))
+        position = pairs.groupby("query", sort=False).cumcount()
+        pairs = pairs.assign(text=[texts[q][i] for q, i in zip(pairs["query"], position)])
         ds = Dataset.from_dict({c: pairs[c].tolist() for c in ("query", "text", "label")})
         return ds, BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(max(n_neg, 1) / max(n_pos, 1)))
     if loss == "listwise":
         triples = listwise_rows(rows, cfg.seed, cfg.training.shuffle_labels)
+        both = focused(model, cfg, triples["query"], zip(triples["positive"], triples["negative"]))
+        triples = triples.assign(positive=[b[0] for b in both], negative=[b[1] for b in both])
         ds = Dataset.from_dict({c: triples[c].tolist() for c in ("query", "positive", "negative")})
         return ds, MultipleNegativesRankingLoss(model, num_negatives=cfg.settings.num_negatives)
     if loss == "graded":
@@ -189,6 +206,7 @@ def dataset_and_loss(model, rows: pd.DataFrame, pairs: pd.DataFrame, cfg: Rerank
                                 shuffle_labels=cfg.training.shuffle_labels)
         if lists.empty:
             raise ValueError("FLYWHEEL_RERANKER_LOSS=graded: no training query has chunks of two different grades")
+        lists = lists.assign(docs=focused(model, cfg, lists["query"], lists["docs"]))
         ds = Dataset.from_dict({c: lists[c].tolist() for c in ("query", "docs", "labels")})
         # every pair of a step in one forward pass (a step is graded_queries_per_step x list_size pairs):
         # -1 is ListNetLoss's documented "the whole batch at once"; it reads 0 as unset, and then splits

@@ -211,6 +211,7 @@ class RerankerWeek:
             "week": week, "mlflow_run_id": run_id, "registered_model": registered_model, "version": version,
             "model_dir": str(self.model_dir), "training_rows_sha256": self.training_rows_sha256,
             "max_length": s.max_length, "rerank_depth": s.depth, "fusion": s.fusion, "fusion_weight": s.fusion_weight,
+            "passages": s.passages,
         }
 
 
