@@ -77,11 +77,9 @@ def focused_passages(query: str, passages: Sequence[str], tokenizer, max_length:
     Tombros and Sanderson (SIGIR 1998) for snippets, and of FirstP/MaxP for BERT rerankers (Dai
     and Callan, SIGIR 2019), at the cost of one pair per candidate.
     """
-    from flywheel.lib.registry.index import split_sentences
-
     query_terms = _terms(query)
     budget = max_length - len(tokenizer(query, add_special_tokens=False)["input_ids"]) - 3  # [CLS] q [SEP] p [SEP]
-    split = [split_sentences(p) for p in passages]
+    split = [index.split_sentences(p) for p in passages]
     sentence_terms = [[_terms(s) for s in parts] for parts in split]
     df = {t: sum(any(t in st for st in terms) for terms in sentence_terms) for t in query_terms}
     idf = {t: float(np.log(1.0 + len(passages) / (1.0 + n))) for t, n in df.items()}
