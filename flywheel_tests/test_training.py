@@ -6,6 +6,7 @@ cross-encoder reranker, and the progress lines that replace the libraries' bars.
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -738,6 +739,39 @@ def test_a_query_term_every_candidate_holds_weighs_less_than_a_rare_one(base_mod
     assert common in alone[0] and rare not in alone[0]
 
 
+def test_a_chunks_sentences_are_split_once_and_counted_per_tokenizer(base_model_path, monkeypatch):
+    """focused_passages keeps each chunk's sentences between queries (split once, however many
+    queries rerank it) and its token counts per tokenizer: a tokenizer that counts otherwise gets
+    its own counts, so every selection is what it would be with nothing kept."""
+    from transformers import AutoTokenizer
+
+    from flywheel.lib.registry import index
+    from flywheel.lib.training import reranker
+
+    tok = AutoTokenizer.from_pretrained(base_model_path)
+
+    def one_per_word(texts, add_special_tokens=False):  # a tokenizer with other (fewer) counts
+        texts = [texts] if isinstance(texts, str) else texts
+        return {"input_ids": [[0] * len(t.split()) for t in texts]}
+
+    chunk = f"Lipid trial. {_filler(10)} Statins lowered cholesterol in most adults. {_filler(6, 10)} Ref {uuid.uuid4().hex}."
+    queries = ["do statins lower cholesterol in adults", "statins and cholesterol"]
+    splits = []
+    real_split = index.split_sentences
+    monkeypatch.setattr(index, "split_sentences", lambda text: splits.append(text) or real_split(text))
+    kept = {(q, name): reranker.focused_passages(q, [chunk], t, 64)[0]
+            for name, t in (("tok", tok), ("words", one_per_word)) for q in queries}
+    assert splits.count(chunk) == 1
+    reranker._sentences.cache_clear()
+    reranker._token_counts.cache_clear()
+    fresh = {(q, name): reranker.focused_passages(q, [chunk], t, 64)[0]
+             for name, t in (("tok", tok), ("words", one_per_word)) for q in queries}
+    assert kept == fresh and splits.count(chunk) == 2
+    assert kept[(queries[0], "tok")] != kept[(queries[0], "words")]  # the counts decide the run
+    with pytest.raises(ValueError, match="unknown passages 'tail'"):
+        reranker.score_pairs(None, queries[0], [chunk], read="tail")
+
+
 def test_a_focused_reranker_trains_and_reranks_on_the_same_passages(tmp_path, base_model_path):
     """Training (each graded list) and reranking (score_pairs) read a long chunk through the same
     focused_passages; the run records what it read, and a run from before the setting reads heads."""
@@ -767,7 +801,7 @@ def test_a_focused_reranker_trains_and_reranks_on_the_same_passages(tmp_path, ba
     assert dataset_and_loss(model, train, labelled_pairs(train, 0), head_cfg, judged)[0][0]["docs"] == \
         [texts[3], texts[1], texts[0]]
     model.model.eval()
-    assert np.allclose(score_pairs(model, query, list(texts.values()), focus=True),
+    assert np.allclose(score_pairs(model, query, list(texts.values()), read="focused"),
                        model.predict([(query, d) for d in expected], show_progress_bar=False))
     result = RerankerResult(model_dir=tmp_path / "f", train_pairs=0, positives=0, negatives=0, steps=0, train_seconds=0)
     info = RerankerWeek(config=cfg, result=result, training_rows_sha256="x").run_info("w1", "r", "m", "1")

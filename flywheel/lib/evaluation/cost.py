@@ -93,22 +93,28 @@ def encode_rate(model, passages: Sequence[str], *, batch_size: int = 64) -> floa
 
 def rerank_latency_ms(
     model, queries: Mapping[str, str], candidates: Mapping[str, Sequence[str]], *, batch_size: int = 64,
-    focus: bool = False,
+    read: str = "head",
 ) -> tuple[list[float], float]:
     """(ms per query to score its candidate texts, pairs scored per second), after a warm-up
-    on the first query (a reranker on OpenVINO compiles its shape then); ``focus``: the
-    passages selected as a focused reranker reads them, that selection timed too."""
-    from flywheel.lib.training.reranker import score_pairs
+    on the first query (a reranker on OpenVINO compiles its shape then). ``read``: what the
+    reranker reads of a long chunk (``RerankerSettings.passages``); for ``"focused"`` the
+    per-query selection is timed too, each chunk's sentences split beforehand (once per chunk,
+    as an index stores them), so every precision timed is charged the same."""
+    from flywheel.lib.training.reranker import check_passages, focused_passages, score_pairs
 
     items = [(q, list(candidates[qid])) for qid, q in queries.items() if candidates.get(qid)]
     if not items:
         return [], float("nan")
+    limit = getattr(model, "max_seq_length", None)
+    if check_passages(read) == "focused" and limit:
+        for q, cands in items:
+            focused_passages(q, cands, model.tokenizer, limit)
     q0, c0 = items[0]
-    score_pairs(model, q0, c0, batch_size=batch_size, focus=focus)
+    score_pairs(model, q0, c0, batch_size=batch_size, read=read)
     times, pairs = [], 0
     for q, cands in items:
         started = time.perf_counter()
-        score_pairs(model, q, cands, batch_size=batch_size, focus=focus)
+        score_pairs(model, q, cands, batch_size=batch_size, read=read)
         times.append((time.perf_counter() - started) * 1000)
         pairs += len(cands)
     return times, pairs / (sum(times) / 1000)
@@ -130,11 +136,11 @@ def embedder_cost(
 
 def reranker_cost(
     name: str, path: str | Path, model, queries: Mapping[str, str], candidates: Mapping[str, Sequence[str]], *,
-    batch_size: int = 64, focus: bool = False,
+    batch_size: int = 64, read: str = "head",
 ) -> ModelCost:
     """Per-query rerank latency over the given candidate texts, pairs/s and size of one reranker
-    (``focus`` as in :func:`rerank_latency_ms`)."""
-    ms, rate = rerank_latency_ms(model, queries, candidates, batch_size=batch_size, focus=focus)
+    (``read`` as in :func:`rerank_latency_ms`)."""
+    ms, rate = rerank_latency_ms(model, queries, candidates, batch_size=batch_size, read=read)
     return ModelCost(
         name=name, precision=precision_of(model), query_ms_p50=_pct(ms, 50), query_ms_p95=_pct(ms, 95),
         queries_timed=len(ms), passages_per_s=rate, passages_timed=sum(len(candidates[q]) for q in queries if q in candidates),
@@ -184,7 +190,7 @@ def precision_costs(
         if reranker_path is not None and candidates:
             ce = load_reranker(reranker_path, device=device, max_length=rerank_max_length, precision=precision)
             out.append(reranker_cost("reranker", reranker_path, ce, {q: q for q in candidates}, candidates,
-                                     batch_size=batch_size, focus=rerank_passages == "focused"))
+                                     batch_size=batch_size, read=rerank_passages))
             if progress:
                 progress(f"reranker at {precision}: p50 {out[-1].query_ms_p50:.0f} ms, p95 {out[-1].query_ms_p95:.0f} ms "
                          f"per query ({max(len(c) for c in candidates.values())} candidates, seq {rerank_max_length})")

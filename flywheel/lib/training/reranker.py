@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -24,6 +25,8 @@ from flywheel.lib.registry import index
 
 
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
+PASSAGES = ("head", "focused")  # what the cross-encoder reads of a long chunk (RerankerSettings.passages)
+_CACHED_PASSAGES = 16_384  # chunks whose sentences, terms and token counts are kept between queries
 _WORD = re.compile(r"\S+")
 _TERM = re.compile(r"[a-z0-9]+")
 STEM = 6  # a term matches on its first characters: "increases", "increased" and "increasing" meet
@@ -61,6 +64,21 @@ def _terms(text: str) -> set[str]:
     return {t[:STEM] for t in _TERM.findall(text.lower()) if len(t) > 2 and t not in _STOP}
 
 
+@lru_cache(maxsize=_CACHED_PASSAGES)
+def _sentences(passage: str) -> tuple[tuple[str, ...], tuple[frozenset[str], ...]]:
+    """A chunk's sentences and each one's terms: the same for every query, so kept between queries
+    (a week reranks the same popular chunks for many queries)."""
+    parts = tuple(index.split_sentences(passage))
+    return parts, tuple(frozenset(_terms(s)) for s in parts)
+
+
+@lru_cache(maxsize=_CACHED_PASSAGES)
+def _token_counts(tokenizer, passage: str) -> tuple[int, ...]:
+    """Tokens in each of a chunk's sentences (``tokenizer``'s, without special tokens)."""
+    parts, _ = _sentences(passage)
+    return tuple(len(ids) for ids in tokenizer(list(parts), add_special_tokens=False)["input_ids"])
+
+
 def focused_passages(query: str, passages: Sequence[str], tokenizer, max_length: int) -> list[str]:
     """Each passage as the cross-encoder should read it next to ``query`` within ``max_length`` tokens.
 
@@ -75,20 +93,20 @@ def focused_passages(query: str, passages: Sequence[str], tokenizer, max_length:
     truncation reads the same tokens). The same selection runs in training and when reranking,
     so the model learns on what it will be shown. Query-biased passage selection in the manner of
     Tombros and Sanderson (SIGIR 1998) for snippets, and of FirstP/MaxP for BERT rerankers (Dai
-    and Callan, SIGIR 2019), at the cost of one pair per candidate.
+    and Callan, SIGIR 2019), at the cost of one pair per candidate. A chunk's sentences, terms
+    and token counts do not depend on the query: they are computed once per chunk and kept.
     """
     query_terms = _terms(query)
     budget = max_length - len(tokenizer(query, add_special_tokens=False)["input_ids"]) - 3  # [CLS] q [SEP] p [SEP]
-    split = [index.split_sentences(p) for p in passages]
-    sentence_terms = [[_terms(s) for s in parts] for parts in split]
-    df = {t: sum(any(t in st for st in terms) for terms in sentence_terms) for t in query_terms}
+    split = [_sentences(p) for p in passages]
+    df = {t: sum(any(t in st for st in terms) for _, terms in split) for t in query_terms}
     idf = {t: float(np.log(1.0 + len(passages) / (1.0 + n))) for t, n in df.items()}
     out = []
-    for passage, parts, terms in zip(passages, split, sentence_terms):
+    for passage, (parts, terms) in zip(passages, split):
         if len(parts) < 3 or budget <= 0:
             out.append(passage)
             continue
-        lengths = [len(ids) for ids in tokenizer(parts, add_special_tokens=False)["input_ids"]]
+        lengths = _token_counts(tokenizer, passage)
         if sum(lengths) <= budget:
             out.append(passage)
             continue
@@ -110,10 +128,18 @@ def focused_passages(query: str, passages: Sequence[str], tokenizer, max_length:
     return out
 
 
+def check_passages(passages: str) -> str:
+    """``passages`` if it names a way of reading chunks (:data:`PASSAGES`), else a ValueError."""
+    if passages not in PASSAGES:
+        raise ValueError(f"unknown passages {passages!r}: use {' or '.join(repr(p) for p in PASSAGES)}")
+    return passages
+
+
 def score_pairs(model, query: str, passages: Sequence[str], *, batch_size: int = 64,
-                focus: bool = False) -> np.ndarray:
-    """The cross-encoder's scores of ``(query, passage)`` for each passage (``focus``: each long
-    passage as :func:`focused_passages` selects it).
+                read: str = "head") -> np.ndarray:
+    """The cross-encoder's scores of ``(query, passage)`` for each passage. ``read`` is what it reads
+    of a long passage (``RerankerSettings.passages``): ``"head"`` its start, ``"focused"`` the
+    selection of :func:`focused_passages`.
 
     A pair is truncated to ``model.max_seq_length`` tokens, so each passage is first cut after as many
     words: a word is at least one token, so the model sees the same tokens, and the tokenizer no
@@ -121,7 +147,7 @@ def score_pairs(model, query: str, passages: Sequence[str], *, batch_size: int =
     tokenizer drops, such as control characters, is no token: each one leaves the pair a token
     short.)"""
     limit = getattr(model, "max_seq_length", None)
-    if focus and limit:
+    if check_passages(read) == "focused" and limit:
         passages = focused_passages(query, passages, model.tokenizer, limit)
     if limit:
         passages = [head_words(p, limit) for p in passages]
@@ -157,8 +183,7 @@ def rerank(
     """
     if fusion not in ("zscore", "rrf", "none"):
         raise ValueError(f"unknown fusion {fusion!r}: use 'zscore', 'rrf' or 'none'")
-    if passages not in ("head", "focused"):
-        raise ValueError(f"unknown passages {passages!r}: use 'head' or 'focused'")
+    check_passages(passages)
     if fusion == "zscore" and bi_scores is None:
         raise ValueError("zscore fusion needs the bi-encoder's scores (bi_scores)")
     out: dict[str, list[str]] = {}
@@ -170,7 +195,7 @@ def rerank(
         started = time.perf_counter()
         if head:
             scores = score_pairs(model, query, [texts[d] for d in head], batch_size=batch_size,
-                                 focus=passages == "focused")
+                                 read=passages)
             if fusion == "zscore":
                 bi = np.asarray(list(bi_scores[qid])[:len(head)], dtype=np.float64)
                 scores = (1.0 - fusion_weight) * _standardised(bi) + fusion_weight * _standardised(scores)
