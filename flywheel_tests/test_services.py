@@ -471,6 +471,7 @@ def test_schedule_tick_launches_the_week_that_just_ended(svc):
     svc.instance.stop_schedule(schedule.get_remote_origin_id(), schedule.selector_id, schedule)
     [run] = runs
     assert run.tags["dagster/partition"] == WEEKS[1] and run.job_name == "flywheel_weekly"
+    assert run.run_config["execution"] == {"config": {"in_process": {}}}  # FLYWHEEL_SERVICES_EXECUTOR's default
     status = wait_for_run(svc.stack.webserver_url(), run.run_id, timeout_s=RUN_TIMEOUT_S)
     events = _run_records(svc.instance, run.run_id)
     assert "PIPELINE_ENQUEUED" in [e.event_type_value for e in events]
@@ -532,6 +533,33 @@ def test_sigterm_stops_every_service(svc):
         assert procs.group_members(proc.pid) == [], f"{name} left processes behind"
     assert not procs.pid_alive(pg_pid) and not svc.stack.postgres.running()
     assert not svc.stack.state_file.exists()
+
+
+def test_the_schedule_runs_the_week_that_just_ended_with_the_services_executor(monkeypatch):
+    """Each Monday tick asks for the week that ended (none before the first), executed as
+    FLYWHEEL_SERVICES_EXECUTOR says, like a --submit run."""
+    import dagster as dg
+
+    from flywheel.config import load_config
+    from flywheel.defs import build_definitions, schedules
+
+    repo = build_definitions().get_repository_def()
+    schedule = repo.get_schedule_def("flywheel_weekly_schedule")
+    assert (schedule.cron_schedule, schedule.execution_timezone, schedule.job_name) == ("0 2 * * 1", "UTC", "flywheel_weekly")
+    first = schedules.weekly_partitions.get_first_partition_key()
+    tick = datetime.fromisoformat(first).replace(tzinfo=timezone.utc) + timedelta(days=14, hours=2)
+
+    def evaluate(at):
+        return schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=at, repository_def=repo))
+
+    for executor in ("in_process", "multiprocess"):
+        monkeypatch.setattr(schedules, "CONFIG", load_config({"FLYWHEEL_SERVICES_EXECUTOR": executor}))
+        [request] = evaluate(tick).run_requests
+        week = (datetime.fromisoformat(first) + timedelta(days=7)).date().isoformat()
+        assert (request.partition_key, request.run_key) == (week, week)
+        assert request.run_config == {"execution": {"config": {executor: {}}}}
+    before = evaluate(tick - timedelta(days=14))
+    assert not before.run_requests and "no complete week yet" in before.skip_message
 
 
 def test_submit_refuses_settings_the_services_do_not_run_with():

@@ -1,6 +1,12 @@
 """Jobs and the weekly schedule."""
 
+from datetime import timedelta
+
 import dagster as dg
+
+from flywheel.defs.partitions import weekly_partitions
+from flywheel.defs.resources import CONFIG
+from flywheel.services.submit import execution_config
 
 # Cheap stages for every week: logs in, labels, the three tiers.
 weekly_labels_job = dg.define_asset_job(
@@ -19,7 +25,23 @@ flywheel_job = dg.define_asset_job(
     ),
 )
 
-# Runs on Monday for the week that just ended (the schedule targets the last complete partition).
-weekly_retrain = dg.build_schedule_from_partitioned_job(flywheel_job, hour_of_day=2)
+
+
+@dg.schedule(
+    name=f"{flywheel_job.name}_schedule",
+    job=flywheel_job,
+    cron_schedule=weekly_partitions.get_cron_schedule(minute_of_hour=0, hour_of_day=2),
+    execution_timezone=weekly_partitions.timezone,
+    description="Monday 02:00: the whole flywheel for the week that just ended, its steps executed as "
+                "FLYWHEEL_SERVICES_EXECUTOR says (as a --submit run).",
+)
+def weekly_retrain(context: dg.ScheduleEvaluationContext):
+    """The last complete week at the tick (as ``build_schedule_from_partitioned_job`` picks it),
+    executed in one process or a process per step as ``ServicesSettings.executor`` says."""
+    ended = context.scheduled_execution_time - timedelta(days=7)  # a moment of the week that just ended
+    week = weekly_partitions.get_partition_key_for_timestamp(ended.timestamp())
+    if week < weekly_partitions.get_first_partition_key():
+        return dg.SkipReason(f"no complete week yet (the first starts {weekly_partitions.get_first_partition_key()})")
+    return dg.RunRequest(run_key=week, partition_key=week, run_config=execution_config(CONFIG.services.executor))
 
 defs = dg.Definitions(jobs=[weekly_labels_job, flywheel_job], schedules=[weekly_retrain])

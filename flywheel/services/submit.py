@@ -54,6 +54,12 @@ def _quiet():
         yield
 
 
+def execution_config(executor: str | None) -> dict | None:
+    """Run config picking the job's executor for one run: ``in_process`` (every step in the run's
+    process) or ``multiprocess`` (a process per step); None keeps the job's default (a process per step)."""
+    return {"execution": {"config": {executor: {}}}} if executor else None
+
+
 def submit_partition(base_url: str, job: str, partition: str, *, tags: dict | None = None,
                      executor: str | None = None, assets: list[str] | None = None) -> str:
     """Queue one run of ``job`` for ``partition``; returns its run id.
@@ -61,7 +67,7 @@ def submit_partition(base_url: str, job: str, partition: str, *, tags: dict | No
     ``executor`` (``in_process`` or ``multiprocess``) picks the job's executor for this run; None
     keeps the job's default (a process per step). ``assets`` narrows the run to some of the job's assets.
     """
-    run_config = {"execution": {"config": {executor: {}}}} if executor else None
+    run_config = execution_config(executor)
     with _quiet():
         return client(base_url).submit_job_execution(
             job, repository_location_name=LOCATION, repository_name=REPOSITORY, run_config=run_config,
