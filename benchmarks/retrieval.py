@@ -12,7 +12,9 @@ folder), no training needed:
    on OpenVINO at bf16 and int8 (NNCF post-training quantization, calibrated on the generic
    texts of ``flywheel.lib.registry.openvino_backend``); see ``flywheel.lib.registry.inference``.
    Queries run at ``FLYWHEEL_QUERY_PRECISION`` resolved against each (auto: openvino-bf16 beside an
-   openvino-int8 corpus, else the same).
+   openvino-int8 corpus, else the same). Also the focused reranker's passage selection alone
+   (``FLYWHEEL_RERANKER_PASSAGES=focused``) on the same 20 queries' candidates, seen for the first
+   time and again with their sentences kept (``focused_selection_ms_p50_first_seen`` / ``_kept``).
 2. Quality, on the whole test split: the base embedder at each precision (each encodes the full
    corpus once into a LanceDB table of its own; tables are reused by later runs; where its queries
    run at another precision, also with queries at the corpus's: ``ndcg10_base_P_queries_P``), BM25 (LanceDB's
@@ -62,8 +64,9 @@ def say(msg: str) -> None:
     print(f"[{time.monotonic() - T0:7.1f}s] {msg}", flush=True)
 
 
-def speed(ds, uri, base: str, reranker: str, precisions, args, cfg) -> list[cost.ModelCost]:
-    """Encode rate, query latency and rerank latency at each precision, on fixed samples."""
+def speed(ds, uri, base: str, reranker: str, precisions, args, cfg) -> tuple[list[cost.ModelCost], dict]:
+    """Encode rate, query latency and rerank latency at each precision, on fixed samples; and the
+    focused passage selection's own time (``focused_selection_ms``)."""
     rng = random.Random(0)
     passages = rng.sample(list(ds.corpus.texts), min(args.passages, len(ds.corpus)))
     test_q = list(test_split_suite(ds)[0].values())
@@ -75,12 +78,37 @@ def speed(ds, uri, base: str, reranker: str, precisions, args, cfg) -> list[cost
     say(f"speed: {len(passages)} sampled passages (seq {cfg.training.encode_max_seq_length}), "
         f"{min(50, len(test_q))} queries, rerank {len(candidates)} queries x {args.depth} candidates "
         f"(seq {cfg.reranker.max_length}); precisions {', '.join(precisions)}")
+    first, kept = focused_selection_ms(candidates, reranker, cfg.reranker.max_length)
+    say(f"focused passage selection (FLYWHEEL_RERANKER_PASSAGES=focused) alone: p50 {first:.1f} ms a query "
+        f"with its {args.depth} candidates seen for the first time, {kept:.1f} ms with their sentences kept")
+    selection = {"focused_selection_ms_p50_first_seen": round(first, 1), "focused_selection_ms_p50_kept": round(kept, 1)}
     return cost.precision_costs(
         base, passages, test_q[:50], reranker_path=reranker, candidates=candidates, precisions=precisions,
         max_seq_length=cfg.training.encode_max_seq_length, rerank_max_length=cfg.reranker.max_length,
         rerank_passages=cfg.reranker.passages,
         batch_size=cfg.training.encode_batch_size, query_precision=cfg.training.query_precision, progress=say,
-    )
+    ), selection
+
+
+def focused_selection_ms(candidates: dict[str, list[str]], model_path: str, max_length: int) -> tuple[float, float]:
+    """p50 ms per query of the focused reranker's passage selection alone (``focused_passages``,
+    ``FLYWHEEL_RERANKER_PASSAGES=focused``) over the rerank sample: every candidate seen for the
+    first time, then again with each chunk's sentences and token counts kept."""
+    from transformers import AutoTokenizer
+
+    from flywheel.lib.training import reranker
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    reranker.forget_sentences()
+    out = []
+    for _ in range(2):
+        ms = []
+        for query, texts in candidates.items():
+            started = time.perf_counter()
+            reranker.focused_passages(query, texts, tokenizer, max_length)
+            ms.append((time.perf_counter() - started) * 1000)
+        out.append(p50(ms))
+    return out[0], out[1]
 
 
 def calibration_suite(ds, n: int = 300):
@@ -209,11 +237,12 @@ def main() -> dict:
     out: dict = {}
     if args.part in ("all", "speed"):
         load = os.getloadavg()[0]
-        costs = speed(ds, uri, cfg.paths.base_model, args.reranker or cfg.paths.base_model, precisions, args, cfg)
+        costs, selection = speed(ds, uri, cfg.paths.base_model, args.reranker or cfg.paths.base_model, precisions, args, cfg)
         load = max(load, os.getloadavg()[0])
         say(f"cost side by side (1-minute load average up to {load:.1f} on {os.cpu_count()} cores while timing):\n"
             + cost.cost_table_markdown(costs))
-        out.update(speed_figures(costs, chosen, chosen_rr, precisions), load_average_while_timing=round(load, 1))
+        out.update(speed_figures(costs, chosen, chosen_rr, precisions), **selection,
+                   load_average_while_timing=round(load, 1))
     if args.part in ("all", "quality"):
         out.update(quality_figures(quality(ds, uri, cfg.paths.base_model, judged, args, cfg), chosen, judged))
     out.update(precision=chosen, reranker_precision=chosen_rr, total_seconds=round(time.monotonic() - T0, 1))

@@ -762,8 +762,7 @@ def test_a_chunks_sentences_are_split_once_and_counted_per_tokenizer(base_model_
     kept = {(q, name): reranker.focused_passages(q, [chunk], t, 64)[0]
             for name, t in (("tok", tok), ("words", one_per_word)) for q in queries}
     assert splits.count(chunk) == 1
-    reranker._sentences.cache_clear()
-    reranker._token_counts.cache_clear()
+    reranker.forget_sentences()
     fresh = {(q, name): reranker.focused_passages(q, [chunk], t, 64)[0]
              for name, t in (("tok", tok), ("words", one_per_word)) for q in queries}
     assert kept == fresh and splits.count(chunk) == 2

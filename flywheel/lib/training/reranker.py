@@ -79,6 +79,12 @@ def _token_counts(tokenizer, passage: str) -> tuple[int, ...]:
     return tuple(len(ids) for ids in tokenizer(list(parts), add_special_tokens=False)["input_ids"])
 
 
+def forget_sentences() -> None:
+    """Drop every chunk's kept sentences and token counts (to time the selection from scratch)."""
+    _sentences.cache_clear()
+    _token_counts.cache_clear()
+
+
 def focused_passages(query: str, passages: Sequence[str], tokenizer, max_length: int) -> list[str]:
     """Each passage as the cross-encoder should read it next to ``query`` within ``max_length`` tokens.
 
