@@ -81,7 +81,8 @@ def speed(ds, uri, base: str, reranker: str, precisions, args, cfg) -> tuple[lis
     first, kept = focused_selection_ms(candidates, reranker, cfg.reranker.max_length)
     say(f"focused passage selection (FLYWHEEL_RERANKER_PASSAGES=focused) alone: p50 {first:.1f} ms a query "
         f"with its {args.depth} candidates seen for the first time, {kept:.1f} ms with their sentences kept")
-    selection = {"focused_selection_ms_p50_first_seen": round(first, 1), "focused_selection_ms_p50_kept": round(kept, 1)}
+    selection = {"focused_selection_ms_p50_first_seen": round(first, 1),
+                 "focused_selection_ms_p50_kept": round(kept, 1)}
     return cost.precision_costs(
         base, passages, test_q[:50], reranker_path=reranker, candidates=candidates, precisions=precisions,
         max_seq_length=cfg.training.encode_max_seq_length, rerank_max_length=cfg.reranker.max_length,

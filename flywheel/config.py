@@ -328,7 +328,7 @@ class ServicesSettings(Section):
     max_concurrent_runs: int = setting(2, "runs the queue lets execute at once", ge=1)
     training_pool_limit: int = setting(1, "steps in the pool `training` (trained_model, trained_reranker) at once", ge=1)
     executor: Literal["in_process", "multiprocess"] = setting(
-        "in_process", "how a --submit or scheduled run executes its steps: in_process (one process, as embedded) or multiprocess (a process per step)")
+        "in_process", "how a run Dagster launches (from the UI, the schedule, --submit) executes its steps: in_process (one process, as embedded) or multiprocess (a process per step)")
     start_timeout_s: float = setting(180.0, "seconds to wait for each service to answer", gt=0)
 
 

@@ -537,7 +537,8 @@ def test_sigterm_stops_every_service(svc):
 
 def test_the_schedule_runs_the_week_that_just_ended_with_the_services_executor(monkeypatch):
     """Each Monday tick asks for the week that ended (none before the first), executed as
-    FLYWHEEL_SERVICES_EXECUTOR says, like a --submit run."""
+    FLYWHEEL_SERVICES_EXECUTOR says, like a --submit run; a run that names no executor (one
+    launched from the UI) executes that way too, and either way can still be asked for."""
     import dagster as dg
 
     from flywheel.config import load_config
@@ -560,6 +561,16 @@ def test_the_schedule_runs_the_week_that_just_ended_with_the_services_executor(m
         assert request.run_config == {"execution": {"config": {executor: {}}}}
     before = evaluate(tick - timedelta(days=14))
     assert not before.run_requests and "no complete week yet" in before.skip_message
+
+    def executes(job, run_config) -> list[str]:
+        return list(dg.validate_run_config(job, run_config)["execution"]["multi_or_in_process_executor"])
+
+    assert executes(repo.get_job("flywheel_weekly"), {}) == ["in_process"]  # the setting's default
+    for default in ("in_process", "multiprocess"):
+        job = repo.get_job("flywheel_weekly").with_executor_def(schedules.run_executor(default))
+        assert executes(job, {}) == [default]
+        for asked in ("in_process", "multiprocess"):
+            assert executes(job, {"execution": {"config": {asked: {}}}}) == [asked]
 
 
 def test_submit_refuses_settings_the_services_do_not_run_with():

@@ -233,7 +233,7 @@ def test_asset_graph_shows_every_asset_and_check(dagster_ui, page, graph):
 RUN_QUERY = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }"""
 RESULTS_QUERY = """query($id: ID!) { runOrError(runId: $id) { ... on Run {
     assetMaterializations { assetKey { path } partition }
-    eventConnection { events { __typename ... on AssetCheckEvaluationEvent { evaluation {
+    eventConnection { events { __typename ... on EngineEvent { message } ... on AssetCheckEvaluationEvent { evaluation {
         assetKey { path } checkName success partition } } } } } } }"""
 FAILURE_QUERY = """query($id: ID!) { runOrError(runId: $id) { ... on Run { eventConnection { events {
     __typename ... on MessageEvent { message stepKey }
@@ -306,6 +306,9 @@ def test_materialize_one_week_from_the_ui_succeeds(ui_run, dagster_ui, graph):
     declared = {(a, c) for a, names in graph["checks"].items() for c in names}
     assert set(evaluations) == declared, f"checks evaluated: {sorted(evaluations)}; declared: {sorted(declared)}"
     assert all(evaluations.values()), {k: v for k, v in evaluations.items() if not v}
+    # a run launched from the UI executes as FLYWHEEL_SERVICES_EXECUTOR (default in_process) says
+    engine = [e["message"] for e in run["eventConnection"]["events"] if e["__typename"] == "EngineEvent"]
+    assert any(m.startswith("Executing steps in process") for m in engine), engine
 
 
 def test_report_metadata_shows_the_report(ui_run, dagster_ui, page, flywheel_env):

@@ -1,4 +1,4 @@
-"""Jobs and the weekly schedule."""
+"""Jobs, the weekly schedule, and how a run Dagster launches executes its steps."""
 
 from datetime import timedelta
 
@@ -7,6 +7,23 @@ import dagster as dg
 from flywheel.defs.partitions import weekly_partitions
 from flywheel.defs.resources import CONFIG
 from flywheel.services.submit import execution_config
+
+
+
+def run_executor(default: str) -> dg.ExecutorDefinition:
+    """Dagster's own executor (``multi_or_in_process_executor``: every step in the run's process,
+    or a process per step), with ``default`` (``FLYWHEEL_SERVICES_EXECUTOR``) where a run's config
+    names none: a run launched from the UI executes like a scheduled or --submit run. Dagster's own
+    default is a process per step, a Python start and imports per step."""
+    dagster_default = dg.multi_or_in_process_executor
+    return dg.ExecutorDefinition(
+        name=dagster_default.name,
+        config_schema=dg.Field(dagster_default.config_field.config_type, default_value={default: {}}),
+        requirements=dagster_default.get_requirements,
+        executor_creation_fn=dagster_default.executor_creation_fn,
+        description=f"{dagster_default.description} Here the default is {default}.",
+    )
+
 
 # Cheap stages for every week: logs in, labels, the three tiers.
 weekly_labels_job = dg.define_asset_job(
@@ -44,4 +61,5 @@ def weekly_retrain(context: dg.ScheduleEvaluationContext):
         return dg.SkipReason(f"no complete week yet (the first starts {weekly_partitions.get_first_partition_key()})")
     return dg.RunRequest(run_key=week, partition_key=week, run_config=execution_config(CONFIG.services.executor))
 
-defs = dg.Definitions(jobs=[weekly_labels_job, flywheel_job], schedules=[weekly_retrain])
+defs = dg.Definitions(jobs=[weekly_labels_job, flywheel_job], schedules=[weekly_retrain],
+                      executor=run_executor(CONFIG.services.executor))

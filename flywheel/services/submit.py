@@ -56,7 +56,8 @@ def _quiet():
 
 def execution_config(executor: str | None) -> dict | None:
     """Run config picking the job's executor for one run: ``in_process`` (every step in the run's
-    process) or ``multiprocess`` (a process per step); None keeps the job's default (a process per step)."""
+    process) or ``multiprocess`` (a process per step); None keeps the job's default (the code server's
+    ``FLYWHEEL_SERVICES_EXECUTOR``, ``flywheel.defs.schedules.run_executor``)."""
     return {"execution": {"config": {executor: {}}}} if executor else None
 
 
@@ -65,7 +66,8 @@ def submit_partition(base_url: str, job: str, partition: str, *, tags: dict | No
     """Queue one run of ``job`` for ``partition``; returns its run id.
 
     ``executor`` (``in_process`` or ``multiprocess``) picks the job's executor for this run; None
-    keeps the job's default (a process per step). ``assets`` narrows the run to some of the job's assets.
+    keeps the job's default (the code server's ``FLYWHEEL_SERVICES_EXECUTOR``). ``assets`` narrows the
+    run to some of the job's assets.
     """
     run_config = execution_config(executor)
     with _quiet():
