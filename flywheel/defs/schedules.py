@@ -9,7 +9,6 @@ from flywheel.defs.resources import CONFIG
 from flywheel.services.submit import execution_config
 
 
-
 def run_executor(default: str) -> dg.ExecutorDefinition:
     """Dagster's own executor (``multi_or_in_process_executor``: every step in the run's process,
     or a process per step), with ``default`` (``FLYWHEEL_SERVICES_EXECUTOR``) where a run's config
@@ -43,7 +42,6 @@ flywheel_job = dg.define_asset_job(
 )
 
 
-
 @dg.schedule(
     name=f"{flywheel_job.name}_schedule",
     job=flywheel_job,
@@ -60,6 +58,7 @@ def weekly_retrain(context: dg.ScheduleEvaluationContext):
     if week < weekly_partitions.get_first_partition_key():
         return dg.SkipReason(f"no complete week yet (the first starts {weekly_partitions.get_first_partition_key()})")
     return dg.RunRequest(run_key=week, partition_key=week, run_config=execution_config(CONFIG.services.executor))
+
 
 defs = dg.Definitions(jobs=[weekly_labels_job, flywheel_job], schedules=[weekly_retrain],
                       executor=run_executor(CONFIG.services.executor))
