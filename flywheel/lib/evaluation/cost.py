@@ -100,15 +100,13 @@ def rerank_latency_ms(
     reranker reads of a long chunk (``RerankerSettings.passages``); for ``"focused"`` the
     per-query selection is timed too, each chunk's sentences split beforehand (once per chunk,
     as an index stores them), so every precision timed is charged the same."""
-    from flywheel.lib.training.reranker import check_passages, focused_passages, score_pairs
+    from flywheel.lib.training.reranker import passages_as_read, score_pairs
 
     items = [(q, list(candidates[qid])) for qid, q in queries.items() if candidates.get(qid)]
     if not items:
         return [], float("nan")
-    limit = getattr(model, "max_seq_length", None)
-    if check_passages(read) == "focused" and limit:
-        for q, cands in items:
-            focused_passages(q, cands, model.tokenizer, limit)
+    for q, cands in items:  # each chunk's sentences split and counted once (kept by focused_passages)
+        passages_as_read(model, q, cands, read)
     q0, c0 = items[0]
     score_pairs(model, q0, c0, batch_size=batch_size, read=read)
     times, pairs = [], 0

@@ -15,7 +15,7 @@ import re
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, get_args
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from flywheel.lib.registry import index
 
 
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
-PASSAGES = ("head", "focused")  # what the cross-encoder reads of a long chunk (RerankerSettings.passages)
+PASSAGES = get_args(RerankerSettings.model_fields["passages"].annotation)  # what it reads of a long chunk
 _CACHED_PASSAGES = 16_384  # chunks whose sentences, terms and token counts are kept between queries
 _WORD = re.compile(r"\S+")
 _TERM = re.compile(r"[a-z0-9]+")
@@ -141,11 +141,10 @@ def check_passages(passages: str) -> str:
     return passages
 
 
-def score_pairs(model, query: str, passages: Sequence[str], *, batch_size: int = 64,
-                read: str = "head") -> np.ndarray:
-    """The cross-encoder's scores of ``(query, passage)`` for each passage. ``read`` is what it reads
-    of a long passage (``RerankerSettings.passages``): ``"head"`` its start, ``"focused"`` the
-    selection of :func:`focused_passages`.
+def passages_as_read(model, query: str, passages: Sequence[str], read: str = "head") -> list[str]:
+    """Each passage as the cross-encoder reads it next to ``query``. ``read`` is what it reads of a
+    long passage (``RerankerSettings.passages``): ``"head"`` its start, ``"focused"`` the selection
+    of :func:`focused_passages`.
 
     A pair is truncated to ``model.max_seq_length`` tokens, so each passage is first cut after as many
     words: a word is at least one token, so the model sees the same tokens, and the tokenizer no
@@ -155,8 +154,14 @@ def score_pairs(model, query: str, passages: Sequence[str], *, batch_size: int =
     limit = getattr(model, "max_seq_length", None)
     if check_passages(read) == "focused" and limit:
         passages = focused_passages(query, passages, model.tokenizer, limit)
-    if limit:
-        passages = [head_words(p, limit) for p in passages]
+    return [head_words(p, limit) for p in passages] if limit else list(passages)
+
+
+def score_pairs(model, query: str, passages: Sequence[str], *, batch_size: int = 64,
+                read: str = "head") -> np.ndarray:
+    """The cross-encoder's scores of ``(query, passage)`` for each passage, each read as
+    :func:`passages_as_read` gives it."""
+    passages = passages_as_read(model, query, passages, read)
     return np.asarray(model.predict([(query, p) for p in passages], batch_size=batch_size, show_progress_bar=False))
 
 
