@@ -74,7 +74,8 @@ def main() -> dict:
         say(f"training the reranker: {loss} loss")
         out = train_reranker_week(embedders["positive"].rows, rr.with_(loss=loss), tr, base_model=p.base_model,
                                   seed=config.tiers.seed, output_dir=work / f"reranker-{loss}",
-                                  embedder_dir=embedders["positive"].model_dir, labels=labels, progress=say)
+                                  embedder_dir=embedders["positive"].model_dir, labels=labels, corpus=ds.corpus,
+                                  lancedb_uri=layout.lancedb, progress=say)
         rerankers[loss], rr_s[loss] = out, round(out.result.train_seconds, 1)
         say(f"reranker ({loss}): {out.result.steps} steps on {out.result.examples} examples in "
             f"{out.result.train_seconds:.0f}s")

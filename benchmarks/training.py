@@ -212,9 +212,10 @@ def main() -> dict:
         f"seq {rr.max_length}, fusion {rr.fusion}")
     rr_week = train_reranker_week(emb_week.rows, rr, tr, base_model=p.base_model, seed=config.tiers.seed,
                                   output_dir=work / "reranker", embedder_dir=emb.model_dir, labels=labels,
-                                  progress=say)
+                                  corpus=ds.corpus, lancedb_uri=layout.lancedb, progress=say)
     rres = rr_week.result
-    say(f"reranker trained in {rres.train_seconds:.0f}s on {rres.train_pairs} pairs")
+    say(f"reranker trained in {rres.train_seconds:.0f}s on {rres.train_pairs} pairs, after a warm-up of "
+        f"{rres.warmup_steps} steps on {rres.warmup_lists} inverse-cloze lists ({rres.warmup_seconds:.0f}s)")
     bench2 = run_benchmark(
         [ModelSpec("embedder", str(emb.model_dir), **served)], ds, suites, layout.lancedb,
         rerankers=[RerankSpec("reranked", str(rres.model_dir), on="embedder", depth=rr.depth,
@@ -253,6 +254,8 @@ def main() -> dict:
         "best_step": emb.best_step,
         "reranker_train_seconds": round(rres.train_seconds, 1),
         "reranker_train_pairs": rres.train_pairs,
+        "reranker_warmup_lists": rres.warmup_lists,
+        "reranker_warmup_seconds": round(rres.warmup_seconds, 1),
         "rerank_ms_p50_over_embedder": round(p50(bench2.rerank_ms), 1),
         "negatives_judged": neg["judged_negatives"],
         "negatives_mined": neg["mined_negatives"],

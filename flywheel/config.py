@@ -282,6 +282,10 @@ class RerankerSettings(Section):
     list_size: int = setting(16, "chunks per query in the graded loss: its judged grade >= 1 chunks, then its hardest "
                              "grade-0 ones", ge=2)
     graded_queries_per_step: int = setting(4, "queries per optimizer step in the graded loss (each a list of list_size)", ge=1)
+    ict_lists: int = setting(
+        0, "inverse-cloze lists from the corpus the cross-encoder learns first, before the judged rows (a sentence "
+        "of a chunk as the query, the rest of the chunk its positive, BM25's hits its negatives; as many steps as "
+        "the judged rows', at most one pass; 0: none)", ge=0)
     fusion: Literal["zscore", "rrf", "none"] = setting("zscore", "how cross-encoder scores meet the bi-encoder's")
     fusion_weight: float = setting(0.3, "the cross-encoder's share in zscore fusion", ge=0, le=1)
     depth: int = setting(40, "candidates reranked per query", ge=1, env="FLYWHEEL_RERANK_DEPTH")

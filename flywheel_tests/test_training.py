@@ -607,6 +607,74 @@ def test_graded_reranker_trains_on_one_list_per_query(rows, tmp_path, base_model
         train_reranker(rows, cfg)
 
 
+def test_inverse_cloze_lists_come_from_the_corpus_alone():
+    """A sentence of a chunk (never its first, never a short one) is the query, the rest of the chunk
+    its positive; BM25's hits its negatives, never the chunk itself or a copy of it."""
+    from flywheel.lib.beir import Corpus
+    from flywheel.lib.training.cross_encoder import InverseClozeLists
+
+    from flywheel.lib.registry.index import split_sentences
+
+    long = "This sentence has more than eight words in it, {}."
+    texts = {
+        "a": "Title A. " + long.format("alpha") + " " + long.format("beta"),
+        "b": "Title B. " + long.format("gamma"),
+        "c": "Title C. Too short here.",  # no eligible sentence: passed over
+        "d": "Title D. " + long.format("delta"),
+        "a-copy": "Title A. " + long.format("alpha") + " " + long.format("beta"),
+    }
+    corpus = Corpus(ids=tuple(texts), texts=tuple(texts.values()), sha256="x")
+    asked = []
+
+    def search(queries, k):  # every chunk, in a fixed order, as BM25 would return its hits
+        asked.append((list(queries), k))
+        return [[(i, 1.0) for i in texts] for _ in queries]
+
+    lists = InverseClozeLists(corpus, search, list_size=3)
+    built = lists.build(10, seed=0)
+    assert asked[0][1] == 3 + 4 and len(built) == 4  # a, b, d and the copy of a; c has no eligible sentence
+    sources = []
+    for query, docs, labels in built.itertuples(index=False):
+        assert labels == [3.0, 0.0, 0.0] and len(docs) == 3
+        source = {i for i, t in texts.items()
+                  if query in t and " ".join(s for s in split_sentences(t) if s != query) == docs[0]}
+        sources.append(tuple(sorted(source)))
+        assert query.startswith("This sentence") and query not in docs[0] and docs[0].startswith("Title")
+        # BM25's order, less the chunk itself and its copy
+        assert docs[1:] == [t for i, t in texts.items() if t != texts[min(source)]][:2]
+    assert sorted(sources) == [("a", "a-copy"), ("a", "a-copy"), ("b",), ("d",)]
+    assert built.equals(lists.build(10, seed=0)) and not built.equals(lists.build(10, seed=1))
+    assert len(lists.build(2, seed=0)) == 2 and lists.build(0, seed=0).empty
+    short = Corpus(ids=("c",), texts=(texts["c"],), sha256="y")  # nothing to make a list of: no lists, no error
+    assert InverseClozeLists(short, search, list_size=3).build(10, seed=0).empty
+
+
+def test_reranker_warms_up_on_inverse_cloze_lists_before_the_judged_rows(rows, tmp_path, base_model_path, small_beir):
+    from flywheel.lib.training.week import train_reranker_week
+
+    ds = load_beir(small_beir)
+    settings = RerankerSettings().with_(loss="listwise", init="base", batch_size=8, max_length=64, max_steps=3,
+                                        ict_lists=40, graded_queries_per_step=2, list_size=4)
+    said: list[str] = []
+    kw = dict(base_model=base_model_path, seed=0, corpus=ds.corpus, lancedb_uri=tmp_path / "lancedb")
+    out = train_reranker_week(rows, settings, TrainingSettings(), output_dir=tmp_path / "w", progress=said.append, **kw)
+    r = out.result
+    # no more lists than its steps take (3 steps of 2 lists), and no more steps than the judged rows get
+    assert (r.warmup_lists, r.warmup_steps, r.steps) == (6, 3, 3)
+    assert any(line.startswith("reranker warm-up: 3/3 steps (100%)") for line in said), said
+    saved = json.loads((r.model_dir / "flywheel_reranker.json").read_text())
+    assert (saved["warmup_lists"], saved["warmup_steps"]) == (6, 3) and out.metadata()["warmup_steps"] == 3
+    plain = train_reranker_week(rows, settings.with_(ict_lists=0), TrainingSettings(), output_dir=tmp_path / "p",
+                                **kw).result
+    assert (plain.warmup_lists, plain.warmup_steps) == (0, 0)
+    pair = [("what lowers blood pressure", ds.corpus.texts[0])]
+    warm, cold = (load_reranker(m.model_dir, max_length=64).predict(pair) for m in (r, plain))
+    assert not np.allclose(warm, cold)  # the same seed and rows; only the warm-up differs
+    with pytest.raises(ValueError, match="ICT_LISTS > 0 needs the corpus"):
+        train_reranker_week(rows, settings, TrainingSettings(), base_model=base_model_path, seed=0,
+                            output_dir=tmp_path / "x")
+
+
 def test_graded_corpus_targets_weigh_each_judged_chunk_by_its_gain():
     from flywheel.lib.training.corpus import graded_targets, judged_grades
 

@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,6 +80,9 @@ class RerankerResult:
     train_seconds: float
     loss_history: list = field(default_factory=list)
     examples: int = 0  # the trainer's dataset rows: triples, pairs, or (graded) one list per query
+    warmup_lists: int = 0  # inverse-cloze lists learned first (InverseClozeLists), and its steps and time
+    warmup_steps: int = 0
+    warmup_seconds: float = 0.0
 
 
 def labelled_pairs(rows: pd.DataFrame, seed: int, shuffle_labels: bool = False) -> pd.DataFrame:
@@ -141,6 +144,57 @@ def graded_lists(rows: pd.DataFrame, judged: pd.DataFrame, *, list_size: int, se
         lists["labels"] = [[next(permuted) for _ in labels] for labels in lists["labels"]]
     order = [stable_uniform("rerank-lists", seed, q) for q in lists["query"]]
     return lists.assign(_o=order).sort_values("_o").drop(columns="_o").reset_index(drop=True), skipped
+
+
+class InverseClozeLists:
+    """Ranking lists made from the corpus alone, for the cross-encoder to learn before the judged rows.
+
+    The inverse cloze task (Lee, Chang and Toutanova, ACL 2019, "Latent Retrieval for Weakly
+    Supervised Open Domain Question Answering"): a sentence taken out of a chunk is a query, and the
+    rest of that chunk is its positive. Its negatives are BM25's best hits for the sentence among the
+    other chunks, so the cross-encoder learns to tell the chunk a statement comes from from chunks
+    that merely share its words. A new scoring head learns from a few hundred judged lists; these
+    lists cost no judge call and give it the domain's vocabulary first.
+
+    - A chunk's first sentence (its title, where the chunk has one) is never the query, and
+      sentences shorter than ``min_words`` are not either.
+    - The positive is graded ``POSITIVE_GRADE``, as a "perfect" judged chunk; the negatives 0.
+    - Chunks are drawn by a seeded permutation, one sentence each, until ``n`` lists are made; a
+      chunk with no such sentence, or whose sentence BM25 finds nothing else for, is passed over.
+    """
+
+    POSITIVE_GRADE = 3.0
+
+    def __init__(self, corpus, search: Callable[[Sequence[str], int], list], *, list_size: int,
+                 min_words: int = 8):
+        self.corpus, self.search, self.list_size, self.min_words = corpus, search, list_size, min_words
+
+    def build(self, n: int, seed: int) -> pd.DataFrame:
+        """Up to ``n`` lists: (query, docs, labels), the positive first."""
+        from flywheel.lib.registry.index import split_sentences
+
+        rng = np.random.default_rng(seed)
+        ids, texts = self.corpus.ids, self.corpus.texts
+        queries, sources, positives = [], [], []
+        for i in rng.permutation(len(ids)) if n > 0 else []:
+            sentences = split_sentences(texts[i])
+            eligible = [k for k in range(1, len(sentences)) if len(sentences[k].split()) >= self.min_words]
+            if not eligible:
+                continue
+            k = eligible[int(rng.integers(len(eligible)))]
+            queries.append(sentences[k])
+            sources.append(int(i))
+            positives.append(" ".join(sentences[:k] + sentences[k + 1:]))
+            if len(queries) == n:
+                break
+        out, text = [], self.corpus.text_by_id if queries else {}
+        for query, i, positive, hits in zip(queries, sources, positives, self.search(queries, self.list_size + 4)):
+            # the source chunk, and any copy of it elsewhere in the corpus, is no negative
+            negatives = [text[j] for j, _ in hits if j != ids[i] and text[j] != texts[i]][: self.list_size - 1]
+            if negatives:
+                out.append({"query": query, "docs": [positive, *negatives],
+                            "labels": [self.POSITIVE_GRADE] + [0.0] * len(negatives)})
+        return pd.DataFrame(out, columns=["query", "docs", "labels"])
 
 
 def rows_per_step(s: RerankerSettings) -> int:
@@ -220,6 +274,12 @@ def is_head(name: str) -> bool:
     return name.startswith(("classifier", "bert.pooler", "pooler")) or ".pooler." in name or "classifier" in name
 
 
+def main_steps(cfg: RerankerConfig, n_examples: int) -> int:
+    """Optimizer steps of the training on the judged rows (as the trainer counts them)."""
+    s = cfg.settings
+    return s.max_steps if s.max_steps > 0 else max(1, math.ceil(n_examples / rows_per_step(s) * s.epochs))
+
+
 def head_optimizer(model, cfg: RerankerConfig, n_examples: int) -> dict:
     """AdamW with the new head at ``head_learning_rate``, the encoder at ``learning_rate``; linear
     warmup and decay over the run, like the trainer's own default ({} when the model has no head)."""
@@ -234,7 +294,7 @@ def head_optimizer(model, cfg: RerankerConfig, n_examples: int) -> dict:
     ]
     if not groups[1]["params"]:
         return {}
-    steps = s.max_steps if s.max_steps > 0 else max(1, math.ceil(n_examples / rows_per_step(s) * s.epochs))
+    steps = main_steps(cfg, n_examples)
     warmup = int(cfg.warmup * steps) if cfg.warmup < 1 else int(cfg.warmup)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     return {"optimizers": (optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps))}
@@ -254,6 +314,32 @@ def training_args(cfg: RerankerConfig, n_examples: int):
     )
 
 
+def warm_up(model, lists: pd.DataFrame, cfg: RerankerConfig, steps: int,
+            progress: Callable[[str], None] | None = None) -> tuple[int, float]:
+    """ListNet over the corpus's inverse-cloze lists (:class:`InverseClozeLists`), ``steps`` at most
+    and one pass at most, each passage as reranking reads it; the judged rows' training continues
+    from these weights, its head included. Returns (steps, seconds)."""
+    from dataclasses import replace
+
+    from datasets import Dataset
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer
+    from sentence_transformers.cross_encoder.losses import ListNetLoss
+
+    from flywheel.lib.training.callbacks import ProgressLinesCallback, progress_lines
+
+    s = cfg.settings
+    steps = min(steps, math.ceil(len(lists) / s.graded_queries_per_step))
+    phase = replace(cfg, settings=s.with_(loss="graded", max_steps=steps))
+    lists = lists.assign(docs=focused(model, phase, lists["query"], lists["docs"]))
+    ds = Dataset.from_dict({c: lists[c].tolist() for c in ("query", "docs", "labels")})
+    trainer = CrossEncoderTrainer(model=model, args=training_args(phase, len(ds)), train_dataset=ds,
+                                  loss=ListNetLoss(model, mini_batch_size=-1), **head_optimizer(model, phase, len(ds)))
+    progress_lines(trainer, ProgressLinesCallback("reranker warm-up", progress, estimate_after=0))
+    started = time.monotonic()
+    trainer.train()
+    return trainer.state.global_step, time.monotonic() - started
+
+
 def save_model(model, cfg: RerankerConfig, result: RerankerResult, examples: int) -> None:
     """Save as files, with the run's config and counts beside them."""
     out = Path(cfg.output_dir)
@@ -264,13 +350,17 @@ def save_model(model, cfg: RerankerConfig, result: RerankerResult, examples: int
     (out / RERANKER_FILE).write_text(json.dumps({
         "config": cfg.params(), "train_examples": examples, "train_pairs": result.train_pairs,
         "positives": result.positives, "negatives": result.negatives, "train_seconds": result.train_seconds,
+        "warmup_lists": result.warmup_lists, "warmup_steps": result.warmup_steps,
+        "warmup_seconds": result.warmup_seconds,
     }, indent=2, default=str))
 
 
 def train_reranker(rows: pd.DataFrame, cfg: RerankerConfig, *, judged: pd.DataFrame | None = None,
+                   warmup: pd.DataFrame | None = None,
                    progress: Callable[[str], None] | None = None) -> RerankerResult:
     """Fine-tune a cross-encoder on training rows (query, positive(_id), negative(_id)); the graded
-    loss also reads ``judged``, every judged pair to date (relevance_labels)."""
+    loss also reads ``judged``, every judged pair to date (relevance_labels). ``warmup``: lists
+    (query, docs, labels) learned first (:class:`InverseClozeLists`; None or empty: none)."""
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
 
     from flywheel.lib.training.callbacks import ProgressLinesCallback, progress_lines
@@ -285,18 +375,23 @@ def train_reranker(rows: pd.DataFrame, cfg: RerankerConfig, *, judged: pd.DataFr
     pairs = labelled_pairs(rows, cfg.seed, cfg.training.shuffle_labels)
     n_pos = int((pairs["label"] == 1).sum())
     ds, loss = dataset_and_loss(model, rows, pairs, cfg, judged)
-    # 4. Arguments, and the optimizer that gives the new head its own learning rate
+    # 4. Warm-up: the corpus's inverse-cloze lists, at most as many steps as the judged rows get
+    warmup_steps, warmup_seconds = 0, 0.0
+    if warmup is not None and len(warmup):
+        warmup_steps, warmup_seconds = warm_up(model, warmup, cfg, main_steps(cfg, len(ds)), progress)
+    # 5. Arguments, and the optimizer that gives the head its own learning rate
     trainer = CrossEncoderTrainer(model=model, args=training_args(cfg, len(ds)), train_dataset=ds, loss=loss,
                                   **head_optimizer(model, cfg, len(ds)))
     progress_lines(trainer, ProgressLinesCallback("reranker", progress, estimate_after=0))
-    # 5. Train
+    # 6. Train on the judged rows
     started = time.monotonic()
     trainer.train()
     result = RerankerResult(
         model_dir=Path(cfg.output_dir), train_pairs=len(pairs), positives=n_pos, negatives=len(pairs) - n_pos,
         steps=trainer.state.global_step, train_seconds=time.monotonic() - started, examples=len(ds),
         loss_history=[{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        warmup_lists=len(warmup) if warmup_steps else 0, warmup_steps=warmup_steps, warmup_seconds=warmup_seconds,
     )
-    # 6. Save as files
+    # 7. Save as files
     save_model(model, cfg, result, len(ds))
     return result

@@ -21,10 +21,10 @@ from flywheel.config import RerankerSettings, TrainingSettings
 from flywheel.lib.beir import Corpus
 from flywheel.lib.datasets.mining import MiningConfig, build_training_rows
 from flywheel.lib.datasets.tiers import content_hash
-from flywheel.lib.registry import index
+from flywheel.lib.registry import hybrid, index
 from flywheel.lib.training import forgetting
 from flywheel.lib.training.corpus import frozen_corpus, judged_grades, related_chunks
-from flywheel.lib.training.cross_encoder import RerankerConfig, RerankerResult, train_reranker
+from flywheel.lib.training.cross_encoder import InverseClozeLists, RerankerConfig, RerankerResult, train_reranker
 from flywheel.lib.training.embedder import TrainConfig, TrainResult, train_bi_encoder
 
 Say = Optional[Callable[[str], None]]
@@ -193,7 +193,8 @@ class RerankerWeek:
     def mlflow_metrics(self) -> dict:
         r = self.result
         return {"train_seconds": r.train_seconds, "train_steps": r.steps, "train_examples": r.examples,
-                "train_pairs": r.train_pairs, "positives": r.positives, "negatives": r.negatives}
+                "train_pairs": r.train_pairs, "positives": r.positives, "negatives": r.negatives,
+                "warmup_lists": r.warmup_lists, "warmup_steps": r.warmup_steps, "warmup_seconds": r.warmup_seconds}
 
     def step_metrics(self) -> list[tuple[int, dict]]:
         return [(h["step"], {"train_loss": h["loss"]}) for h in self.result.loss_history]
@@ -203,7 +204,8 @@ class RerankerWeek:
         return {"loss": self.config.settings.loss, "train_examples": r.examples,
                 "train_pairs": r.train_pairs, "positives": r.positives, "negatives": r.negatives,
                 "train_steps": r.steps, "train_seconds": round(r.train_seconds, 1),
-                "training_rows_sha256": self.training_rows_sha256}
+                "warmup_lists": r.warmup_lists, "warmup_steps": r.warmup_steps,
+                "warmup_seconds": round(r.warmup_seconds, 1), "training_rows_sha256": self.training_rows_sha256}
 
     def run_info(self, week: str, run_id: str, registered_model: str, version: str) -> dict:
         s = self.config.settings
@@ -225,18 +227,35 @@ def train_reranker_week(
     output_dir: Path,
     embedder_dir: str | Path | None = None,
     labels: pd.DataFrame | None = None,
+    corpus: Corpus | None = None,
+    lancedb_uri: index.Where | None = None,
     progress: Say = None,
 ) -> RerankerWeek:
     """Train the week's cross-encoder on the embedder's training rows, starting from the week's
     embedder (``settings.init == "embedder"``; ``embedder_dir``) or from the base. ``labels``:
-    every judged pair to date, which the graded loss ranks query by query."""
+    every judged pair to date, which the graded loss ranks query by query. ``corpus`` and
+    ``lancedb_uri`` (its BM25 table) give the inverse-cloze warm-up its lists (``settings.ict_lists``)."""
     if settings.init == "embedder" and not embedder_dir:
         raise ValueError("FLYWHEEL_RERANKER_INIT=embedder needs the week's trained embedder (embedder_dir)")
     cfg = RerankerConfig(
         settings=settings, training=training, base_model=str(base_model), output_dir=Path(output_dir), seed=seed,
         init_model=str(embedder_dir) if settings.init == "embedder" else None,
     )
-    result = train_reranker(rows, cfg, judged=labels, progress=progress)
+    warmup = None
+    if settings.ict_lists:
+        if corpus is None or lancedb_uri is None:
+            raise ValueError("FLYWHEEL_RERANKER_ICT_LISTS > 0 needs the corpus and its LanceDB folder (for BM25's "
+                             "negatives); set it to 0 to train on the judged rows alone")
+        table = hybrid.ensure_bm25_table(lancedb_uri, corpus, progress=progress)
+        lists = InverseClozeLists(corpus, lambda queries, k: hybrid.bm25_search(lancedb_uri, table, queries, k),
+                                  list_size=settings.list_size)
+        # no more lists than the warm-up's steps can take (at most as many steps as the judged rows get)
+        wanted = settings.ict_lists if settings.max_steps <= 0 else min(
+            settings.ict_lists, settings.max_steps * settings.graded_queries_per_step)
+        warmup = lists.build(wanted, seed)
+        if progress:
+            progress(f"reranker warm-up: {len(warmup)} inverse-cloze lists from the corpus (asked {wanted})")
+    result = train_reranker(rows, cfg, judged=labels, warmup=warmup, progress=progress)
     return RerankerWeek(config=cfg, result=result, training_rows_sha256=content_hash(rows))
 
 
