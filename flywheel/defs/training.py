@@ -93,7 +93,8 @@ def trained_reranker(
             rows, rs, training.settings(), base_model=p.base_model, seed=tiers.settings().seed,
             output_dir=layout.model_dir(RERANKER, week, context.run.run_id),
             embedder_dir=read_run_info(layout, week, EMBEDDER)["model_dir"], labels=labels,
-            corpus=load_beir(p.dataset).corpus, lancedb_uri=layout.lancedb, progress=context.log.info,
+            corpus=load_beir(p.dataset).corpus if rs.ict_lists else None,  # only the warm-up reads it
+            lancedb_uri=layout.lancedb, progress=context.log.info,
         )
         log_to_mlflow(t, run_id, out)
         version = t.log_reranker(run_id, out.model_dir, g.reranker_name)

@@ -171,13 +171,14 @@ class InverseClozeLists:
 
     def build(self, n: int, seed: int) -> pd.DataFrame:
         """Up to ``n`` lists: (query, docs, labels), the positive first."""
-        from flywheel.lib.registry.index import split_sentences
-
+        columns = ["query", "docs", "labels"]
+        if n <= 0:
+            return pd.DataFrame(columns=columns)
         rng = np.random.default_rng(seed)
         ids, texts = self.corpus.ids, self.corpus.texts
         queries, sources, positives = [], [], []
-        for i in rng.permutation(len(ids)) if n > 0 else []:
-            sentences = split_sentences(texts[i])
+        for i in rng.permutation(len(ids)):
+            sentences = index.split_sentences(texts[i])
             eligible = [k for k in range(1, len(sentences)) if len(sentences[k].split()) >= self.min_words]
             if not eligible:
                 continue
@@ -187,14 +188,14 @@ class InverseClozeLists:
             positives.append(" ".join(sentences[:k] + sentences[k + 1:]))
             if len(queries) == n:
                 break
-        out, text = [], self.corpus.text_by_id if queries else {}
+        out, text = [], self.corpus.text_by_id
         for query, i, positive, hits in zip(queries, sources, positives, self.search(queries, self.list_size + 4)):
             # the source chunk, and any copy of it elsewhere in the corpus, is no negative
             negatives = [text[j] for j, _ in hits if j != ids[i] and text[j] != texts[i]][: self.list_size - 1]
             if negatives:
                 out.append({"query": query, "docs": [positive, *negatives],
                             "labels": [self.POSITIVE_GRADE] + [0.0] * len(negatives)})
-        return pd.DataFrame(out, columns=["query", "docs", "labels"])
+        return pd.DataFrame(out, columns=columns)
 
 
 def rows_per_step(s: RerankerSettings) -> int:
