@@ -89,14 +89,18 @@ def config_for(home: Path, dataset: Path, base_model: str, **sections):
 
 def small_config(home: Path, dataset: Path, base_model: str, **sections):
     """Tiny training and datasets: every stage runs for real in seconds on the small slice."""
+    from flywheel.lib.registry.inference import cpu_has_native_bf16
+
+    # PyTorch rather than the default openvino-int8: each newly trained model would pay an OpenVINO
+    # conversion and quantization (test_inference.py tests the OpenVINO precisions). bf16 where the
+    # CPU runs it natively; elsewhere PyTorch emulates bf16, several times slower than fp32.
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"
     tiny = {
         "tiers": {"start_date": "2026-09-28", "eval_queries": 3, "first_week_eval_queries": 6, "fewshot_examples": 30,
                   "finetune_examples": 120},
-        # bf16 (PyTorch) rather than the default openvino-int8: each newly trained model would pay an
-        # OpenVINO conversion and quantization; test_inference.py tests the OpenVINO precisions
         "training": {"batch_size": 16, "max_seq_length": 64, "max_steps": 8, "learning_rate": 5e-5,
-                     "encode_max_seq_length": 128, "mine_range_max": 10, "inference_precision": "bf16"},
-        "reranker": {"max_steps": 8, "max_length": 64, "depth": 20, "inference_precision": "bf16"},
+                     "encode_max_seq_length": 128, "mine_range_max": 10, "inference_precision": precision},
+        "reranker": {"max_steps": 8, "max_length": 64, "depth": 20, "inference_precision": precision},
     }
     for name, fields in sections.items():
         tiny[name] = {**tiny.get(name, {}), **fields}
