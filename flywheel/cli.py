@@ -53,6 +53,7 @@ def _sim_config(config: FlywheelConfig, args: argparse.Namespace):
         dataset_dir=config.paths.dataset,
         log_dir=layout.log_dir,
         lancedb_uri=layout.lancedb,
+        openvino_cache=layout.openvino_cache,
         model_path=config.paths.base_model,
         start=_monday(args.start, config) if args.start else config.tiers.start_date,
         weeks=args.weeks,
@@ -71,7 +72,7 @@ def cmd_simulate(args: argparse.Namespace, config: FlywheelConfig) -> list[str]:
 
     cfg, layout = _sim_config(config, args), Layout.of(config.paths)
     marker = layout.simulation_marker
-    wanted = {k: str(v) for k, v in vars(cfg).items() if k not in ("log_dir", "lancedb_uri")}
+    wanted = {k: str(v) for k, v in vars(cfg).items() if k not in ("log_dir", "lancedb_uri", "openvino_cache")}
     weeks = [w.isoformat() for w in week_starts(cfg.start, cfg.weeks)]
     if marker.exists():
         done = json.loads(marker.read_text())

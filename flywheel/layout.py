@@ -133,6 +133,12 @@ class Layout:
         return self.home / "cache"
 
     @property
+    def openvino_cache(self) -> Path:
+        """Converted (and quantized) OpenVINO networks, read back instead of converting again
+        (``flywheel.lib.registry.openvino_backend``): every step of a run is a process of its own."""
+        return self.cache_dir / "openvino"
+
+    @property
     def judge_cache(self) -> Path:
         return self.cache_dir / "judge_cache.sqlite"
 

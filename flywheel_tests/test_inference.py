@@ -323,6 +323,35 @@ def test_openvino_cache_is_reused_and_keyed_by_calibration(base_model_path, tmp_
                 openvino_backend.cache_key("w", "openvino-int8", [batch], 128, "last_hidden_state")}) == 5
 
 
+def test_a_network_read_back_from_the_openvino_cache_computes_what_the_converted_one_did(base_model_path, tmp_path):
+    """bf16 too: saved without fp16 weight compression, which would round every weight once more
+    and move a query's vector (and a search's order) depending on whether the cache was warm."""
+    def load():
+        openvino_backend._CONVERTED.clear()  # each load as in a new process
+        model = index.load_embedder(base_model_path, device="cpu", max_seq_length=64, precision="openvino-bf16",
+                                    cache_dir=tmp_path)
+        return index.encode(model, TEXTS, task="document")
+
+    before = openvino_backend.CONVERSIONS[("openvino-bf16", "cache-hit")]
+    converted, read_back = load(), load()
+    assert openvino_backend.CONVERSIONS[("openvino-bf16", "cache-hit")] == before + 1
+    assert np.array_equal(converted, read_back)
+
+
+def test_the_openvino_cache_keeps_the_most_recently_used_networks(tmp_path):
+    import os
+
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.xml").write_text("<net/>")
+        os.utime(tmp_path / name, (1_000_000 + i, 1_000_000 + i))  # a oldest, d newest
+    (tmp_path / "e.tmp123").mkdir()  # another process still writing: never counted or removed
+    (tmp_path / "e.tmp123" / "model.xml").write_text("<net/>")
+    os.utime(tmp_path / "a", (2_000_000, 2_000_000))  # a read back since: used most recently
+    assert sorted(openvino_backend.prune_cache(tmp_path, keep=2)) == ["b", "c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "d", "e.tmp123"]
+
+
 def test_openvino_calibration_inputs_are_a_fixed_sample(base_model_path):
     from flywheel.lib.training.reranker import load_reranker
 

@@ -486,6 +486,8 @@ def test_schedule_tick_launches_the_week_that_just_ended(svc):
     challenger = client.get_model_version_by_alias("flywheel-embedder", "challenger")
     assert challenger.run_id in {r.info.run_id for r in runs}
     assert WEEKS[1] in {r.data.tags.get("partition") for r in runs}
+    # the OpenVINO networks the week ran on are kept in the home for the next run's processes
+    assert list(svc.layout.openvino_cache.glob("openvino-*/model.xml"))
 
 
 def _runs_seen_by(url: str) -> list[tuple[str, str]]:

@@ -57,7 +57,7 @@ def trained_model(
             finetune, labels, load_beir(p.dataset).corpus, training.settings(), base_model=p.base_model,
             seed=tiers.settings().seed, output_dir=layout.model_dir(EMBEDDER, week, context.run.run_id),
             lancedb_uri=layout.lancedb, serving=serving_model(t, g.embedder_name, p.base_model),
-            mining_cache=layout.mining_cache, progress=context.log.info,
+            mining_cache=layout.mining_cache, openvino_cache=layout.openvino_cache, progress=context.log.info,
         )
         store.write_table(layout.training_rows(week), out.rows)
         log_to_mlflow(t, run_id, out)

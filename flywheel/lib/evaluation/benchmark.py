@@ -112,24 +112,28 @@ def run_benchmark(
     device: str = "auto",
     latency_sample: int = 50,
     pool: Pool | None = None,
+    cache_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Benchmark:
     """Rank every first stage on every suite, rerank, and score (after ``pool`` has judged what
-    the models retrieved that the suite's judgments lack; see ``flywheel.lib.evaluation.pooling``)."""
+    the models retrieved that the suite's judgments lack; see ``flywheel.lib.evaluation.pooling``).
+    ``cache_dir``: where OpenVINO networks are kept between processes (``Layout.openvino_cache``)."""
     bench = Benchmark(per_query={}, queries={name: dict(s[0]) for name, s in suites.items()}, suites=dict(suites))
     rank_first_stages(bench, models, ds, lancedb_uri, max_seq_length=max_seq_length, batch_size=batch_size,
-                      device=device, latency_sample=latency_sample, progress=progress)
+                      device=device, latency_sample=latency_sample, cache_dir=cache_dir, progress=progress)
     if hybrids:
         rank_hybrids(bench, hybrids, ds, lancedb_uri, latency_sample=latency_sample, progress=progress)
     if rerankers:
-        rerank_candidates(bench, rerankers, ds, batch_size=batch_size, device=device, progress=progress)
+        rerank_candidates(bench, rerankers, ds, batch_size=batch_size, device=device, cache_dir=cache_dir,
+                          progress=progress)
     score(bench, [m.name for m in models] + [h.name for h in hybrids] + [r.name for r in rerankers], pool=pool)
     return bench
 
 
 def rank_first_stages(bench: Benchmark, models: list[ModelSpec], ds: BeirDataset, lancedb_uri: str | Path, *,
                       max_seq_length: int = 256, batch_size: int = 64, device: str = "auto",
-                      latency_sample: int = 50, progress: Callable[[str], None] | None = None) -> None:
+                      latency_sample: int = 50, cache_dir: str | Path | None = None,
+                      progress: Callable[[str], None] | None = None) -> None:
     """Top-100 rankings (and bi-encoder scores) of each first stage on each suite; the same model
     under two names (the champion is the base before any promotion) is searched once."""
     by_id: dict[str, str] = {}
@@ -145,7 +149,7 @@ def rank_first_stages(bench: Benchmark, models: list[ModelSpec], ds: BeirDataset
             continue
         by_id[key] = spec.name
         model = index.load_embedder(spec.path, device=device, max_seq_length=max_seq_length, precision=spec.precision,
-                                    query_precision=spec.query_precision)
+                                    query_precision=spec.query_precision, cache_dir=cache_dir)
         corpus_id = index.corpus_encoder_id(spec.path)  # a query-only fine-tune reads its base's table
         bench.scores[spec.name] = {}
         bench.rankings[spec.name] = evaluation.rank_model_on(
@@ -159,13 +163,15 @@ def rank_first_stages(bench: Benchmark, models: list[ModelSpec], ds: BeirDataset
 
 
 def rerank_candidates(bench: Benchmark, rerankers: list[RerankSpec], ds: BeirDataset, *, batch_size: int = 64,
-                      device: str = "auto", progress: Callable[[str], None] | None = None) -> None:
+                      device: str = "auto", cache_dir: str | Path | None = None,
+                      progress: Callable[[str], None] | None = None) -> None:
     """Each reranker over the top ``depth`` of the first stage it sits ``on``."""
     from flywheel.lib.training.reranker import load_reranker, rerank
 
     texts = ds.corpus.text_by_id
     for rspec in rerankers:
-        ce = load_reranker(rspec.path, device=device, max_length=rspec.max_length, precision=rspec.precision)
+        ce = load_reranker(rspec.path, device=device, max_length=rspec.max_length, precision=rspec.precision,
+                           cache_dir=cache_dir)
         bench.stages[rspec.name] = "rerank (cross-encoder)"
         bench.rankings[rspec.name] = {}
         for suite, s in bench.suites.items():

@@ -245,7 +245,8 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
     if ds.has_test_split:
         suites[TEST_SUITE] = test_split_suite(ds)
     bench = Benchmark(per_query={}, queries={n: dict(s[0]) for n, s in suites.items()}, suites=suites)
-    enc = dict(max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size, device=training.device)
+    enc = dict(max_seq_length=training.encode_max_seq_length, batch_size=training.encode_batch_size, device=training.device,
+               cache_dir=layout.openvino_cache)
     # 1-3: first stages, pooled, decided
     prec = dict(precision=training.inference_precision, query_precision=training.query_precision,
                 units=training.sentence_units)  # the same for all
@@ -283,7 +284,8 @@ def benchmark_week(layout: Layout, ds: BeirDataset, week: str, cand: Candidates,
         specs = [_reranker_spec(new, cand.reranker, retriever, rer)] + (
             [_reranker_spec(old, cand.serving_reranker, retriever, rer)] if old else [])
         rerank_candidates(bench, [s for s in specs if s.name not in bench.rankings], ds,  # 5: rerankers
-                          batch_size=training.encode_batch_size, device=training.device, progress=progress)
+                          batch_size=training.encode_batch_size, device=training.device,
+                          cache_dir=layout.openvino_cache, progress=progress)
         score(bench, list(bench.rankings), pool=pooler)  # 6: everything on the pooled judgments
         long = bench.long_form()
         first_again, (hyb_again, hyb_evidence) = decide_first(long), decide_hybrid(long, serving_first, fused)

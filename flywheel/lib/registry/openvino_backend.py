@@ -30,7 +30,9 @@ batch of queries, so it keeps the one dynamic network.
 
 With a ``cache_dir``, the converted (and quantized) network is saved as OpenVINO IR under a key
 of the weights' fingerprint, the precision, the calibration's fingerprint, the sequence length
-and the library versions, and read back next time instead of converting again.
+and the library versions, and read back next time instead of converting again. It is saved as
+converted (float weights not compressed to fp16), so a network read back computes exactly what
+the converted one did; the ``CACHE_KEPT`` most recently used networks stay, older ones are removed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import warnings
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -53,6 +56,7 @@ CONVERTED_IN_MEMORY = 8  # networks converted in this process, kept for the next
 SEQ_BUCKET = 32  # StaticShapes pads a batch's sequence length up to a multiple of this many tokens
 STATIC_SHAPES_KEPT = 8  # compiled shapes StaticShapes keeps (least recently used dropped first)
 _CONVERTED: OrderedDict = OrderedDict()  # cache key -> openvino.Model
+CACHE_KEPT = 16  # networks kept in a cache folder (about four weeks of a pipeline's models)
 
 DEFAULT_CALIBRATION_TEXTS = (
     # Used when the caller has no corpus at hand: short passages from several domains, so that
@@ -314,18 +318,28 @@ def _read_or_convert(module, precision: str, calibration, cache_dir: Path | None
     xml = Path(cache_dir) / f"{precision}-{key}" / "model.xml"
     if xml.exists():
         CONVERSIONS[(precision, "cache-hit")] += 1
+        with contextlib.suppress(OSError):
+            os.utime(xml.parent)  # used now: the last to be removed
         return ov.Core().read_model(xml)
     ov_model = convert(module, precision, calibration)
     tmp = xml.parent.with_name(xml.parent.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    ov.save_model(ov_model, tmp / "model.xml")
+    ov.save_model(ov_model, tmp / "model.xml", compress_to_fp16=False)  # as converted: a hit computes the same
     try:
         tmp.rename(xml.parent)  # atomic: a concurrent reader sees a whole IR or none
     except OSError:  # another process saved the same key first: theirs is identical
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
+    prune_cache(Path(cache_dir), CACHE_KEPT)
     return ov_model
+
+
+def prune_cache(cache_dir: Path, keep: int) -> list[str]:
+    """Remove all but the ``keep`` most recently used networks saved in ``cache_dir``; their names."""
+    saved = [p for p in cache_dir.iterdir() if ".tmp" not in p.name and (p / "model.xml").exists()]
+    saved.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in saved[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return [p.name for p in saved[keep:]]
 
 
 def run_on_openvino(model, precision: str, *, bf16: bool, threads: int,

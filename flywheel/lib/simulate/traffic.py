@@ -58,6 +58,7 @@ class SimulationConfig:
     encode_max_seq_length: int = default_of(TrainingSettings, "encode_max_seq_length")
     encode_batch_size: int = default_of(TrainingSettings, "encode_batch_size")
     precision: str = "fp32"  # of the serving encoders (TrainingSettings.inference_precision)
+    openvino_cache: Path | None = None  # converted OpenVINO networks kept between processes (Layout.openvino_cache)
     query_precision: str = "auto"  # of the serving query encoder (TrainingSettings.query_precision)
     device: str = "auto"
     poison_weeks: tuple[int, ...] = ()  # 0-based week indices
@@ -136,7 +137,8 @@ def _retrieve(cfg: SimulationConfig, ds, train: dict[str, str], plan: list[tuple
     (both top ``SEARCH_DEPTH``), then cut to the top k."""
     model_path, version = serving or (cfg.model_path, "base")
     model = index.load_embedder(model_path, device=cfg.device, max_seq_length=cfg.encode_max_seq_length,
-                                precision=cfg.precision, query_precision=cfg.query_precision)
+                                precision=cfg.precision, query_precision=cfg.query_precision,
+                                cache_dir=cfg.openvino_cache)
     model_id = index.corpus_encoder_id(model_path)
     table = index.ensure_corpus_table(
         cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress

@@ -127,12 +127,14 @@ def train_week(
     lancedb_uri: index.Where,  # a folder or a LanceStore (Layout.lancedb)
     serving: tuple[str, str] | None = None,
     mining_cache: Path | None = None,
+    openvino_cache: Path | None = None,
     progress: Say = None,
 ) -> EmbedderWeek:
     """Train the week's embedder from ``base_model`` on ``finetune_set`` (all weeks to date).
 
     ``labels``: every judged pair to date (query_key, chunk_id, grade); ``serving``: (folder, label)
-    of the model that serves now, the miner of hard negatives (default: the base)."""
+    of the model that serves now, the miner of hard negatives (default: the base);
+    ``openvino_cache``: where OpenVINO networks are kept between processes (``Layout.openvino_cache``)."""
     miner_path, miner_label = serving or (str(base_model), "base")
     cfg = TrainConfig(settings=settings, base_model=str(base_model), output_dir=Path(output_dir), seed=seed)
 
@@ -149,7 +151,7 @@ def train_week(
     if cfg.query_only:
         frozen = frozen_corpus(lancedb_uri, cfg.base_model, corpus, max_seq_length=settings.encode_max_seq_length,
                                device=settings.device, batch_size=settings.encode_batch_size,
-                               precision=settings.inference_precision, progress=progress)
+                               precision=settings.inference_precision, cache_dir=openvino_cache, progress=progress)
         related = related_chunks(labels)
         grades = judged_grades(labels) if settings.corpus_targets == "graded" else None
 
@@ -161,7 +163,8 @@ def train_week(
     #    sentence units, that table holds each chunk's units too (index.sentence_units). Documents
     #    only, so its queries need no precision of their own here
     model = index.load_embedder(result.model_dir, device=settings.device, max_seq_length=settings.encode_max_seq_length,
-                                precision=settings.inference_precision, query_precision=settings.inference_precision)
+                                precision=settings.inference_precision, query_precision=settings.inference_precision,
+                                cache_dir=openvino_cache)
     table = index.ensure_corpus_table(lancedb_uri, model, index.corpus_encoder_id(result.model_dir), corpus,
                                       batch_size=settings.encode_batch_size, progress=progress,
                                       units=settings.sentence_units)
