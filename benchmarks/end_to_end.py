@@ -92,7 +92,8 @@ def main() -> int:
     if not layout.simulation_marker.exists():
         summary = simulate(SimulationConfig(
             dataset_dir=config.paths.dataset, log_dir=layout.log_dir, lancedb_uri=layout.lancedb,
-            openvino_cache=layout.openvino_cache, model_path=config.paths.base_model, start=config.tiers.start_date, weeks=args.weeks, seed=args.seed,
+            openvino_cache=layout.openvino_cache, model_path=config.paths.base_model, start=config.tiers.start_date,
+            weeks=args.weeks, seed=args.seed,
             top_k=config.tiers.top_k, encode_max_seq_length=config.training.encode_max_seq_length,
             precision=config.training.inference_precision, query_precision=config.training.query_precision,
         ), progress=say)

@@ -135,7 +135,8 @@ class Layout:
     @property
     def openvino_cache(self) -> Path:
         """Converted (and quantized) OpenVINO networks, read back instead of converting again
-        (``flywheel.lib.registry.openvino_backend``): every step of a run is a process of its own."""
+        (``flywheel.lib.registry.openvino_backend``) by later runs, weeks and, under Dagster's
+        multiprocess executor, steps: each a process of its own."""
         return self.cache_dir / "openvino"
 
     @property
