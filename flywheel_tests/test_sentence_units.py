@@ -104,3 +104,24 @@ def test_units_weight_outside_its_range_is_refused(tmp_path, base_model_path):
     model = index.load_embedder(base_model_path, device="cpu")
     with pytest.raises(ValueError, match="sentence units' weight"):
         index.ensure_corpus_table(tmp_path / "lancedb", model, "tiny", corpus(), units=1.5)
+
+
+@pytest.mark.parametrize("units", [0.0, 0.7])
+def test_an_embedder_to_load_is_loaded_only_when_its_table_must_be_built(tmp_path, base_model_path, units):
+    """A week whose model reads an existing table (a query-only model, its base's; a rerun, its
+    own) never loads it, so no OpenVINO network is converted for nothing; the table is the one
+    the loaded model names and fills."""
+    uri, c = tmp_path / "lancedb", corpus()
+    first = index.EmbedderToLoad(base_model_path, 64, "fp32", device="cpu")
+    said: list[str] = []
+    table = index.ensure_corpus_table(uri, first, "tiny", c, units=units, progress=said.append)
+    assert first.loaded and any("embedded" in s for s in said)
+    loaded = index.load_embedder(base_model_path, device="cpu", max_seq_length=64)
+    assert table == index.corpus_table_name("tiny", c, loaded.max_seq_length, "fp32", units)
+    ids, vectors = index.table_vectors(uri, index.ensure_corpus_table(uri, loaded, "tiny", c))
+    assert ids == list(c.ids) and np.allclose(vectors, index.encode(loaded, list(c.texts)), atol=1e-5)
+
+    again = index.EmbedderToLoad(base_model_path, 64, "fp32", device="cpu")
+    assert index.ensure_corpus_table(uri, again, "tiny", c, units=units) == table and not again.loaded
+    other = index.EmbedderToLoad(base_model_path, 32, "fp32", device="cpu")  # another length: another table
+    assert index.ensure_corpus_table(uri, other, "tiny", c, units=units) != table and other.loaded

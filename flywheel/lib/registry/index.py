@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -192,6 +193,54 @@ def table_names(uri: Where) -> list[str]:
     return list(connect(uri).list_tables().tables)
 
 
+@dataclass
+class EmbedderToLoad:
+    """An embedder that is loaded only if its corpus table must be built.
+
+    A corpus table is named by the model's id, the sequence length and the precision, so a caller
+    that only needs the table (a query-only model reads its base's; a rerun finds it built) gives
+    this instead of a loaded model, and :func:`ensure_corpus_table` loads it (documents only, at
+    ``precision``) only when it embeds. Loading converts and quantizes a new model's network for
+    OpenVINO, which is wasted when nothing is embedded."""
+
+    path: str | Path
+    max_seq_length: int
+    precision: str = "fp32"
+    device: str = "auto"
+    cache_dir: str | Path | None = None
+    _model: object = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def table_precision(self) -> str:
+        """The precision the loaded model would run its documents at (``auto`` resolved)."""
+        from flywheel.lib.registry.inference import resolve_precision
+
+        return resolve_precision(self.precision, resolve_device(self.device))
+
+    def load(self):
+        if self._model is None:
+            self._model = load_embedder(self.path, device=self.device, max_seq_length=self.max_seq_length,
+                                        precision=self.precision, query_precision=self.precision,
+                                        cache_dir=self.cache_dir)
+        return self._model
+
+
+def _table_key(model) -> tuple[int, str]:
+    """(sequence length, precision) that name a model's corpus table, without loading an ``EmbedderToLoad``."""
+    from flywheel.lib.registry.inference import precision_of
+
+    if isinstance(model, EmbedderToLoad):
+        return model.max_seq_length, model.table_precision()
+    return model.max_seq_length, precision_of(model)
+
+
+def _loaded(model):
+    return model.load() if isinstance(model, EmbedderToLoad) else model
+
+
 def ensure_corpus_table(
     uri: Where,
     model,
@@ -204,18 +253,17 @@ def ensure_corpus_table(
     units: float = 0.0,
 ) -> str:
     """Embed the corpus with ``model`` into LanceDB unless a complete table already exists; with
-    ``units`` (their weight, 0 < units <= 1), the table of sentence units (built from the chunks' table)."""
-    from flywheel.lib.registry.inference import precision_of
-
+    ``units`` (their weight, 0 < units <= 1), the table of sentence units (built from the chunks' table).
+    ``model``: a loaded embedder, or an :class:`EmbedderToLoad`, loaded only if it must embed."""
     if units:
         return _ensure_units_table(uri, model, model_id, corpus, units, batch_size=batch_size, progress=progress,
                                    table_name=table_name)
     db = connect(uri)
-    name = table_name or corpus_table_name(model_id, corpus, model.max_seq_length, precision_of(model))
+    name = table_name or corpus_table_name(model_id, corpus, *_table_key(model))
     if name in db.list_tables().tables and db.open_table(name).count_rows() == len(corpus):
         return name
     started = time.monotonic()
-    vectors = encode(model, corpus.texts, batch_size=batch_size, label=f"embed corpus ({model_id})", progress=progress)
+    vectors = encode(_loaded(model), corpus.texts, batch_size=batch_size, label=f"embed corpus ({model_id})", progress=progress)
     dim = vectors.shape[1]
     data = pa.table({
         "id": pa.array(corpus.ids, pa.string()),
@@ -231,12 +279,10 @@ def _ensure_units_table(uri: Where, model, model_id: str, corpus: Corpus, units:
                         progress: Progress | None, table_name: str | None) -> str:
     """The sentence-unit table: one row per unit of each chunk (a chunk without units: its own
     vector), from the chunks' table (embedded first if missing) and the units' embeddings."""
-    from flywheel.lib.registry.inference import precision_of
-
     if not 0.0 < units <= 1.0:
         raise ValueError(f"sentence units' weight must be in (0, 1], got {units}")
     db = connect(uri)
-    name = table_name or corpus_table_name(model_id, corpus, model.max_seq_length, precision_of(model), units)
+    name = table_name or corpus_table_name(model_id, corpus, *_table_key(model), units)
     per_chunk = [sentence_units(t) for t in corpus.texts]
     rows = sum(max(1, len(u)) for u in per_chunk)
     if name in db.list_tables().tables:
@@ -248,7 +294,7 @@ def _ensure_units_table(uri: Where, model, model_id: str, corpus: Corpus, units:
     at = {cid: i for i, cid in enumerate(ids)}
     started = time.monotonic()
     flat = [u for us in per_chunk for u in us]
-    unit_vectors = encode(model, flat, batch_size=batch_size, label=f"embed sentence units ({model_id})", progress=progress)
+    unit_vectors = encode(_loaded(model), flat, batch_size=batch_size, label=f"embed sentence units ({model_id})", progress=progress)
     out_ids, out = [], []
     i = 0
     for cid, us in zip(corpus.ids, per_chunk):

@@ -30,9 +30,9 @@ class CorpusEmbeddings:
 def frozen_corpus(uri, base_model: str, corpus, *, max_seq_length: int, device: str, batch_size: int,
                   precision: str = "fp32", cache_dir=None, progress=None) -> CorpusEmbeddings:
     """The base's corpus embeddings as served (its LanceDB table at the serving precision, built
-    here if missing; ``cache_dir``: where OpenVINO networks are kept between processes)."""
-    base = index.load_embedder(base_model, device=device, max_seq_length=max_seq_length, precision=precision,
-                               query_precision=precision, cache_dir=cache_dir)  # documents only
+    here if missing, the base loaded only then; ``cache_dir``: where OpenVINO networks are kept
+    between processes)."""
+    base = index.EmbedderToLoad(base_model, max_seq_length, precision, device=device, cache_dir=cache_dir)
     table = index.ensure_corpus_table(
         uri, base, index.model_fingerprint(base_model), corpus, batch_size=batch_size, progress=progress
     )

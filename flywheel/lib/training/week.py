@@ -161,10 +161,9 @@ def train_week(
     # 4. The corpus table the new model searches, embedded once here (the report, the gate and
     #    serving reuse it); a query-only model reads its base's table: nothing to embed. With
     #    sentence units, that table holds each chunk's units too (index.sentence_units). Documents
-    #    only, so its queries need no precision of their own here
-    model = index.load_embedder(result.model_dir, device=settings.device, max_seq_length=settings.encode_max_seq_length,
-                                precision=settings.inference_precision, query_precision=settings.inference_precision,
-                                cache_dir=openvino_cache)
+    #    only, and the model is loaded only if its table must be built
+    model = index.EmbedderToLoad(result.model_dir, settings.encode_max_seq_length, settings.inference_precision,
+                                 device=settings.device, cache_dir=openvino_cache)
     table = index.ensure_corpus_table(lancedb_uri, model, index.corpus_encoder_id(result.model_dir), corpus,
                                       batch_size=settings.encode_batch_size, progress=progress,
                                       units=settings.sentence_units)
