@@ -85,8 +85,9 @@ def main() -> int:
     layout = Layout.of(config.paths)
     started = time.monotonic()
     stages: dict[str, float] = {}
-    split_note = load_beir(config.paths.dataset).split_note
-    say(f"dataset {config.paths.dataset}; results under {layout.home}" + (f"; {split_note}" if split_note else ""))
+    ds = load_beir(config.paths.dataset)
+    split_note = ds.split_note
+    say(f"dataset {config.paths.dataset}; results under {layout.home}" + (f"; {ds.notes}" if ds.notes else ""))
     t0 = time.monotonic()
     weeks = [w.isoformat() for w in week_starts(config.tiers.start_date, args.weeks)]
     if not layout.simulation_marker.exists():
@@ -134,6 +135,7 @@ def main() -> int:
     figures = {
         "dataset": str(config.paths.dataset),
         "split_note": split_note,
+        "load_notes": list(ds.load_notes),
         "test_queries": int(test["query_id"].nunique()) if len(test) else 0,
         "ndcg10_base": mean("base", "ndcg@10"),
         "ndcg10_trained": mean("challenger", "ndcg@10"),

@@ -187,3 +187,38 @@ def test_traffic_on_a_test_only_folder_uses_the_traffic_half_only(tmp_path, base
     assert summary.searches > 0 and summary.unique_queries == len(ds.split_queries("train"))
     assert searched == set(ds.split_queries("train").values())
     assert not searched & set(ds.split_queries("test").values())
+
+
+def test_numbers_and_nulls_where_text_belongs_are_read_as_text_and_a_list_names_its_line(tmp_path):
+    folder = make_folder(tmp_path / "d", {"train": TRAIN, "test": TEST})
+    corpus = folder / "corpus.jsonl"
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"_id": 7001, "title": None, "text": 2021}) + "\n")
+        f.write(json.dumps({"_id": "MED-7002", "title": 3.5, "text": "a number for a title"}) + "\n")
+    text = load_beir(folder).corpus.text_by_id
+    assert text["7001"] == "2021" and text["MED-7002"] == "3.5. a number for a title"
+    lines = len(corpus.read_text().splitlines())
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"_id": "MED-7003", "title": "", "text": ["two", "paragraphs"]}) + "\n")
+    with pytest.raises(DatasetError, match=rf"{corpus}:{lines + 1}: field 'text' must be a string, got list"):
+        load_beir(folder)
+
+
+def test_a_repeated_id_keeps_its_last_row_in_its_first_place_and_the_note_names_the_lines(tmp_path):
+    """As BEIR's loader (a dict by ``_id``) keeps it, and said: nothing is replaced silently."""
+    folder = make_folder(tmp_path / "d", {"train": TRAIN, "test": TEST})
+    corpus, queries = folder / "corpus.jsonl", folder / "queries.jsonl"
+    n_docs = len(corpus.read_text().splitlines())
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"_id": "MED-1", "title": "", "text": "the abstract as corrected"}) + "\n")
+    with queries.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"_id": "PLAIN-2", "text": "what about topic 2, reworded?"}) + "\n")
+    ds = load_beir(folder)
+    assert len(ds.corpus) == n_docs and ds.corpus.ids[0] == "MED-1"
+    assert ds.corpus.texts[0] == "the abstract as corrected"
+    assert ds.queries["PLAIN-2"] == "what about topic 2, reworded?"
+    [corpus_note, queries_note] = ds.load_notes
+    assert f"{corpus}: 1 _id values repeat ('MED-1' at lines 1, {n_docs + 1})" in corpus_note
+    assert str(queries) in queries_note and "'PLAIN-2'" in queries_note
+    assert corpus_note in ds.notes and ds.split_note == ""
+    assert load_beir(make_folder(tmp_path / "clean", {"train": TRAIN, "test": TEST})).load_notes == ()

@@ -162,3 +162,35 @@ def test_default_embedder_loads_the_model_once_and_only_when_called(monkeypatch)
     assert loads == []
     assert emb(["a", "b"]).shape == (2, 3) and emb(["c"]).shape == (1, 3)
     assert loads == ["/some/model"]
+
+
+def test_the_simulated_judge_grades_a_text_stored_twice_as_one_text(tmp_path):
+    """A corpus that stores a passage under two ids, and a train split that asks one question
+    under two ids: the judge reads words, so the same words get the same grade whichever id was
+    logged, and a document relevant to either query is relevant to their shared text."""
+    import json
+
+    folder = tmp_path / "d"
+    (folder / "qrels").mkdir(parents=True)
+    docs = [{"_id": f"D{i}", "title": "", "text": f"passage {i} about subject {i}"} for i in range(40)]
+    docs.append({"_id": "D0-copy", "title": "", "text": "passage 0 about subject 0"})
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    queries = [{"_id": f"Q{i}", "text": f"question {i}?"} for i in range(40)] + [{"_id": "Q1-again", "text": "Question 1?"}]
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    train = [f"Q{i}\tD{i}\t1" for i in range(20)] + ["Q1-again\tD30\t1"]
+    (folder / "qrels" / "train.tsv").write_text("\n".join(train) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("\n".join(f"Q{i}\tD{i}\t1" for i in range(20, 40)) + "\n")
+    ds = load_beir(folder)
+    human = HumanLabels(ds)
+    assert human.relevant("question 1?", "D1") and human.relevant("question 1?", "D30")  # both ids' judgments
+    assert not human.relevant("question 1?", "D2")
+    judge = SimulatedJudge(ds, miss_rate=0.0, lenient_rate=0.0)
+    text = ds.corpus.text_by_id
+    grade = lambda q, cid, shown: judge.judge([JudgeRequest(q, cid, shown, 1)])[0].grade  # noqa: E731
+    # the copy's id has no human label, its words are the relevant passage's
+    assert grade("question 0?", "D0-copy", text["D0-copy"]) >= 2 and grade("question 0?", "D0", text["D0"]) >= 2
+    assert grade("question 1?", "D30", text["D30"]) >= 2  # judged relevant for the other id of the same question
+    assert grade("question 1?", "D2", text["D2"]) <= 1  # not relevant (a near miss may be "related")
+    noisy = SimulatedJudge(ds)  # the default error rates: each text's error drawn once
+    assert all(noisy.judge([JudgeRequest(f"question {i}?", "D0-copy", text["D0"], 1)])[0].grade
+               == noisy.judge([JudgeRequest(f"question {i}?", "D0", text["D0"], 1)])[0].grade for i in range(20))

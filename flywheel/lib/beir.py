@@ -52,6 +52,12 @@ class BeirDataset:
     queries: dict[str, str]
     qrels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # split -> qid -> did -> score
     split_note: str = ""  # how train/test were made when qrels/train.tsv is missing; empty otherwise
+    load_notes: tuple[str, ...] = ()  # what reading the files changed (repeated ids), each naming its file
+
+    @property
+    def notes(self) -> str:
+        """The split note and the load notes, for a caller to print before it starts."""
+        return "; ".join(n for n in (self.split_note, *self.load_notes) if n)
 
     def split_queries(self, split: str) -> dict[str, str]:
         """Queries that have relevance judgments in a split, in file order."""
@@ -63,10 +69,16 @@ class BeirDataset:
         return bool(self.qrels.get("test"))
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+def _read_jsonl(path: Path, required: tuple[str, ...], text_fields: tuple[str, ...] = ()) -> tuple[list[dict], str]:
+    """The file's rows (``_id`` as a string; ``text_fields`` as strings, a JSON number as its
+    digits, null as empty) and a note naming the ``_id`` values that repeat: the last row of
+    each is kept, in the place of the first, as BEIR's own loader (a dict by ``_id``) keeps it.
+    A row that is not a JSON object, lacks a required field or holds a list or an object where
+    text belongs is an error naming the file, line and field."""
     if not path.exists():
         raise DatasetError(f"{path}: file not found (BEIR layout needs corpus.jsonl and queries.jsonl)")
-    rows = []
+    rows: dict[str, dict] = {}
+    lines: dict[str, list[int]] = defaultdict(list)
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -80,9 +92,29 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
             for key in required:
                 if key not in row:
                     raise DatasetError(f"{path}:{lineno}: missing field {key!r}")
+            for key in text_fields:
+                row[key] = _as_text(row.get(key), path, lineno, key)
             row["_id"] = str(row["_id"])
-            rows.append(row)
-    return rows
+            rows[row["_id"]] = row
+            lines[row["_id"]].append(lineno)
+    repeated = {i: at for i, at in lines.items() if len(at) > 1}
+    note = ""
+    if repeated:
+        shown = "; ".join(f"{i!r} at lines {', '.join(map(str, at))}" for i, at in list(repeated.items())[:5])
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        note = (f"{path}: {len(repeated)} _id values repeat ({shown}{more}); the last row of each is kept, "
+                "as BEIR's loader keeps it")
+    return list(rows.values()), note
+
+
+def _as_text(value, path: Path, lineno: int, key: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DatasetError(f"{path}:{lineno}: field {key!r} must be a string, got {type(value).__name__}")
 
 
 def _is_header(parts: list[str]) -> bool:
@@ -110,8 +142,8 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
 
 
 def _doc_text(row: dict) -> str:
-    title = (row.get("title") or "").strip()
-    text = (row.get("text") or "").strip()
+    title = row["title"].strip()
+    text = row["text"].strip()
     return f"{title}. {text}" if title else text
 
 
@@ -167,20 +199,35 @@ def _assign_splits(
     )
 
 
-@lru_cache(maxsize=4)
 def load_beir(root: str | Path, *, traffic_fraction: float = 0.5) -> BeirDataset:
     """Read the folder; without qrels/train.tsv, fall back to dev.tsv or to a split of test.tsv
-    (``traffic_fraction`` of its queries for traffic), recorded in ``split_note``."""
+    (``traffic_fraction`` of its queries for traffic), recorded in ``split_note``. The last few
+    folders read are kept, each until one of its files changes (size or modification time)."""
+    root = Path(root)
+    files = [root / "corpus.jsonl", root / "queries.jsonl", *sorted((root / "qrels").glob("*.tsv"))]
+    stamp = tuple((str(f), st.st_size, st.st_mtime_ns) for f in files if (st := _stat(f)) is not None)
+    return _load_beir(root, traffic_fraction, stamp)
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=4)
+def _load_beir(root: Path, traffic_fraction: float, stamp: tuple) -> BeirDataset:
     if not 0.0 < traffic_fraction < 1.0:
         raise ValueError(f"traffic_fraction must lie strictly between 0 and 1, got {traffic_fraction}")
-    root = Path(root)
     corpus_path = root / "corpus.jsonl"
-    docs = _read_jsonl(corpus_path, ("_id", "text"))
+    docs, corpus_note = _read_jsonl(corpus_path, ("_id", "text"), ("title", "text"))
     digest = hashlib.sha256(corpus_path.read_bytes()).hexdigest()
     corpus = Corpus(tuple(d["_id"] for d in docs), tuple(_doc_text(d) for d in docs), digest)
     # Only the text is kept: SciFact's query metadata names the evidence documents, which would
     # leak the answer into anything that reads it.
-    queries = {q["_id"]: str(q["text"]) for q in _read_jsonl(root / "queries.jsonl", ("_id", "text"))}
+    query_rows, queries_note = _read_jsonl(root / "queries.jsonl", ("_id", "text"), ("text",))
+    queries = {q["_id"]: q["text"] for q in query_rows}
     qrels_dir = root / "qrels"
     qrels = {f.stem: _read_qrels(f) for f in sorted(qrels_dir.glob("*.tsv"))}
     qrels, note = _assign_splits(qrels, queries, qrels_dir, traffic_fraction)
@@ -188,4 +235,5 @@ def load_beir(root: str | Path, *, traffic_fraction: float = 0.5) -> BeirDataset
     if train & test:
         source = "train" if not note else "dev"
         raise DatasetError(f"{qrels_dir}: {len(train & test)} queries appear in both {source} and test")
-    return BeirDataset(root=root, corpus=corpus, queries=queries, qrels=qrels, split_note=note)
+    return BeirDataset(root=root, corpus=corpus, queries=queries, qrels=qrels, split_note=note,
+                       load_notes=tuple(n for n in (corpus_note, queries_note) if n))

@@ -87,24 +87,33 @@ def stable_uniform(*parts: object) -> float:
 
 
 class HumanLabels:
-    """Looks up the dataset's human judgments by query text, never from the test split."""
+    """Looks up the dataset's human judgments by query text, never from the test split. Queries
+    that share a text (after normalising) share their judgments: a document relevant to any of
+    them is relevant to the text, at its highest grade."""
 
     def __init__(self, dataset: BeirDataset, split: str = "train"):
         if split == "test":
             raise ValueError("the test split is the held-out yardstick; it never feeds labels")
         self.qrels = dataset.qrels.get(split, {})
-        self.qid_by_text = {
-            normalize_query(text): qid for qid, text in dataset.queries.items() if qid in self.qrels
-        }
+        self.grades_by_text: dict[str, dict[str, int]] = {}
+        for qid, text in dataset.queries.items():
+            if qid in self.qrels:
+                merged = self.grades_by_text.setdefault(normalize_query(text), {})
+                for cid, g in self.qrels[qid].items():
+                    merged[cid] = max(g, merged.get(cid, g))
 
     def knows(self, query: str) -> bool:
-        return normalize_query(query) in self.qid_by_text
+        return normalize_query(query) in self.grades_by_text
+
+    def grades(self, query: str) -> dict[str, int]:
+        """chunk id -> human grade of every judged document of ``query`` (empty when unknown)."""
+        return self.grades_by_text.get(normalize_query(query), {})
 
     def relevant(self, query: str, chunk_id: str) -> bool | None:
-        qid = self.qid_by_text.get(normalize_query(query))
-        if qid is None:
+        grades = self.grades_by_text.get(normalize_query(query))
+        if grades is None:
             return None
-        return self.qrels[qid].get(chunk_id, 0) > 0
+        return grades.get(chunk_id, 0) > 0
 
 
 class SimulatedJudge:
@@ -125,7 +134,10 @@ class SimulatedJudge:
     It grades the text it is shown, as an LLM judge does: the chunk's text is looked up in the
     corpus and the human label of the document with that text decides (the chunk id only when
     the text is not in the corpus). So a broken ingestion that joins ids to the wrong texts gives
-    labels that point at the wrong ids, exactly as a real judge's would.
+    labels that point at the wrong ids, exactly as a real judge's would. Where several documents
+    share the text (a corpus that stores a passage twice), the text is relevant when any of them
+    is, and its errors are drawn once for the text: a judge that reads the same words gives the
+    same grade, whichever id the app logged.
     """
 
     def __init__(self, dataset: BeirDataset, settings: JudgeSettings | None = None, *, seed: int = 0, **changes):
@@ -133,7 +145,9 @@ class SimulatedJudge:
         ``changes`` (e.g. ``miss_rate=0.3``) validated on top."""
         cfg = (settings or JudgeSettings()).with_(**changes) if changes else (settings or JudgeSettings())
         self.human = HumanLabels(dataset)
-        self.by_text = {_text_key(t): cid for cid, t in zip(dataset.corpus.ids, dataset.corpus.texts)}
+        self.by_text: dict[str, tuple[str, ...]] = {}
+        for cid, t in zip(dataset.corpus.ids, dataset.corpus.texts):
+            self.by_text[_text_key(t)] = self.by_text.get(_text_key(t), ()) + (cid,)
         self.miss_rate = cfg.miss_rate
         self.lenient_rate = cfg.lenient_rate
         self.near_misses = NearMisses(dataset, self.human, depth=cfg.near_miss_depth,
@@ -143,17 +157,19 @@ class SimulatedJudge:
         self.usage = JudgeUsage()
 
     def _grade(self, r: JudgeRequest) -> Judgement:
-        doc = self.by_text.get(_text_key(r.chunk_text), r.chunk_id) if r.chunk_text else r.chunk_id
+        docs = (self.by_text.get(_text_key(r.chunk_text)) if r.chunk_text else None) or (r.chunk_id,)
+        doc = docs[0]  # the text's first document: its errors are drawn for the text, once
         truth = self.human.relevant(r.query, doc)
         if truth is None:
             return Judgement(None, "", error="query has no human label in the dataset's train split")
+        truth = truth or any(self.human.relevant(r.query, d) for d in docs[1:])
         u = stable_uniform("judge", self.seed, normalize_query(r.query), doc)
         v = stable_uniform("grade", self.seed, normalize_query(r.query), doc)
         if truth:
             if u < self.miss_rate:
                 return Judgement(1 if v < 2 / 3 else 0, "simulated miss of a relevant chunk")
             return Judgement(3 if v < 0.5 else 2, "matches the human label: relevant")
-        if self.near_misses.is_near_miss(r.query, doc):
+        if any(self.near_misses.is_near_miss(r.query, d) for d in docs):
             if u < self.lenient_rate:
                 return Judgement(2, "simulated leniency on an irrelevant chunk close in topic to a relevant one")
             if v < 0.5:
@@ -196,8 +212,7 @@ class NearMisses:
     def of(self, query: str) -> frozenset[str]:
         key = normalize_query(query)
         if key not in self._by_query:
-            qid = self.human.qid_by_text.get(key)
-            relevant = [c for c, g in self.human.qrels.get(qid, {}).items() if g > 0 and c in self._row]
+            relevant = [c for c, g in self.human.grades_by_text.get(key, {}).items() if g > 0 and c in self._row]
             if not relevant or self.depth == 0:
                 self._by_query[key] = frozenset()
             else:

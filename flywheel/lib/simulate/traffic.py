@@ -191,6 +191,8 @@ def simulate(
     from flywheel.capture import SearchLogger
 
     ds = load_beir(cfg.dataset_dir)
+    if ds.load_notes and progress:
+        progress("; ".join(ds.load_notes))
     train = ds.split_queries("train")
     qrels = ds.qrels["train"]
     plan = _numbered_plan(list(train), cfg, only_weeks)
