@@ -97,6 +97,7 @@ def main() -> int:
             weeks=args.weeks, seed=args.seed,
             top_k=config.tiers.top_k, encode_max_seq_length=config.training.encode_max_seq_length,
             precision=config.training.inference_precision, query_precision=config.training.query_precision,
+            sentence_units=config.training.sentence_units,
         ), progress=say)
         layout.simulation_marker.write_text(json.dumps({"summary": vars(summary)}, default=str))
     stages["simulate"] = round(time.monotonic() - t0, 1)

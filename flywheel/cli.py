@@ -63,6 +63,7 @@ def _sim_config(config: FlywheelConfig, args: argparse.Namespace):
         encode_max_seq_length=config.training.encode_max_seq_length,
         precision=config.training.inference_precision,
         query_precision=config.training.query_precision,
+        sentence_units=config.training.sentence_units,
         poison_weeks=tuple(w - 1 for w in args.poison_week),
     )
 

@@ -6,6 +6,7 @@ from datetime import date
 
 import pytest
 
+from flywheel.config import TrainingSettings, default_of
 from flywheel.lib.beir import load_beir
 from flywheel.lib.simulate.traffic import SimulationConfig, plan_traffic, simulate
 
@@ -96,7 +97,8 @@ def test_when_keyword_fusion_serves_the_app_logs_the_fused_list(small_beir, base
     # what the report's fusion ranks for the same queries, recomputed here
     ds = load_beir(small_beir)
     model = index.load_embedder(base_model_path, max_seq_length=128, precision=dense_cfg.precision)
-    table = index.ensure_corpus_table(lancedb_dir, model, index.corpus_encoder_id(base_model_path), ds.corpus)
+    table = index.ensure_corpus_table(lancedb_dir, model, index.corpus_encoder_id(base_model_path), ds.corpus,
+                                      units=dense_cfg.sentence_units)
     bm25 = hybrid.ensure_bm25_table(lancedb_dir, ds.corpus)
     queries = [r["query"] for r in fused.values()]
     expected = hybrid.hybrid_search(model, lancedb_dir, table, bm25, queries, k=100, **fusion)
@@ -104,3 +106,27 @@ def test_when_keyword_fusion_serves_the_app_logs_the_fused_list(small_beir, base
         assert [c["chunk_id"] for c in r["results"]] == [d for d, _ in want[:20]]
     changed = sum([c["chunk_id"] for c in fused[k]["results"]] != [c["chunk_id"] for c in dense[k]["results"]] for k in fused)
     assert changed > len(fused) // 4  # BM25 really changed what users saw
+
+
+def test_the_app_ranks_with_sentence_units_as_the_serving_first_stage_does(small_beir, base_model_path, tmp_path,
+                                                                          lancedb_dir):
+    """The logs show what serves: each chunk scored with its best sentence (the table every weekly
+    model and the ``serving`` table search), not one vector per chunk, unless units are off."""
+    from flywheel.lib.registry import index
+
+    with_units = config(small_beir, base_model_path, tmp_path / "units", lancedb_dir)
+    assert with_units.sentence_units == default_of(TrainingSettings, "sentence_units") > 0
+    simulate(with_units, only_weeks=[0])
+    simulate(replace(with_units, log_dir=tmp_path / "plain", sentence_units=0.0), only_weeks=[0])
+    ds = load_beir(small_beir)
+    model = index.load_embedder(base_model_path, max_seq_length=128, precision=with_units.precision)
+    model_id = index.corpus_encoder_id(base_model_path)
+    logged = {}
+    for name, units in (("units", with_units.sentence_units), ("plain", 0.0)):
+        searches = [r for r in read_records(tmp_path / name) if r["type"] == "search"]
+        table = index.ensure_corpus_table(lancedb_dir, model, model_id, ds.corpus, units=units)
+        want = index.search(lancedb_dir, table, index.encode(model, [r["query"] for r in searches], task="query"),
+                            with_units.top_k)
+        assert [[c["chunk_id"] for c in r["results"]] for r in searches] == [[d for d, _ in w] for w in want]
+        logged[name] = [[c["chunk_id"] for c in r["results"]] for r in searches]
+    assert sum(a != b for a, b in zip(logged["units"], logged["plain"])) > len(logged["units"]) // 4

@@ -149,7 +149,7 @@ def encode(
         chars += sum(len(t) for t in part)
         meter.update(start + len(part), force=start + chunk >= len(texts), work=chars / total_chars)
     if not out:
-        return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+        return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
     vectors = np.empty((len(texts), out[0].shape[1]), dtype=np.float32)
     vectors[order] = np.vstack(out)
     # normalised again in float32: a bf16 model normalises in bf16 (norms off by ~1e-3)

@@ -3,7 +3,9 @@ capture library exactly as an app would log them.
 
 Train-split queries only (the test split is the yardstick and never becomes traffic), spread
 over N weeks with some repeats. Each search retrieves the top k chunks from a LanceDB index of
-the corpus, embedded by whatever model serves that week. Users click with position bias on
+the corpus, embedded by whatever model serves that week and scored as the pipeline serves it
+(with sentence units, ``TrainingSettings.sentence_units``: the table every weekly model and the
+``serving`` table search, so the logs show what the flywheel says serves). Users click with position bias on
 relevant chunks (plus some noise clicks), occasionally give thumbs up/down, and the generated
 answer cites some chunks. Everything is deterministic given the seed.
 
@@ -58,6 +60,7 @@ class SimulationConfig:
     encode_max_seq_length: int = default_of(TrainingSettings, "encode_max_seq_length")
     encode_batch_size: int = default_of(TrainingSettings, "encode_batch_size")
     precision: str = "fp32"  # of the serving encoders (TrainingSettings.inference_precision)
+    sentence_units: float = default_of(TrainingSettings, "sentence_units")  # of the serving first stage
     openvino_cache: Path | None = None  # converted OpenVINO networks kept between processes (Layout.openvino_cache)
     query_precision: str = "auto"  # of the serving query encoder (TrainingSettings.query_precision)
     device: str = "auto"
@@ -141,7 +144,8 @@ def _retrieve(cfg: SimulationConfig, ds, train: dict[str, str], plan: list[tuple
                                 cache_dir=cfg.openvino_cache)
     model_id = index.corpus_encoder_id(model_path)
     table = index.ensure_corpus_table(
-        cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress
+        cfg.lancedb_uri, model, model_id, ds.corpus, batch_size=cfg.encode_batch_size, progress=progress,
+        units=cfg.sentence_units,
     )
     texts_by_id = ds.corpus.text_by_id
     queries = [train[qid] for _, _, qid, _, _ in plan]
