@@ -110,10 +110,9 @@ class HumanLabels:
         return self.grades_by_text.get(normalize_query(query), {})
 
     def relevant(self, query: str, chunk_id: str) -> bool | None:
-        grades = self.grades_by_text.get(normalize_query(query))
-        if grades is None:
+        if not self.knows(query):
             return None
-        return grades.get(chunk_id, 0) > 0
+        return self.grades(query).get(chunk_id, 0) > 0
 
 
 class SimulatedJudge:
@@ -147,7 +146,8 @@ class SimulatedJudge:
         self.human = HumanLabels(dataset)
         self.by_text: dict[str, tuple[str, ...]] = {}
         for cid, t in zip(dataset.corpus.ids, dataset.corpus.texts):
-            self.by_text[_text_key(t)] = self.by_text.get(_text_key(t), ()) + (cid,)
+            key = _text_key(t)
+            self.by_text[key] = self.by_text.get(key, ()) + (cid,)
         self.miss_rate = cfg.miss_rate
         self.lenient_rate = cfg.lenient_rate
         self.near_misses = NearMisses(dataset, self.human, depth=cfg.near_miss_depth,
@@ -212,7 +212,7 @@ class NearMisses:
     def of(self, query: str) -> frozenset[str]:
         key = normalize_query(query)
         if key not in self._by_query:
-            relevant = [c for c, g in self.human.grades_by_text.get(key, {}).items() if g > 0 and c in self._row]
+            relevant = [c for c, g in self.human.grades(key).items() if g > 0 and c in self._row]
             if not relevant or self.depth == 0:
                 self._by_query[key] = frozenset()
             else:

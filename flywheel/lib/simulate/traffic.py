@@ -5,9 +5,9 @@ Train-split queries only (the test split is the yardstick and never becomes traf
 over N weeks with some repeats. Each search retrieves the top k chunks from a LanceDB index of
 the corpus, embedded by whatever model serves that week and scored as the pipeline serves it
 (with sentence units, ``TrainingSettings.sentence_units``: the table every weekly model and the
-``serving`` table search, so the logs show what the flywheel says serves). Users click with position bias on
-relevant chunks (plus some noise clicks), occasionally give thumbs up/down, and the generated
-answer cites some chunks. Everything is deterministic given the seed.
+``serving`` table search, so the logs show what the flywheel says serves). Users click with
+position bias on relevant chunks (plus some noise clicks), occasionally give thumbs up/down, and
+the generated answer cites some chunks. Everything is deterministic given the seed.
 
 Weeks can be simulated one at a time (``only_weeks``), each retrieved by the model serving
 then, so a promotion changes what the next week's logs contain, as it would in production.
